@@ -1,0 +1,112 @@
+//! Property: whatever sequence of appends, truncations, purges, votes and reopens runs
+//! against the WAL (with tiny segments, so rotation and segment deletion happen often),
+//! its contents always equal those of a simple in-memory model.
+
+use std::collections::BTreeMap;
+
+use habar_raft_store::Wal;
+use habar_raft_store::WalConfig;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Append { group: u32, n: u64, term: u64 },
+    /// Truncate at `last - back` (a conflicting suffix).
+    Truncate { group: u32, back: u64 },
+    /// Purge up to `first + fwd`.
+    Purge { group: u32, fwd: u64 },
+    Vote { group: u32, v: u8 },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..3u32, 1..8u64, 1..4u64).prop_map(|(group, n, term)| Op::Append { group, n, term }),
+        1 => (0..3u32, 0..5u64).prop_map(|(group, back)| Op::Truncate { group, back }),
+        1 => (0..3u32, 0..12u64).prop_map(|(group, fwd)| Op::Purge { group, fwd }),
+        1 => (0..3u32, any::<u8>()).prop_map(|(group, v)| Op::Vote { group, v }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default, Debug)]
+struct Model {
+    entries: BTreeMap<u64, (u64, Vec<u8>)>,
+    purged: Option<(u64, u64)>,
+    vote: Option<Vec<u8>>,
+}
+
+impl Model {
+    fn last(&self) -> Option<(u64, u64)> {
+        self.entries.iter().next_back().map(|(i, (t, _))| (*i, *t)).or(self.purged)
+    }
+}
+
+fn cfg(dir: &std::path::Path) -> WalConfig {
+    let mut c = WalConfig::new(dir);
+    c.segment_bytes = 512;
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #[test]
+    fn wal_matches_a_simple_model(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = Wal::open(cfg(dir.path())).unwrap();
+        let mut models: BTreeMap<u32, Model> = BTreeMap::new();
+        for op in ops {
+            match op {
+                Op::Append { group, n, term } => {
+                    let m = models.entry(group).or_default();
+                    let first = m.last().map_or(1, |(i, _)| i + 1);
+                    let term = m.last().map_or(term, |(_, t)| t.max(term));
+                    let ps: Vec<(u64, Vec<u8>)> = (first..first + n).map(|i| (i, format!("{group}/{i}/{term}").into_bytes())).collect();
+                    let lsn = wal.append(group, ps.iter().map(|(i, p)| (*i, term, p.as_slice())), None).unwrap();
+                    wal.wait_durable_blocking(lsn).unwrap();
+                    for (i, p) in ps { m.entries.insert(i, (term, p)); }
+                }
+                Op::Truncate { group, back } => {
+                    let m = models.entry(group).or_default();
+                    let Some((&first, _)) = m.entries.iter().next() else { continue };
+                    let Some((last, _)) = m.last() else { continue };
+                    let from = last.saturating_sub(back).max(first);
+                    let lsn = wal.truncate_from(group, from).unwrap();
+                    wal.wait_durable_blocking(lsn).unwrap();
+                    m.entries.retain(|i, _| *i < from);
+                }
+                Op::Purge { group, fwd } => {
+                    let m = models.entry(group).or_default();
+                    let Some((&first, _)) = m.entries.iter().next() else { continue };
+                    let Some((last, _)) = m.last() else { continue };
+                    let upto = (first + fwd).min(last);
+                    let term = m.entries[&upto].0;
+                    let lsn = wal.purge(group, upto, term).unwrap();
+                    wal.wait_durable_blocking(lsn).unwrap();
+                    wal.delete_obsolete_segments().unwrap();
+                    m.entries.retain(|i, _| *i > upto);
+                    m.purged = Some((upto, term));
+                }
+                Op::Vote { group, v } => {
+                    let lsn = wal.save_vote(group, &[v]).unwrap();
+                    wal.wait_durable_blocking(lsn).unwrap();
+                    models.entry(group).or_default().vote = Some(vec![v]);
+                }
+                Op::Reopen => {
+                    drop(wal);
+                    wal = Wal::open(cfg(dir.path())).unwrap();
+                }
+            }
+            for (g, m) in &models {
+                let got = wal.read(*g, 0, u64::MAX).unwrap();
+                let want: Vec<(u64, u64, Vec<u8>)> = m.entries.iter().map(|(i, (t, p))| (*i, *t, p.clone())).collect();
+                let got: Vec<(u64, u64, Vec<u8>)> = got.into_iter().map(|e| (e.index, e.term, e.payload)).collect();
+                prop_assert_eq!(got, want);
+                let st = wal.group_state(*g);
+                prop_assert_eq!(st.last, m.last());
+                prop_assert_eq!(st.last_purged, m.purged);
+                prop_assert_eq!(&st.vote, &m.vote);
+            }
+        }
+    }
+}
