@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["habar/v1/broker.proto", "habar/v1/raft.proto"];
+    let protos = ["habar/v1/broker.proto", "habar/v1/raft.proto", "habar/v1/forward.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -10,5 +10,10 @@ pub mod raft {
     tonic::include_proto!("habar.raft.v1");
 }
 
+/// Forwarding of client calls to a shard leader (internal).
+pub mod forward {
+    tonic::include_proto!("habar.forward.v1");
+}
+
 /// The encoded `FileDescriptorSet` of every file above, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("habar_descriptor");
