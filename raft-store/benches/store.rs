@@ -56,5 +56,26 @@ fn wal_append(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, wal_append);
+/// One append of one 256-byte entry at a time, waiting for its fdatasync: the latency
+/// floor of a single publisher with one envelope in flight.
+fn wal_append_one_at_a_time(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wal_append_256B_wait_each");
+    g.measurement_time(Duration::from_secs(5));
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(1));
+    let payload = vec![0xA5u8; 256];
+    g.bench_function("groups=1/batch=1", |b| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(WalConfig::new(dir.path())).expect("open");
+        let mut next = 1u64;
+        b.iter(|| {
+            let lsn = wal.append(0, [(next, 1, payload.as_slice())], None).expect("append");
+            wal.wait_durable_blocking(lsn).expect("durable");
+            next += 1;
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, wal_append, wal_append_one_at_a_time);
 criterion_main!(benches);
