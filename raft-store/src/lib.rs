@@ -2,15 +2,24 @@
 //!
 //! - [`wal`]: one write-ahead log per node, shared by all Raft groups, with group commit.
 //! - [`log_store`]: openraft's log storage for one group, on top of the WAL.
-//! - the state machine on sled, its key encoding and snapshots (see their modules).
+//! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
 //! This crate knows nothing of gRPC.
 
+pub mod error;
+pub mod keys;
 pub mod log_store;
+pub mod sm;
+pub mod snapshot;
 pub mod types;
 pub mod wal;
 
+pub use error::StoreError;
 pub use log_store::LogStore;
+pub use sm::GroupStateMachine;
+pub use sm::StateStore;
+pub use snapshot::SnapshotData;
+pub use snapshot::SnapshotWriter;
 pub use wal::Wal;
 pub use wal::WalConfig;
 pub use wal::WalError;
