@@ -334,6 +334,11 @@ impl StateStore {
         Ok(out)
     }
 
+    /// Keys of the group in every generation (active or garbage): for tests and checks.
+    pub fn raw_key_count(&self, group: GroupId) -> usize {
+        self.inner.data.scan_prefix(keys::group_prefix(group)).count()
+    }
+
     /// Applies a batch of entries of one group in one atomic sled batch.
     fn apply_blocking(&self, group: GroupId, generation: u32, entries: &[Entry]) -> Result<Vec<CommandResponse>, StoreError> {
         let data = &self.inner.data;
