@@ -77,5 +77,58 @@ fn wal_append_one_at_a_time(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, wal_append, wal_append_one_at_a_time);
+/// Apply of 256-byte envelopes into sled through the openraft state machine: 256 entries of
+/// `per_entry` envelopes per apply call, spread over 1,000 conversations.
+fn sm_apply(c: &mut Criterion) {
+    use habar_raft_store::types::Command;
+    use habar_raft_store::types::Entry;
+    use habar_raft_store::types::EntryPayload;
+    use habar_raft_store::types::LogId;
+    use habar_raft_store::types::NewEnvelope;
+    use habar_raft_store::StateStore;
+    use openraft::storage::RaftStateMachine;
+
+    let mut g = c.benchmark_group("sm_apply_256B");
+    g.measurement_time(Duration::from_secs(8));
+    g.sample_size(10);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    for &per_entry in &[1u64, 16] {
+        g.throughput(Throughput::Elements(256 * per_entry));
+        g.bench_function(BenchmarkId::new("envelopes_per_entry", per_entry), |b| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = StateStore::open(dir.path(), 64 << 20).expect("open");
+            let mut sm = store.group(0).expect("group");
+            let mut index = 1u64;
+            let mut n = 0u64;
+            b.iter(|| {
+                let entries: Vec<Entry> = (0..256)
+                    .map(|_| {
+                        let envelopes = (0..per_entry)
+                            .map(|_| {
+                                n += 1;
+                                NewEnvelope {
+                                    conversation_id: format!("conversation-{}", n % 1000),
+                                    message_id: [7; 16],
+                                    sender: String::new(),
+                                    ciphertext: vec![0x5A; 256].into(),
+                                    expires_at_ms: 0,
+                                }
+                            })
+                            .collect();
+                        let e = Entry {
+                            log_id: LogId::new_term_index(1, index),
+                            payload: EntryPayload::Normal(Command::Append { now_ms: index, envelopes }),
+                        };
+                        index += 1;
+                        e
+                    })
+                    .collect();
+                rt.block_on(sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None)))))).expect("apply");
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, wal_append, wal_append_one_at_a_time, sm_apply);
 criterion_main!(benches);
