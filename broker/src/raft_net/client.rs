@@ -1,0 +1,396 @@
+//! The sending side: openraft's network factory for one group, and the connection to one
+//! target node it creates.
+//!
+//! Failure mapping (openraft reacts to the kind, not the message):
+//! - no connection, peer down, group not (yet) on the peer, another node at the address,
+//!   a body the peer cannot read, the peer's group stopped (a remote `Fatal`):
+//!   `Unreachable`, so openraft backs off before retrying;
+//! - the RPC's deadline passed (soft TTL of `RPCOption`): `Timeout`;
+//! - a broken stream or connection mid-call (`UNKNOWN`, `INTERNAL`, `CANCELLED`,
+//!   `ABORTED`): `Network`, retried at once.
+//!
+//! openraft's `RPCError` for these RPCs cannot carry a typed remote error (its remote
+//! error type is `Infallible`), so a remote `Fatal` travels as the source of the
+//! `Unreachable`, wrapped in `RemoteError` naming the target.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use habar_proto::raft::raft_transport_client::RaftTransportClient;
+use habar_proto::raft::RaftMessage;
+use habar_raft_store::types::GroupId;
+use habar_raft_store::types::LogId;
+use habar_raft_store::types::NodeAddr;
+use habar_raft_store::types::NodeId;
+use habar_raft_store::types::Snapshot;
+use habar_raft_store::types::TypeConfig;
+use habar_raft_store::types::Vote;
+use openraft::error::Fatal;
+use openraft::error::NetworkError;
+use openraft::error::RPCError;
+use openraft::error::RemoteError;
+use openraft::error::ReplicationClosed;
+use openraft::error::StreamingError;
+use openraft::error::Timeout;
+use openraft::error::Unreachable;
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::RPCOption;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use openraft::RaftNetworkFactory;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::Instrument;
+
+use super::codec;
+use super::fault::Verdict;
+use super::metric;
+use super::pool::PeerPool;
+use super::snapshot;
+use super::snapshot::SnapshotFile;
+use super::RpcKind;
+use super::FORMAT_POSTCARD;
+use super::MAX_MESSAGE_BYTES;
+use super::MESSAGE_OVERHEAD_BYTES;
+
+type RpcErr = RPCError<TypeConfig>;
+
+/// openraft's network factory for one Raft group: every connection it makes shares the
+/// pool's channel to the target node and tags its messages with `group`.
+///
+/// `SD` is the state machine's snapshot data type (`GroupStateMachine::SnapshotData`);
+/// `Raft::new` infers it.
+pub struct NetworkFactory<SD> {
+    pool: PeerPool,
+    group: GroupId,
+    _snapshot: PhantomData<fn() -> SD>,
+}
+
+impl<SD> NetworkFactory<SD> {
+    pub fn new(pool: PeerPool, group: GroupId) -> Self {
+        Self {
+            pool,
+            group,
+            _snapshot: PhantomData,
+        }
+    }
+
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+}
+
+impl<SD> Clone for NetworkFactory<SD> {
+    fn clone(&self) -> Self {
+        Self::new(self.pool.clone(), self.group)
+    }
+}
+
+impl<SD: SnapshotFile> RaftNetworkFactory<TypeConfig> for NetworkFactory<SD> {
+    type Network = GroupNetwork<SD>;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> Self::Network {
+        GroupNetwork {
+            pool: self.pool.clone(),
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            _snapshot: PhantomData,
+        }
+    }
+}
+
+/// The connection of one group to one target node (openraft's `RaftNetworkV2`).
+pub struct GroupNetwork<SD> {
+    pool: PeerPool,
+    group: GroupId,
+    target: NodeId,
+    addr: String,
+    _snapshot: PhantomData<fn() -> SD>,
+}
+
+/// Maps a gRPC status to openraft's error kinds (see the module docs).
+pub(crate) fn status_to_rpc_error(
+    kind: RpcKind,
+    local: NodeId,
+    target: NodeId,
+    ttl: Duration,
+    status: tonic::Status,
+) -> RpcErr {
+    use tonic::Code;
+    match status.code() {
+        Code::DeadlineExceeded => RPCError::Timeout(Timeout {
+            action: kind.openraft_type(),
+            id: local,
+            target,
+            timeout: ttl,
+        }),
+        Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted => {
+            RPCError::Network(NetworkError::new(&status))
+        }
+        _ => RPCError::Unreachable(Unreachable::new(&status)),
+    }
+}
+
+fn failure_reason(e: &RpcErr) -> &'static str {
+    match e {
+        RPCError::Timeout(_) => "timeout",
+        RPCError::Unreachable(_) => "unreachable",
+        RPCError::Network(_) => "network",
+        RPCError::RemoteError(_) => "remote",
+    }
+}
+
+impl<SD> GroupNetwork<SD> {
+    fn timeout(&self, kind: RpcKind, ttl: Duration) -> RpcErr {
+        RPCError::Timeout(Timeout {
+            action: kind.openraft_type(),
+            id: self.pool.local_id(),
+            target: self.target,
+            timeout: ttl,
+        })
+    }
+
+    /// One unary RPC: encode, consult the fault injector, send within the soft TTL,
+    /// decode `Result<Resp, Fatal>`. Counts it in the metrics.
+    async fn unary<Req, Resp>(
+        &self,
+        kind: RpcKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        metrics::counter!(metric::RPC_SENT, "kind" => kind.as_str()).increment(1);
+        let res = self.unary_inner(kind, req, option).await;
+        if let Err(e) = &res {
+            let reason = failure_reason(e);
+            metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason)
+                .increment(1);
+            tracing::debug!(group = self.group, target = self.target, %kind, reason, error = %e, "raft rpc failed");
+        }
+        res
+    }
+
+    async fn unary_inner<Req, Resp>(
+        &self,
+        kind: RpcKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let ttl = option.soft_ttl();
+        let body = codec::encode(kind.as_str(), req)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let channel = self
+            .pool
+            .channel(self.target, &self.addr)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let verdict = self
+            .pool
+            .fault_injector()
+            .map(|f| f.decide(self.pool.local_id(), self.target));
+        if verdict.is_some() {
+            metrics::counter!(metric::FAULTS_INJECTED, "kind" => kind.as_str()).increment(1);
+        }
+        let msg = RaftMessage {
+            group_id: self.group,
+            format: FORMAT_POSTCARD,
+            body,
+            target_node: Some(self.target),
+        };
+        let (local, target) = (self.pool.local_id(), self.target);
+
+        let call = async move {
+            match verdict {
+                None => {}
+                Some(Verdict::Cut) => {
+                    return Err(RPCError::Unreachable(Unreachable::from_string(
+                        "link cut by the fault injector",
+                    )))
+                }
+                // A lost request: the caller hears nothing until its deadline.
+                Some(Verdict::DropRequest) => std::future::pending::<()>().await,
+                Some(Verdict::Deliver { delay } | Verdict::DropResponse { delay }) => {
+                    tokio::time::sleep(delay).await
+                }
+            }
+            let mut request = tonic::Request::new(msg);
+            request.set_timeout(ttl);
+            let mut client = RaftTransportClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            let resp = match kind {
+                RpcKind::AppendEntries => client.append_entries(request).await,
+                RpcKind::Vote => client.vote(request).await,
+                RpcKind::PreVote => client.pre_vote(request).await,
+                RpcKind::TransferLeader => client.transfer_leader(request).await,
+                RpcKind::InstallSnapshot => {
+                    return Err(RPCError::Unreachable(Unreachable::from_string(
+                        "install snapshot is not unary",
+                    )))
+                }
+            }
+            .map_err(|s| status_to_rpc_error(kind, local, target, ttl, s))?;
+            if let Some(Verdict::DropResponse { .. }) = verdict {
+                // Delivered and handled, but the answer is lost.
+                std::future::pending::<()>().await;
+            }
+            Ok(resp.into_inner())
+        };
+        let reply = match tokio::time::timeout(ttl, call).await {
+            Ok(r) => r?,
+            Err(_) => return Err(self.timeout(kind, ttl)),
+        };
+
+        let res: Result<Resp, Fatal<TypeConfig>> =
+            codec::decode(kind.as_str(), reply.format, &reply.body)
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        res.map_err(|fatal| {
+            RPCError::Unreachable(Unreachable::new(&RemoteError::<TypeConfig, _>::new(
+                target, fatal,
+            )))
+        })
+    }
+}
+
+/// Cuts `rpc` to the longest prefix of its entries whose encoding fits in one message.
+/// Returns the log id of the last entry kept if it cut anything.
+fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<Option<LogId>, RpcErr> {
+    let unreachable = |e: codec::CodecError| RPCError::Unreachable(Unreachable::new(&e));
+    let budget = MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES;
+    if codec::encoded_len("append entries", rpc).map_err(unreachable)? <= budget {
+        return Ok(None);
+    }
+    let empty = AppendEntriesRequest::<TypeConfig> {
+        vote: rpc.vote,
+        prev_log_id: rpc.prev_log_id,
+        entries: Vec::new(),
+        leader_commit: rpc.leader_commit,
+    };
+    // The entry count is a varint of at most 10 bytes.
+    let mut total = codec::encoded_len("append entries", &empty).map_err(unreachable)? + 10;
+    let mut keep = 0;
+    for e in &rpc.entries {
+        let n = codec::encoded_len("log entry", e).map_err(unreachable)?;
+        if total + n > budget {
+            if keep == 0 {
+                tracing::error!(log_id = %e.log_id, bytes = n, limit = budget, "log entry is too large to replicate");
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "log entry {} encodes to {n} bytes, over the {budget}-byte message limit: it cannot be replicated",
+                    e.log_id
+                ))));
+            }
+            break;
+        }
+        total += n;
+        keep += 1;
+    }
+    rpc.entries.truncate(keep);
+    metrics::counter!(metric::APPEND_BATCHES_CUT).increment(1);
+    Ok(rpc.entries.last().map(|e| e.log_id))
+}
+
+impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
+    type SnapshotData = SD;
+
+    async fn append_entries(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
+        let cut_after = fit_to_message(&mut rpc)?;
+        let resp: AppendEntriesResponse<TypeConfig> =
+            self.unary(RpcKind::AppendEntries, &rpc, &option).await?;
+        // The target accepted the prefix it was sent; openraft sends the rest next.
+        Ok(match (resp, cut_after) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (resp, _) => resp,
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
+        self.unary(RpcKind::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
+        self.unary(RpcKind::PreVote, &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RpcErr> {
+        self.unary(RpcKind::TransferLeader, &req, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<SD>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let kind = RpcKind::InstallSnapshot;
+        metrics::counter!(metric::RPC_SENT, "kind" => kind.as_str()).increment(1);
+        let span = tracing::info_span!("send_snapshot", group = self.group, target = self.target, snapshot = ?snapshot.meta.last_log_id, bytes = snapshot.snapshot.len());
+        let res = async {
+            let channel = self
+                .pool
+                .channel(self.target, &self.addr)
+                .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
+            let verdict = self
+                .pool
+                .fault_injector()
+                .map(|f| f.decide(self.pool.local_id(), self.target));
+            let ctx = snapshot::SendCtx {
+                channel,
+                group: self.group,
+                local: self.pool.local_id(),
+                target: self.target,
+                verdict,
+            };
+            snapshot::send(ctx, vote, snapshot, cancel, option).await
+        }
+        .instrument(span.clone())
+        .await;
+        match &res {
+            Ok(_) => tracing::info!(parent: &span, "snapshot sent"),
+            Err(e) => {
+                let reason = match e {
+                    StreamingError::Closed(_) => "closed",
+                    StreamingError::StorageError(_) => "local",
+                    StreamingError::Timeout(_) => "timeout",
+                    StreamingError::Unreachable(_) => "unreachable",
+                    StreamingError::Network(_) => "network",
+                };
+                metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason)
+                    .increment(1);
+                tracing::warn!(parent: &span, reason, error = %e, "snapshot not sent");
+            }
+        }
+        res
+    }
+}

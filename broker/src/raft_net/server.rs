@@ -1,0 +1,342 @@
+//! The receiving side: the `habar.raft.v1.RaftTransport` service, dispatching each message
+//! to its group's `Raft` through a [`GroupRegistry`].
+//!
+//! Refusals (never a panic on network input): unknown group → `NOT_FOUND`; a message meant
+//! for another node id → `FAILED_PRECONDITION`; a body that does not decode, or a
+//! malformed snapshot stream → `INVALID_ARGUMENT` naming what failed; too many snapshot
+//! streams at once or a snapshot over the size limit → `RESOURCE_EXHAUSTED`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::RwLock;
+
+use habar_proto::raft::raft_transport_server::RaftTransport;
+use habar_proto::raft::raft_transport_server::RaftTransportServer;
+use habar_proto::raft::RaftMessage;
+use habar_proto::raft::SnapshotChunk;
+use habar_raft_store::types::GroupId;
+use habar_raft_store::types::NodeId;
+use habar_raft_store::types::Raft;
+use habar_raft_store::types::TypeConfig;
+use openraft::error::Fatal;
+use openraft::error::RaftError;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::VoteRequest;
+use openraft::storage::RaftStateMachine;
+use openraft::Snapshot;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tracing::Instrument;
+
+use super::codec;
+use super::metric;
+use super::snapshot;
+use super::snapshot::SnapshotChunkWriter;
+use super::snapshot::SnapshotSink;
+use super::RpcKind;
+use super::DEFAULT_MAX_SNAPSHOT_BYTES;
+use super::FORMAT_POSTCARD;
+use super::MAX_CONCURRENT_SNAPSHOT_RECEIVES;
+use super::MAX_MESSAGE_BYTES;
+
+/// The Raft groups of this node, by group id. Cheap to clone; clones share the map.
+pub struct GroupRegistry<SM: RaftStateMachine<TypeConfig>> {
+    groups: Arc<RwLock<HashMap<GroupId, Raft<SM>>>>,
+}
+
+impl<SM: RaftStateMachine<TypeConfig>> Clone for GroupRegistry<SM> {
+    fn clone(&self) -> Self {
+        Self {
+            groups: self.groups.clone(),
+        }
+    }
+}
+
+impl<SM: RaftStateMachine<TypeConfig>> Default for GroupRegistry<SM> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<SM: RaftStateMachine<TypeConfig>> GroupRegistry<SM> {
+    pub fn new() -> Self {
+        Self {
+            groups: Arc::new(RwLock::new(HashMap::new())),
+        }
+    }
+
+    /// Registers `raft` as group `group`; returns the one it replaces.
+    pub fn insert(&self, group: GroupId, raft: Raft<SM>) -> Option<Raft<SM>> {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(group, raft)
+    }
+
+    pub fn get(&self, group: GroupId) -> Option<Raft<SM>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
+    pub fn remove(&self, group: GroupId) -> Option<Raft<SM>> {
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group)
+    }
+
+    /// Registered group ids, ascending.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut v: Vec<_> = self
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The `RaftTransport` gRPC service of one node.
+///
+/// `S` creates the writers received snapshots go to (the node's `StateStore`); its
+/// writers must produce the state machine's snapshot data.
+pub struct RaftTransportService<SM: RaftStateMachine<TypeConfig>, S> {
+    registry: GroupRegistry<SM>,
+    sink: Arc<S>,
+    max_snapshot_bytes: u64,
+    receiving: Arc<Semaphore>,
+}
+
+impl<SM, S> RaftTransportService<SM, S>
+where
+    SM: RaftStateMachine<TypeConfig>,
+    S: SnapshotSink,
+    S::Writer: SnapshotChunkWriter<Data = SM::SnapshotData>,
+{
+    pub fn new(registry: GroupRegistry<SM>, sink: S) -> Self {
+        Self {
+            registry,
+            sink: Arc::new(sink),
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
+        }
+    }
+
+    /// Refuse snapshots larger than `bytes` (default [`DEFAULT_MAX_SNAPSHOT_BYTES`]).
+    pub fn with_max_snapshot_bytes(mut self, bytes: u64) -> Self {
+        self.max_snapshot_bytes = bytes;
+        self
+    }
+
+    /// The tonic service, with message limits raised to [`MAX_MESSAGE_BYTES`].
+    pub fn into_server(self) -> RaftTransportServer<Self> {
+        RaftTransportServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// The group's Raft, after checking the message is meant for this node.
+    fn resolve(
+        &self,
+        kind: RpcKind,
+        group: GroupId,
+        target: Option<NodeId>,
+    ) -> Result<Raft<SM>, Status> {
+        let raft = self.registry.get(group).ok_or_else(|| {
+            reject(
+                kind,
+                "unknown_group",
+                Status::not_found(format!("raft group {group} is not on this node")),
+            )
+        })?;
+        if let Some(t) = target {
+            let me = *raft.node_id();
+            if t != me {
+                return Err(reject(
+                    kind,
+                    "wrong_node",
+                    Status::failed_precondition(format!("this is node {me}, not node {t}")),
+                ));
+            }
+        }
+        Ok(raft)
+    }
+
+    /// Decodes a request, hands it to the group's Raft with `f`, encodes the outcome.
+    async fn unary<Req, Resp, F, Fut>(
+        &self,
+        kind: RpcKind,
+        request: Request<RaftMessage>,
+        f: F,
+    ) -> Result<Response<RaftMessage>, Status>
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        F: FnOnce(Raft<SM>, Req) -> Fut,
+        Fut: Future<Output = Result<Resp, Fatal<TypeConfig>>>,
+    {
+        metrics::counter!(metric::RPC_RECEIVED, "kind" => kind.as_str()).increment(1);
+        let msg = request.into_inner();
+        let raft = self.resolve(kind, msg.group_id, msg.target_node)?;
+        let req: Req = codec::decode(kind.as_str(), msg.format, &msg.body)
+            .map_err(|e| reject(kind, "bad_body", Status::invalid_argument(e.to_string())))?;
+        let res = f(raft, req).await;
+        if let Err(fatal) = &res {
+            tracing::warn!(group = msg.group_id, %kind, error = %fatal, "raft group refused an rpc: fatal");
+        }
+        let body =
+            codec::encode(kind.as_str(), &res).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RaftMessage {
+            group_id: msg.group_id,
+            format: FORMAT_POSTCARD,
+            body,
+            target_node: None,
+        }))
+    }
+}
+
+fn reject(kind: RpcKind, why: &'static str, status: Status) -> Status {
+    metrics::counter!(metric::RPC_REJECTED, "kind" => kind.as_str(), "why" => why).increment(1);
+    tracing::debug!(%kind, why, message = status.message(), "raft rpc refused");
+    status
+}
+
+/// `RaftError<C>` (with no API error) carries only a `Fatal`.
+fn fatal_of(e: RaftError<TypeConfig>) -> Fatal<TypeConfig> {
+    match e {
+        RaftError::APIError(never) => match never {},
+        RaftError::Fatal(f) => f,
+    }
+}
+
+#[tonic::async_trait]
+impl<SM, S> RaftTransport for RaftTransportService<SM, S>
+where
+    SM: RaftStateMachine<TypeConfig>,
+    S: SnapshotSink,
+    S::Writer: SnapshotChunkWriter<Data = SM::SnapshotData>,
+{
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.unary(
+            RpcKind::AppendEntries,
+            request,
+            |raft, rpc: AppendEntriesRequest<TypeConfig>| async move {
+                raft.append_entries(rpc).await.map_err(fatal_of)
+            },
+        )
+        .await
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.unary(RpcKind::Vote, request, |raft, rpc: VoteRequest<TypeConfig>| async move {
+            raft.vote(rpc).await.map_err(fatal_of)
+        })
+        .await
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.unary(
+            RpcKind::PreVote,
+            request,
+            |raft, rpc: VoteRequest<TypeConfig>| async move {
+                raft.pre_vote(rpc).await.map_err(fatal_of)
+            },
+        )
+        .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        self.unary(
+            RpcKind::TransferLeader,
+            request,
+            |raft, req: TransferLeaderRequest<TypeConfig>| async move {
+                raft.handle_transfer_leader(req).await
+            },
+        )
+        .await
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<tonic::Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let kind = RpcKind::InstallSnapshot;
+        metrics::counter!(metric::RPC_RECEIVED, "kind" => kind.as_str()).increment(1);
+        let _permit = self.receiving.clone().try_acquire_owned().map_err(|_| {
+            reject(
+                kind,
+                "busy",
+                Status::resource_exhausted(format!(
+                    "this node is already receiving {MAX_CONCURRENT_SNAPSHOT_RECEIVES} snapshots"
+                )),
+            )
+        })?;
+        let mut stream = request.into_inner();
+        let (first, header) = snapshot::receive_first(&mut stream)
+            .await
+            .map_err(|s| reject(kind, "bad_stream", s))?;
+        let group = first.group_id;
+        let raft = self.resolve(kind, group, first.target_node)?;
+        let span = tracing::info_span!("receive_snapshot", group, snapshot = ?header.meta.last_log_id, bytes = header.len);
+        let limits = snapshot::ReceiveLimits {
+            max_snapshot_bytes: self.max_snapshot_bytes,
+        };
+        let received = snapshot::receive_rest(&self.sink, limits, first, header, &mut stream)
+            .instrument(span.clone())
+            .await
+            .map_err(|s| reject(kind, "bad_stream", s))?;
+        let snapshot::Received {
+            group,
+            header,
+            data,
+        } = received;
+        let res = raft
+            .install_full_snapshot(
+                header.vote,
+                Snapshot {
+                    meta: header.meta,
+                    snapshot: data,
+                },
+            )
+            .instrument(span.clone())
+            .await;
+        match &res {
+            Ok(r) => {
+                tracing::info!(parent: &span, vote = %r.vote, "snapshot received and installed")
+            }
+            Err(e) => {
+                tracing::warn!(parent: &span, error = %e, "snapshot received, install failed")
+            }
+        }
+        Ok(Response::new(snapshot::reply(group, &res)?))
+    }
+}
