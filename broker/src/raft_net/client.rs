@@ -64,9 +64,9 @@ type RpcErr = RPCError<TypeConfig>;
 /// openraft's network factory for one Raft group: every connection it makes shares the
 /// pool's channel to the target node and tags its messages with `group`.
 ///
-/// `SD` is the state machine's snapshot data type (`GroupStateMachine::SnapshotData`);
-/// `Raft::new` infers it.
-pub struct NetworkFactory<SD> {
+/// `SD` is the state machine's snapshot data type; `Raft::new` infers it, and it is the
+/// store's [`SnapshotData`](habar_raft_store::SnapshotData) unless a test says otherwise.
+pub struct NetworkFactory<SD = habar_raft_store::SnapshotData> {
     pool: PeerPool,
     group: GroupId,
     _snapshot: PhantomData<fn() -> SD>,
@@ -107,7 +107,7 @@ impl<SD: SnapshotFile> RaftNetworkFactory<TypeConfig> for NetworkFactory<SD> {
 }
 
 /// The connection of one group to one target node (openraft's `RaftNetworkV2`).
-pub struct GroupNetwork<SD> {
+pub struct GroupNetwork<SD = habar_raft_store::SnapshotData> {
     pool: PeerPool,
     group: GroupId,
     target: NodeId,
@@ -392,5 +392,72 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
             }
         }
         res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use habar_raft_store::types::Command;
+    use habar_raft_store::types::Entry;
+    use habar_raft_store::types::EntryPayload;
+    use habar_raft_store::types::NewEnvelope;
+
+    use super::*;
+
+    fn entry(index: u64, ciphertext: &Bytes) -> Entry {
+        let env = NewEnvelope {
+            conversation_id: "c".into(),
+            message_id: [0; 16],
+            sender: "s".into(),
+            ciphertext: ciphertext.clone(),
+            expires_at_ms: 0,
+        };
+        Entry {
+            log_id: LogId::new_term_index(1, index),
+            payload: EntryPayload::Normal(Command::Append {
+                now_ms: 0,
+                envelopes: vec![env],
+            }),
+        }
+    }
+
+    fn request(entries: Vec<Entry>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new(1, 1),
+            prev_log_id: None,
+            entries,
+            leader_commit: None,
+        }
+    }
+
+    #[test]
+    fn batch_that_fits_is_left_alone() {
+        let small = Bytes::from(vec![1u8; 1000]);
+        let mut rpc = request((1..=10).map(|i| entry(i, &small)).collect());
+        assert_eq!(fit_to_message(&mut rpc).unwrap(), None);
+        assert_eq!(rpc.entries.len(), 10);
+    }
+
+    #[test]
+    fn oversized_batch_is_cut_to_the_longest_prefix_that_fits() {
+        // Shared buffer: five 20 MiB entries without allocating 100 MiB.
+        let big = Bytes::from(vec![0u8; 20 * 1024 * 1024]);
+        let mut rpc = request((1..=5).map(|i| entry(i, &big)).collect());
+        let last = fit_to_message(&mut rpc).unwrap();
+        assert_eq!(rpc.entries.len(), 3);
+        assert_eq!(last, Some(LogId::new_term_index(1, 3)));
+        assert!(
+            codec::encoded_len("t", &rpc).unwrap() <= MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES
+        );
+    }
+
+    #[test]
+    fn single_entry_over_the_limit_is_an_error_naming_it() {
+        let huge = Bytes::from(vec![0u8; MAX_MESSAGE_BYTES]);
+        let mut rpc = request(vec![entry(7, &huge)]);
+        let err = fit_to_message(&mut rpc).unwrap_err();
+        assert!(matches!(err, RPCError::Unreachable(_)));
+        assert!(err.to_string().contains("cannot be replicated"), "{err}");
     }
 }

@@ -101,6 +101,38 @@ pub trait SnapshotSink: Send + Sync + 'static {
     fn snapshot_writer(&self, group: GroupId) -> io::Result<Self::Writer>;
 }
 
+// The node's real storage: `habar_raft_store`'s snapshot files.
+
+impl SnapshotFile for habar_raft_store::SnapshotData {
+    fn len(&self) -> u64 {
+        habar_raft_store::SnapshotData::len(self)
+    }
+
+    fn open(&self) -> io::Result<std::fs::File> {
+        habar_raft_store::SnapshotData::open(self)
+    }
+}
+
+impl SnapshotChunkWriter for habar_raft_store::SnapshotWriter {
+    type Data = habar_raft_store::SnapshotData;
+
+    fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {
+        habar_raft_store::SnapshotWriter::write_chunk(self, data)
+    }
+
+    fn finish(self) -> io::Result<Self::Data> {
+        habar_raft_store::SnapshotWriter::finish(self).map_err(io::Error::from)
+    }
+}
+
+impl SnapshotSink for habar_raft_store::StateStore {
+    type Writer = habar_raft_store::SnapshotWriter;
+
+    fn snapshot_writer(&self, group: GroupId) -> io::Result<Self::Writer> {
+        habar_raft_store::StateStore::snapshot_writer(self, group).map_err(io::Error::from)
+    }
+}
+
 /// What the first chunk's `header` carries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotHeader {

@@ -1,0 +1,159 @@
+//! Three in-process nodes, several Raft groups each, over the real gRPC transport: leader
+//! election, replication, a partition made with the fault injector, and a snapshot
+//! streamed to a follower that fell behind.
+
+mod raft_net_support;
+
+use std::sync::atomic::Ordering;
+
+use raft_net_support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_elect_replicate_and_reelect_on_the_majority_side_of_a_cut() {
+    let cluster = start_cluster(3, 3, raft_config(), 11).await;
+    let all = cluster.ids();
+
+    // Every group elects a leader and replicates to every node.
+    for g in 0..cluster.groups {
+        let conv = format!("conv-{g}");
+        for n in 1..=5 {
+            let a = cluster.append(g, &all, envelope(&conv, n, 100)).await;
+            assert_eq!(a.seq, n, "group {g}");
+        }
+        for &id in &all {
+            cluster.wait_applied(id, g, &conv, 5).await;
+        }
+        let reference = cluster.node(1).store.read(g, &conv, 1, 100).unwrap();
+        assert_eq!(reference.len(), 5);
+        for &id in &all[1..] {
+            assert_eq!(
+                cluster.node(id).store.read(g, &conv, 1, 100).unwrap(),
+                reference,
+                "node {id} group {g}"
+            );
+        }
+    }
+
+    // Cut group 0's leader off from both others. The links are per node, so every group
+    // led by that node loses its leader too.
+    let old = cluster.wait_leader(0, &all).await;
+    let majority: Vec<_> = all.iter().copied().filter(|&id| id != old).collect();
+    cluster.faults.isolate(old, &majority);
+
+    for g in 0..cluster.groups {
+        let conv = format!("conv-{g}");
+        let new = cluster
+            .wait_leader_where(g, &majority, |id| id != old)
+            .await;
+        assert_ne!(new, old);
+        let a = cluster.append(g, &majority, envelope(&conv, 6, 100)).await;
+        assert_eq!(a.seq, 6, "group {g}: the majority side commits");
+        for &id in &majority {
+            cluster.wait_applied(id, g, &conv, 6).await;
+        }
+        // Nothing crosses a cut link: the isolated node cannot have it.
+        assert_eq!(
+            cluster.node(old).store.last_seq(g, &conv).unwrap(),
+            5,
+            "group {g}"
+        );
+    }
+    assert!(cluster.faults.stats().cut > 0);
+
+    // Heal: the old leader catches up and the cluster agrees on one leader per group.
+    cluster.faults.heal_all();
+    for g in 0..cluster.groups {
+        let conv = format!("conv-{g}");
+        cluster.wait_applied(old, g, &conv, 6).await;
+        cluster.wait_leader(g, &all).await;
+        let a = cluster.append(g, &all, envelope(&conv, 7, 100)).await;
+        assert_eq!(a.seq, 7);
+        for &id in &all {
+            cluster.wait_applied(id, g, &conv, 7).await;
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_far_behind_gets_the_snapshot_streamed_over_the_wire() {
+    let config = openraft::Config {
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20),
+        max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: 1,
+        // Small chunks, so the ~1 MiB snapshot crosses in many of them.
+        snapshot_max_chunk_size: 64 * 1024,
+        ..raft_config()
+    };
+    let cluster = start_cluster(3, 1, config, 12).await;
+    let all = cluster.ids();
+    let g = 0;
+    let conv = "far-behind";
+
+    let leader = cluster.wait_leader(g, &all).await;
+    let lagger = *all.iter().find(|&&id| id != leader).unwrap();
+    let others: Vec<_> = all.iter().copied().filter(|&id| id != lagger).collect();
+    cluster.append(g, &all, envelope(conv, 1, 100)).await;
+    cluster.wait_applied(lagger, g, conv, 1).await;
+
+    cluster.faults.isolate(lagger, &others);
+    let n = 60;
+    for i in 2..=n {
+        cluster
+            .append(g, &others, envelope(conv, i, 16 * 1024))
+            .await;
+    }
+
+    // Wait until the leader purged logs the lagger does not have: only a snapshot can
+    // bring it up to date now.
+    let lag_last = metrics(cluster.node(lagger).raft(g))
+        .last_log_index
+        .unwrap_or(0);
+    let start = std::time::Instant::now();
+    loop {
+        let leader = cluster.wait_leader(g, &others).await;
+        let purged = metrics(cluster.node(leader).raft(g))
+            .purged
+            .map(|l| l.index)
+            .unwrap_or(0);
+        if purged > lag_last {
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "leader never purged past {lag_last} (purged {purged})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        cluster
+            .node(lagger)
+            .snapshots_received
+            .load(Ordering::SeqCst),
+        0
+    );
+
+    cluster.faults.heal_all();
+    cluster.wait_applied(lagger, g, conv, n).await;
+    assert!(
+        cluster
+            .node(lagger)
+            .snapshots_received
+            .load(Ordering::SeqCst)
+            >= 1,
+        "caught up without a snapshot?"
+    );
+    let leader = cluster.wait_leader(g, &all).await;
+    let expected = cluster.node(leader).store.read(g, conv, 1, 1000).unwrap();
+    assert_eq!(expected.len(), n as usize);
+    assert_eq!(
+        cluster.node(lagger).store.read(g, conv, 1, 1000).unwrap(),
+        expected
+    );
+
+    // And it keeps replicating normally afterwards.
+    let a = cluster.append(g, &all, envelope(conv, n + 1, 100)).await;
+    assert_eq!(a.seq, n + 1);
+    cluster.wait_applied(lagger, g, conv, n + 1).await;
+    cluster.shutdown().await;
+}
