@@ -125,17 +125,35 @@ pub(crate) fn status_to_rpc_error(
 ) -> RpcErr {
     use tonic::Code;
     match status.code() {
-        Code::DeadlineExceeded => RPCError::Timeout(Timeout {
-            action: kind.openraft_type(),
-            id: local,
-            target,
-            timeout: ttl,
-        }),
+        Code::DeadlineExceeded => timeout(kind, local, target, ttl),
+        // tonic's own deadline timer (the request's `grpc-timeout`) reports `CANCELLED`
+        // with a `TimeoutExpired` source.
+        Code::Cancelled if caused_by_timeout(&status) => timeout(kind, local, target, ttl),
         Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted => {
             RPCError::Network(NetworkError::new(&status))
         }
         _ => RPCError::Unreachable(Unreachable::new(&status)),
     }
+}
+
+fn timeout(kind: RpcKind, local: NodeId, target: NodeId, ttl: Duration) -> RpcErr {
+    RPCError::Timeout(Timeout {
+        action: kind.openraft_type(),
+        id: local,
+        target,
+        timeout: ttl,
+    })
+}
+
+fn caused_by_timeout(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn failure_reason(e: &RpcErr) -> &'static str {
@@ -149,12 +167,7 @@ fn failure_reason(e: &RpcErr) -> &'static str {
 
 impl<SD> GroupNetwork<SD> {
     fn timeout(&self, kind: RpcKind, ttl: Duration) -> RpcErr {
-        RPCError::Timeout(Timeout {
-            action: kind.openraft_type(),
-            id: self.pool.local_id(),
-            target: self.target,
-            timeout: ttl,
-        })
+        timeout(kind, self.pool.local_id(), self.target, ttl)
     }
 
     /// One unary RPC: encode, consult the fault injector, send within the soft TTL,
@@ -459,5 +472,47 @@ mod tests {
         let err = fit_to_message(&mut rpc).unwrap_err();
         assert!(matches!(err, RPCError::Unreachable(_)));
         assert!(err.to_string().contains("cannot be replicated"), "{err}");
+    }
+
+    #[test]
+    fn status_codes_map_to_the_openraft_error_kind() {
+        let map = |s: tonic::Status| {
+            failure_reason(&status_to_rpc_error(
+                RpcKind::Vote,
+                1,
+                2,
+                Duration::from_millis(5),
+                s,
+            ))
+        };
+        assert_eq!(
+            map(tonic::Status::unavailable("tcp connect error")),
+            "unreachable"
+        );
+        assert_eq!(
+            map(tonic::Status::not_found("raft group 3 is not on this node")),
+            "unreachable"
+        );
+        assert_eq!(
+            map(tonic::Status::failed_precondition("this is node 4")),
+            "unreachable"
+        );
+        assert_eq!(
+            map(tonic::Status::invalid_argument(
+                "vote: body does not decode"
+            )),
+            "unreachable"
+        );
+        assert_eq!(
+            map(tonic::Status::resource_exhausted("busy")),
+            "unreachable"
+        );
+        assert_eq!(map(tonic::Status::deadline_exceeded("late")), "timeout");
+        assert_eq!(map(tonic::Status::cancelled("stream reset")), "network");
+        assert_eq!(map(tonic::Status::internal("h2 protocol error")), "network");
+        assert_eq!(map(tonic::Status::unknown("transport error")), "network");
+        let timer = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(timer.code(), tonic::Code::Cancelled);
+        assert_eq!(map(timer), "timeout");
     }
 }
