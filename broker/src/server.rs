@@ -1,11 +1,124 @@
-//! Runs one node: opens the store, starts every shard's Raft group, serves gRPC.
-//! (in progress: owned by the node work; `serve` is the entry point the CLI calls.)
+//! Runs one node: opens the store, starts every shard's Raft group, serves gRPC (the
+//! public API, the Raft transport, forwarding, health and reflection) on one listener.
 
+use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
 
+use anyhow::Context;
+use habar_proto::v1::broker_server::BrokerServer;
+use habar_proto::v1::cluster_server::ClusterServer;
+use habar_raft_store::types::NodeAddr;
+use habar_raft_store::types::NodeId;
+use habar_raft_store::LogStore;
+use habar_raft_store::StateStore;
+use habar_raft_store::Wal;
+use habar_raft_store::WalConfig;
+use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::NodeConfig;
+use crate::forward::ForwarderService;
+use crate::node::HRaft;
+use crate::node::Node;
+use crate::raft_net::GroupRegistry;
+use crate::raft_net::NetworkFactory;
+use crate::raft_net::PeerPool;
+use crate::raft_net::RaftTransportService;
+use crate::service::BrokerService;
+use crate::service::ClusterService;
+
+/// The openraft settings of every shard, from the node's configuration.
+pub fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
+    let c = openraft::Config {
+        cluster_name: "habar".into(),
+        heartbeat_interval: cfg.heartbeat_interval_ms,
+        election_timeout_min: cfg.election_timeout_min_ms,
+        election_timeout_max: cfg.election_timeout_max_ms,
+        install_snapshot_timeout: cfg.install_snapshot_timeout_ms,
+        max_payload_entries: cfg.max_payload_entries,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: cfg.max_in_snapshot_log_to_keep,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    Ok(Arc::new(c.validate().context("invalid Raft settings")?))
+}
+
+/// Opens the node's storage and starts its Raft groups. A node with empty storage
+/// initializes each shard with `initial_cluster`; a node with data ignores it.
+pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let mut wal_cfg = WalConfig::new(cfg.data_dir.join("wal"));
+    wal_cfg.segment_bytes = cfg.wal_segment_bytes;
+    let wal = Wal::open(wal_cfg).context("opening the WAL")?;
+    let store = StateStore::open(&cfg.data_dir.join("sm"), cfg.sled_cache_capacity_bytes).context("opening the state machine")?;
+
+    let raft_cfg = raft_config(&cfg)?;
+    let pool = PeerPool::new(cfg.id);
+    let registry: GroupRegistry<habar_raft_store::GroupStateMachine> = GroupRegistry::new();
+    let mut rafts: Vec<HRaft> = Vec::with_capacity(cfg.shards as usize);
+    for g in 0..cfg.shards {
+        let log = LogStore::new(wal.clone(), g);
+        let sm = store.group(g).with_context(|| format!("opening the state machine of shard {g}"))?;
+        let network = NetworkFactory::new(pool.clone(), g);
+        let raft = openraft::Raft::new(cfg.id, raft_cfg.clone(), network, log, sm)
+            .await
+            .with_context(|| format!("starting Raft group {g}"))?;
+        registry.insert(g, raft.clone());
+        rafts.push(raft);
+    }
+
+    let members: BTreeMap<NodeId, NodeAddr> =
+        cfg.initial_cluster.iter().map(|(id, addr)| (*id, NodeAddr::new(addr.clone()))).collect();
+    for (g, raft) in rafts.iter().enumerate() {
+        if !raft.is_initialized().await.context("reading Raft state")? {
+            tracing::info!(shard = g, ?members, "initializing shard with the initial cluster");
+            if let Err(e) = raft.initialize(members.clone()).await {
+                // Another node's leader may already have replicated to us: not an error.
+                tracing::info!(shard = g, error = %e, "initialize skipped");
+            }
+        }
+    }
+
+    Ok(Arc::new(Node {
+        id: cfg.id,
+        cfg,
+        wal,
+        store,
+        rafts,
+        pool,
+        registry,
+        last_seen: Mutex::new(HashMap::new()),
+    }))
+}
+
+/// Probes each peer's health endpoint once a second; `Cluster.Status` reports liveness
+/// from it.
+fn spawn_liveness_probe(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let peers: Vec<(NodeId, String)> =
+                node.cfg.initial_cluster.iter().filter(|(id, _)| **id != node.id).map(|(i, a)| (*i, a.clone())).collect();
+            for (id, addr) in peers {
+                let Ok(channel) = node.pool.channel(id, &addr) else { continue };
+                let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+                let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: String::new() });
+                req.set_timeout(Duration::from_millis(800));
+                if client.check(req).await.is_ok() {
+                    node.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+                }
+            }
+        }
+    })
+}
 
 /// Serve one node on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -13,7 +126,41 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let _ = (config, listener);
-    shutdown.await;
-    Ok(())
+    let node = start_node(config).await?;
+    serve_node(node, listener, shutdown).await
+}
+
+/// Serves an already started node (tests use this to keep a handle on the node).
+pub async fn serve_node(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener address")?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(habar_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let transport = RaftTransportService::new(node.registry.clone(), node.store.clone());
+    let probe = spawn_liveness_probe(node.clone());
+    tracing::info!(%addr, id = node.id, shards = node.shards(), "habar node serving");
+
+    let res = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(BrokerServer::new(BrokerService::new(node.clone())))
+        .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .add_service(ForwarderService::new(node.clone()).into_server())
+        .add_service(transport.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    probe.abort();
+    for raft in &node.rafts {
+        let _ = raft.shutdown().await;
+    }
+    node.store.flush().context("flushing the state machine at shutdown")?;
+    res.context("gRPC server")
 }

@@ -1,0 +1,47 @@
+//! The node's errors, and the one place they become gRPC statuses.
+
+use std::time::Duration;
+
+use habar_raft_store::types::NodeId;
+
+/// Errors of broker operations. `Unavailable` and `DeadlineExceeded` are retryable by the
+/// caller; the rest are not.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("shard {shard} has no reachable leader: {reason}")]
+    Unavailable { shard: u32, reason: String },
+    #[error("deadline of {0:?} exceeded before the shard answered")]
+    DeadlineExceeded(Duration),
+    #[error("not the leader of shard {shard} (leader: {leader:?})")]
+    NotLeader { shard: u32, leader: Option<NodeId> },
+    #[error("storage error: {0}")]
+    Storage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::NotLeader { .. })
+    }
+}
+
+impl From<BrokerError> for tonic::Status {
+    fn from(e: BrokerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            BrokerError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
+            BrokerError::Unavailable { .. } | BrokerError::NotLeader { .. } => tonic::Status::unavailable(msg),
+            BrokerError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
+            BrokerError::Storage(_) | BrokerError::Internal(_) => tonic::Status::internal(msg),
+        }
+    }
+}
+
+impl From<habar_raft_store::StoreError> for BrokerError {
+    fn from(e: habar_raft_store::StoreError) -> Self {
+        BrokerError::Storage(e.to_string())
+    }
+}
