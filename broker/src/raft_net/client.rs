@@ -170,20 +170,20 @@ impl<SD> GroupNetwork<SD> {
         timeout(kind, self.pool.local_id(), self.target, ttl)
     }
 
-    /// One unary RPC: encode, consult the fault injector, send within the soft TTL,
-    /// decode `Result<Resp, Fatal>`. Counts it in the metrics.
+    /// One unary RPC: encode, consult the fault injector, send within `ttl`, decode
+    /// `Result<Resp, Fatal>`. Counts it in the metrics.
     async fn unary<Req, Resp>(
         &self,
         kind: RpcKind,
         req: &Req,
-        option: &RPCOption,
+        ttl: Duration,
     ) -> Result<Resp, RpcErr>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
     {
         metrics::counter!(metric::RPC_SENT, "kind" => kind.as_str()).increment(1);
-        let res = self.unary_inner(kind, req, option).await;
+        let res = self.unary_inner(kind, req, ttl).await;
         if let Err(e) = &res {
             let reason = failure_reason(e);
             metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason)
@@ -197,13 +197,12 @@ impl<SD> GroupNetwork<SD> {
         &self,
         kind: RpcKind,
         req: &Req,
-        option: &RPCOption,
+        ttl: Duration,
     ) -> Result<Resp, RpcErr>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let ttl = option.soft_ttl();
         let body = codec::encode(kind.as_str(), req)
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let channel = self
@@ -278,13 +277,38 @@ impl<SD> GroupNetwork<SD> {
     }
 }
 
+/// Deadline of an AppendEntries RPC that carries entries.
+///
+/// openraft gives every RPC of its replication stream a TTL of 3/4 of the heartbeat
+/// interval (tens of milliseconds on a LAN). That cannot cover moving a large batch and
+/// the follower's fdatasync: a batch that always times out would be resent forever. So a
+/// batch gets at least [`APPEND_MIN_TIMEOUT`], plus time for its bytes at
+/// [`APPEND_ASSUMED_BYTES_PER_SEC`]. Heartbeats (no entries) keep openraft's TTL. A longer
+/// deadline on one follower's stream does not delay commits: each follower has its own.
+pub fn append_ttl(soft_ttl: Duration, has_entries: bool, bytes: usize) -> Duration {
+    if !has_entries {
+        return soft_ttl;
+    }
+    let transfer_ms = (bytes as u64).saturating_mul(1000) / APPEND_ASSUMED_BYTES_PER_SEC;
+    soft_ttl.max(APPEND_MIN_TIMEOUT) + Duration::from_millis(transfer_ms)
+}
+
+/// See [`append_ttl`].
+pub const APPEND_MIN_TIMEOUT: Duration = Duration::from_secs(1);
+/// See [`append_ttl`].
+pub const APPEND_ASSUMED_BYTES_PER_SEC: u64 = 16 * 1024 * 1024;
+
 /// Cuts `rpc` to the longest prefix of its entries whose encoding fits in one message.
-/// Returns the log id of the last entry kept if it cut anything.
-fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<Option<LogId>, RpcErr> {
+/// Returns the log id of the last entry kept if it cut anything, and the encoded size of
+/// what is left (an upper bound).
+fn fit_to_message(
+    rpc: &mut AppendEntriesRequest<TypeConfig>,
+) -> Result<(Option<LogId>, usize), RpcErr> {
     let unreachable = |e: codec::CodecError| RPCError::Unreachable(Unreachable::new(&e));
     let budget = MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES;
-    if codec::encoded_len("append entries", rpc).map_err(unreachable)? <= budget {
-        return Ok(None);
+    let size = codec::encoded_len("append entries", rpc).map_err(unreachable)?;
+    if size <= budget {
+        return Ok((None, size));
     }
     let empty = AppendEntriesRequest::<TypeConfig> {
         vote: rpc.vote,
@@ -312,7 +336,7 @@ fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<Option<L
     }
     rpc.entries.truncate(keep);
     metrics::counter!(metric::APPEND_BATCHES_CUT).increment(1);
-    Ok(rpc.entries.last().map(|e| e.log_id))
+    Ok((rpc.entries.last().map(|e| e.log_id), total))
 }
 
 impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
@@ -323,9 +347,10 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
-        let cut_after = fit_to_message(&mut rpc)?;
+        let (cut_after, bytes) = fit_to_message(&mut rpc)?;
+        let ttl = append_ttl(option.soft_ttl(), !rpc.entries.is_empty(), bytes);
         let resp: AppendEntriesResponse<TypeConfig> =
-            self.unary(RpcKind::AppendEntries, &rpc, &option).await?;
+            self.unary(RpcKind::AppendEntries, &rpc, ttl).await?;
         // The target accepted the prefix it was sent; openraft sends the rest next.
         Ok(match (resp, cut_after) {
             (AppendEntriesResponse::Success, Some(last)) => {
@@ -340,7 +365,7 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
-        self.unary(RpcKind::Vote, &rpc, &option).await
+        self.unary(RpcKind::Vote, &rpc, option.soft_ttl()).await
     }
 
     async fn pre_vote(
@@ -348,7 +373,7 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RpcErr> {
-        self.unary(RpcKind::PreVote, &rpc, &option).await
+        self.unary(RpcKind::PreVote, &rpc, option.soft_ttl()).await
     }
 
     async fn transfer_leader(
@@ -356,7 +381,8 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RpcErr> {
-        self.unary(RpcKind::TransferLeader, &req, &option).await
+        self.unary(RpcKind::TransferLeader, &req, option.soft_ttl())
+            .await
     }
 
     async fn full_snapshot(
@@ -448,7 +474,8 @@ mod tests {
     fn batch_that_fits_is_left_alone() {
         let small = Bytes::from(vec![1u8; 1000]);
         let mut rpc = request((1..=10).map(|i| entry(i, &small)).collect());
-        assert_eq!(fit_to_message(&mut rpc).unwrap(), None);
+        let size = codec::encoded_len("t", &rpc).unwrap();
+        assert_eq!(fit_to_message(&mut rpc).unwrap(), (None, size));
         assert_eq!(rpc.entries.len(), 10);
     }
 
@@ -457,12 +484,11 @@ mod tests {
         // Shared buffer: five 20 MiB entries without allocating 100 MiB.
         let big = Bytes::from(vec![0u8; 20 * 1024 * 1024]);
         let mut rpc = request((1..=5).map(|i| entry(i, &big)).collect());
-        let last = fit_to_message(&mut rpc).unwrap();
+        let (last, bound) = fit_to_message(&mut rpc).unwrap();
         assert_eq!(rpc.entries.len(), 3);
         assert_eq!(last, Some(LogId::new_term_index(1, 3)));
-        assert!(
-            codec::encoded_len("t", &rpc).unwrap() <= MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES
-        );
+        let size = codec::encoded_len("t", &rpc).unwrap();
+        assert!(size <= bound && bound <= MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES);
     }
 
     #[test]
@@ -514,5 +540,18 @@ mod tests {
         let timer = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
         assert_eq!(timer.code(), tonic::Code::Cancelled);
         assert_eq!(map(timer), "timeout");
+    }
+
+    #[test]
+    fn heartbeats_keep_openraft_ttl_and_batches_get_time_for_their_bytes() {
+        let soft = Duration::from_millis(37);
+        assert_eq!(append_ttl(soft, false, 0), soft);
+        assert_eq!(append_ttl(soft, true, 100), APPEND_MIN_TIMEOUT);
+        let big = append_ttl(soft, true, 64 * 1024 * 1024);
+        assert_eq!(big, APPEND_MIN_TIMEOUT + Duration::from_secs(4));
+        assert_eq!(
+            append_ttl(Duration::from_secs(3), true, 0),
+            Duration::from_secs(3)
+        );
     }
 }
