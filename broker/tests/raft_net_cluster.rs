@@ -157,3 +157,68 @@ async fn follower_far_behind_gets_the_snapshot_streamed_over_the_wire() {
     cluster.wait_applied(lagger, g, conv, n + 1).await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_converge_over_lossy_delayed_links() {
+    let cluster = start_cluster(3, 2, raft_config(), 13).await;
+    let all = cluster.ids();
+    for g in 0..cluster.groups {
+        cluster.wait_leader(g, &all).await;
+    }
+    // Every link loses 10% of RPCs (half of them after delivery: the sender never hears
+    // the answer of an RPC that took effect) and is delayed by 1..4 ms.
+    for &a in &all {
+        for &b in &all {
+            if a != b {
+                cluster.faults.drop_ratio(a, b, 0.1);
+                cluster.faults.delay(
+                    a,
+                    b,
+                    std::time::Duration::from_millis(1),
+                    std::time::Duration::from_millis(3),
+                );
+            }
+        }
+    }
+    let n = 15;
+    for i in 1..=n {
+        for g in 0..cluster.groups {
+            cluster.append(g, &all, envelope("lossy", i, 200)).await;
+        }
+    }
+    assert!(
+        cluster.faults.stats().dropped > 0,
+        "{:?}",
+        cluster.faults.stats()
+    );
+    cluster.faults.heal_all();
+    for g in 0..cluster.groups {
+        let leader = cluster.wait_leader(g, &all).await;
+        // `append` retries an append whose outcome it did not learn, which may commit it
+        // twice (idempotency is the state machine's business): compare ids as a set.
+        let last = cluster.node(leader).store.last_seq(g, "lossy").unwrap();
+        assert!(last >= n, "group {g}: {last}");
+        for &id in &all {
+            cluster.wait_applied(id, g, "lossy", last).await;
+        }
+        let reference = cluster
+            .node(leader)
+            .store
+            .read(g, "lossy", 1, 1000)
+            .unwrap();
+        for &id in &all {
+            assert_eq!(
+                cluster.node(id).store.read(g, "lossy", 1, 1000).unwrap(),
+                reference,
+                "node {id}"
+            );
+        }
+        let ids: std::collections::BTreeSet<_> =
+            reference.iter().map(|e| e.envelope.message_id).collect();
+        let expected: std::collections::BTreeSet<_> = (1..=n)
+            .map(|i| envelope("lossy", i, 0).message_id)
+            .collect();
+        assert_eq!(ids, expected, "group {g}");
+    }
+    cluster.shutdown().await;
+}
