@@ -31,11 +31,14 @@ pub mod pool;
 pub mod server;
 pub mod snapshot;
 
+pub use client::append_ttl;
 pub use client::GroupNetwork;
 pub use client::NetworkFactory;
 pub use codec::CodecError;
 pub use codec::FORMAT_POSTCARD;
 pub use fault::FaultInjector;
+pub use fault::FaultStats;
+pub use fault::LinkFaults;
 pub use fault::Verdict;
 pub use pool::PeerError;
 pub use pool::PeerPool;
@@ -43,6 +46,7 @@ pub use server::GroupRegistry;
 pub use server::RaftTransportService;
 pub use snapshot::SnapshotChunkWriter;
 pub use snapshot::SnapshotFile;
+pub use snapshot::SnapshotHeader;
 pub use snapshot::SnapshotSink;
 
 /// Largest gRPC message a node sends or accepts on its internal services (Raft transport,
