@@ -134,8 +134,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { config, settings } => {
             let cfg = NodeConfig::load(config.as_deref(), settings)?;
-            let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
-                .map_err(|e| anyhow::anyhow!("setting `log`: {e}"))?;
+            let filter =
+                tracing_subscriber::EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("setting `log`: {e}"))?;
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
@@ -157,7 +157,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(h) => parse_hex16(&h)?,
                 None => rand::random::<[u8; 16]>(),
             };
-            let mut c = BrokerClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+            let mut c =
+                BrokerClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
             let r = c
                 .publish(pb::PublishRequest {
                     envelopes: vec![pb::Envelope {
@@ -183,7 +184,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Read { endpoint, conversation, from, limit, stale } => {
-            let mut c = BrokerClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+            let mut c =
+                BrokerClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
             let r = c
                 .read(pb::ReadRequest { conversation_id: conversation, from_seq: from, limit, allow_stale: stale })
                 .await
@@ -196,7 +198,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Tail { endpoint, conversation, from } => {
-            let mut c = BrokerClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+            let mut c =
+                BrokerClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
             let mut s = c
                 .subscribe(pb::SubscribeRequest { conversation_id: conversation, from_seq: from })
                 .await
@@ -216,7 +219,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Status { endpoint } => {
-            let mut c = ClusterClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
+            let mut c =
+                ClusterClient::connect(endpoint.clone()).await.map_err(|e| anyhow::anyhow!("{endpoint}: {e}"))?;
             let s = c.status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();
             print!("{}", format_status(&s));
             Ok(())

@@ -32,10 +32,9 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigErr
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| invalid("initial_cluster", format!("`{part}` is not `<id>=<host:port>`")))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| invalid("initial_cluster", format!("`{id}` in `{part}` is not a node id (a positive integer)")))?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            invalid("initial_cluster", format!("`{id}` in `{part}` is not a node id (a positive integer)"))
+        })?;
         if id == 0 {
             return Err(invalid("initial_cluster", format!("node id 0 in `{part}` is reserved; ids start at 1")));
         }
@@ -193,8 +192,8 @@ impl NodeConfig {
         if let Some(path) = file {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: e.to_string() })?;
-            let layer: ConfigLayer =
-                toml::from_str(&text).map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: e.to_string() })?;
+            let layer: ConfigLayer = toml::from_str(&text)
+                .map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: e.to_string() })?;
             cfg.merge(layer)?;
         }
         cfg.merge(cli)?;
@@ -237,7 +236,10 @@ impl NodeConfig {
             return Err(invalid("initial_cluster", format!("does not contain this node's id {}", self.id)));
         }
         if self.max_ciphertext_bytes == 0 || self.max_ciphertext_bytes > 32 << 20 {
-            return Err(invalid("max_ciphertext_bytes", format!("{} is outside 1..=33554432", self.max_ciphertext_bytes)));
+            return Err(invalid(
+                "max_ciphertext_bytes",
+                format!("{} is outside 1..=33554432", self.max_ciphertext_bytes),
+            ));
         }
         if self.max_envelopes_per_request == 0 || self.max_envelopes_per_request > 100_000 {
             return Err(invalid(
@@ -324,7 +326,11 @@ mod tests {
             (ConfigLayer { shards: Some(5000), ..layer("1=a:1") }, "1..=1024"),
             (ConfigLayer { election_timeout_min_ms: Some(40), ..layer("1=a:1") }, "election_timeout_min_ms"),
             (
-                ConfigLayer { election_timeout_min_ms: Some(500), election_timeout_max_ms: Some(400), ..layer("1=a:1") },
+                ConfigLayer {
+                    election_timeout_min_ms: Some(500),
+                    election_timeout_max_ms: Some(400),
+                    ..layer("1=a:1")
+                },
                 "election_timeout_max_ms",
             ),
             (layer("2=a:1"), "does not contain this node's id 1"),

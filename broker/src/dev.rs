@@ -110,8 +110,7 @@ async fn shard_without_leader(addr: &str) -> Option<String> {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let addrs: Vec<String> =
-        (0..args.nodes).map(|i| format!("127.0.0.1:{}", u64::from(args.base_port) + i)).collect();
+    let addrs: Vec<String> = (0..args.nodes).map(|i| format!("127.0.0.1:{}", u64::from(args.base_port) + i)).collect();
     let initial = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
     let mut nodes: Vec<DevNode> = (1..=args.nodes)
         .map(|id| {

@@ -37,8 +37,13 @@ pub enum ForwardRequest {
 pub enum ForwardResponse {
     Appended(CommandResponse),
     /// Envelopes as the prost encoding of `habar.v1.ReadResponse` (no second wire format).
-    Read { envelopes: Vec<u8>, last_seq: u64 },
-    NotLeader { leader: Option<NodeId> },
+    Read {
+        envelopes: Vec<u8>,
+        last_seq: u64,
+    },
+    NotLeader {
+        leader: Option<NodeId>,
+    },
     Unavailable(String),
     Error(String),
 }
@@ -102,18 +107,18 @@ impl ForwarderService {
             ForwardRequest::Append { envelopes } => {
                 self.node.local_append(group, envelopes, deadline).await.map(ForwardResponse::Appended)
             }
-            ForwardRequest::Read { conversation_id, from_seq, limit } => self
-                .node
-                .linearizable_local_read(group, conversation_id, from_seq, limit, deadline)
-                .await
-                .map(|r| ForwardResponse::Read {
-                    envelopes: habar_proto::v1::ReadResponse {
-                        envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
+            ForwardRequest::Read { conversation_id, from_seq, limit } => {
+                self.node.linearizable_local_read(group, conversation_id, from_seq, limit, deadline).await.map(|r| {
+                    ForwardResponse::Read {
+                        envelopes: habar_proto::v1::ReadResponse {
+                            envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
+                            last_seq: r.last_seq,
+                        }
+                        .encode_to_vec(),
                         last_seq: r.last_seq,
                     }
-                    .encode_to_vec(),
-                    last_seq: r.last_seq,
-                }),
+                })
+            }
         };
         match res {
             Ok(r) => r,
@@ -126,7 +131,10 @@ impl ForwarderService {
 
 #[tonic::async_trait]
 impl Forwarder for ForwarderService {
-    async fn forward(&self, request: tonic::Request<ForwardMessage>) -> Result<tonic::Response<ForwardMessage>, tonic::Status> {
+    async fn forward(
+        &self,
+        request: tonic::Request<ForwardMessage>,
+    ) -> Result<tonic::Response<ForwardMessage>, tonic::Status> {
         let deadline = crate::service::deadline_of(&request, &self.node.cfg);
         let msg = request.into_inner();
         let group = msg.group_id;

@@ -104,7 +104,9 @@ impl Node {
                     Ok(ForwardResponse::NotLeader { .. }) | Ok(ForwardResponse::Unavailable(_)) => {}
                     Ok(ForwardResponse::Error(e)) => return Err(BrokerError::Internal(e)),
                     Ok(other) => return Err(BrokerError::Internal(format!("unexpected forward answer {other:?}"))),
-                    Err(e) if e.is_retryable() => tracing::debug!(group, leader, error = %e, "forward failed; retrying"),
+                    Err(e) if e.is_retryable() => {
+                        tracing::debug!(group, leader, error = %e, "forward failed; retrying")
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -155,13 +157,13 @@ impl Node {
         }
         let mut backoff = RETRY_MIN;
         loop {
-            let leader = match self.linearizable_local_read(group, conversation_id.clone(), from_seq, limit, deadline).await
-            {
-                Ok(r) => return Ok(r),
-                Err(BrokerError::NotLeader { leader, .. }) => leader,
-                Err(e) if e.is_retryable() => None,
-                Err(e) => return Err(e),
-            };
+            let leader =
+                match self.linearizable_local_read(group, conversation_id.clone(), from_seq, limit, deadline).await {
+                    Ok(r) => return Ok(r),
+                    Err(BrokerError::NotLeader { leader, .. }) => leader,
+                    Err(e) if e.is_retryable() => None,
+                    Err(e) => return Err(e),
+                };
             if let Some(leader) = leader.filter(|l| *l != self.id) {
                 let req = ForwardRequest::Read { conversation_id: conversation_id.clone(), from_seq, limit };
                 match self.forward(group, leader, &req, deadline).await {

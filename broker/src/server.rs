@@ -57,7 +57,8 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     let mut wal_cfg = WalConfig::new(cfg.data_dir.join("wal"));
     wal_cfg.segment_bytes = cfg.wal_segment_bytes;
     let wal = Wal::open(wal_cfg).context("opening the WAL")?;
-    let store = StateStore::open(&cfg.data_dir.join("sm"), cfg.sled_cache_capacity_bytes).context("opening the state machine")?;
+    let store = StateStore::open(&cfg.data_dir.join("sm"), cfg.sled_cache_capacity_bytes)
+        .context("opening the state machine")?;
 
     let raft_cfg = raft_config(&cfg)?;
     let pool = PeerPool::new(cfg.id);
@@ -86,16 +87,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         }
     }
 
-    Ok(Arc::new(Node {
-        id: cfg.id,
-        cfg,
-        wal,
-        store,
-        rafts,
-        pool,
-        registry,
-        last_seen: Mutex::new(HashMap::new()),
-    }))
+    Ok(Arc::new(Node { id: cfg.id, cfg, wal, store, rafts, pool, registry, last_seen: Mutex::new(HashMap::new()) }))
 }
 
 /// Probes each peer's health endpoint once a second; `Cluster.Status` reports liveness
@@ -105,8 +97,13 @@ fn spawn_liveness_probe(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let peers: Vec<(NodeId, String)> =
-                node.cfg.initial_cluster.iter().filter(|(id, _)| **id != node.id).map(|(i, a)| (*i, a.clone())).collect();
+            let peers: Vec<(NodeId, String)> = node
+                .cfg
+                .initial_cluster
+                .iter()
+                .filter(|(id, _)| **id != node.id)
+                .map(|(i, a)| (*i, a.clone()))
+                .collect();
             for (id, addr) in peers {
                 let Ok(channel) = node.pool.channel(id, &addr) else { continue };
                 let mut client = tonic_health::pb::health_client::HealthClient::new(channel);

@@ -92,9 +92,9 @@ impl Broker for BrokerService {
             s.1.push(e);
         }
         let node = &self.node;
-        let results = futures::future::join_all(by_shard.into_iter().map(|(g, (idx, envs))| async move {
-            (g, idx, node.append(g, envs, deadline).await)
-        }))
+        let results = futures::future::join_all(
+            by_shard.into_iter().map(|(g, (idx, envs))| async move { (g, idx, node.append(g, envs, deadline).await) }),
+        )
         .await;
 
         let mut appended: Vec<Option<pb::Appended>> = vec![None; n];
@@ -139,7 +139,10 @@ impl Broker for BrokerService {
     /// Served by this node's replica as it applies: in order, without gaps or repeats,
     /// whatever happens to leadership. If this node stops, the stream ends with
     /// `UNAVAILABLE` and the client resumes from the seq after the last one it received.
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         validate::subscribe_request(&req, &self.limits)?;
         let group = shard_of(&req.conversation_id, self.node.shards());

@@ -130,7 +130,8 @@ mod tests {
     #[test]
     fn each_bad_field_is_named_with_its_limit() {
         assert!(err(vec![]).contains("envelopes is empty"));
-        assert!(err(vec![pb::Envelope { conversation_id: String::new(), ..env() }]).contains("envelopes[0].conversation_id"));
+        assert!(err(vec![pb::Envelope { conversation_id: String::new(), ..env() }])
+            .contains("envelopes[0].conversation_id"));
         let m = err(vec![env(), pb::Envelope { conversation_id: "x".repeat(257), ..env() }]);
         assert!(m.contains("envelopes[1].conversation_id") && m.contains("1..=256"), "{m}");
         let m = err(vec![pb::Envelope { message_id: vec![0u8; 15].into(), ..env() }]);
@@ -147,7 +148,8 @@ mod tests {
     fn good_requests_pass_and_limits_are_clamped() {
         let ok = publish_request(pb::PublishRequest { envelopes: vec![env(); 1000] }, &limits()).unwrap();
         assert_eq!(ok.len(), 1000);
-        let at_limit = pb::Envelope { ciphertext: vec![0u8; 1 << 20].into(), conversation_id: "x".repeat(256), ..env() };
+        let at_limit =
+            pb::Envelope { ciphertext: vec![0u8; 1 << 20].into(), conversation_id: "x".repeat(256), ..env() };
         assert!(publish_request(pb::PublishRequest { envelopes: vec![at_limit] }, &limits()).is_ok());
         let r = |limit| pb::ReadRequest { conversation_id: "c".into(), limit, ..Default::default() };
         assert_eq!(read_request(&r(0), &limits()).unwrap(), 100);

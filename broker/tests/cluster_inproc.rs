@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use openraft::rt::watch::WatchReceiver;
 use habar_proto::v1 as pb;
+use openraft::rt::watch::WatchReceiver;
 use tokio_stream::StreamExt;
 
 /// Property: concurrent publishers through different nodes yield, on every node, the same
@@ -25,8 +25,9 @@ async fn concurrent_publishes_give_identical_dense_logs_on_every_node() {
             let mut acked = Vec::new();
             for k in 0..10u64 {
                 // Each request carries envelopes of several conversations (several shards).
-                let envs: Vec<pb::Envelope> =
-                    (0..4).map(|j| envelope(&format!("conv-{}", (t * 10 + k * 4 + j) % 200), t * 1000 + k * 10 + j)).collect();
+                let envs: Vec<pb::Envelope> = (0..4)
+                    .map(|j| envelope(&format!("conv-{}", (t * 10 + k * 4 + j) % 200), t * 1000 + k * 10 + j))
+                    .collect();
                 let r = c.publish(pb::PublishRequest { envelopes: envs.clone() }).await.unwrap().into_inner();
                 assert_eq!(r.appended.len(), envs.len(), "one result per envelope");
                 for (e, a) in envs.into_iter().zip(r.appended) {
@@ -123,7 +124,10 @@ async fn bad_input_is_rejected_naming_the_field_and_appends_nothing() {
         ("conversation_id", vec![good.clone(), pb::Envelope { conversation_id: "x".repeat(257), ..good.clone() }]),
         ("message_id", vec![good.clone(), pb::Envelope { message_id: vec![1u8; 15].into(), ..good.clone() }]),
         ("message_id", vec![pb::Envelope { message_id: vec![1u8; 17].into(), ..good.clone() }]),
-        ("ciphertext", vec![good.clone(), pb::Envelope { ciphertext: vec![0u8; (1 << 20) + 1].into(), ..good.clone() }]),
+        (
+            "ciphertext",
+            vec![good.clone(), pb::Envelope { ciphertext: vec![0u8; (1 << 20) + 1].into(), ..good.clone() }],
+        ),
         ("envelopes", (0..1001).map(|i| envelope("bad-input", i)).collect()),
     ];
     for (field, envs) in cases {

@@ -23,9 +23,7 @@ use tokio::net::TcpListener;
 
 /// A connection of group `group` from node 9 to `target` at `addr`.
 async fn network(pool: PeerPool, group: u32, target: u64, addr: &str) -> GroupNetwork {
-    NetworkFactory::new(pool, group)
-        .new_client(target, &NodeAddr::new(addr))
-        .await
+    NetworkFactory::new(pool, group).new_client(target, &NodeAddr::new(addr)).await
 }
 
 fn stale_vote() -> VoteRequest<TypeConfig> {
@@ -79,46 +77,26 @@ async fn refusals_and_a_stopped_group_are_unreachable_and_a_good_call_succeeds()
     let addr = cluster.node(1).addr.to_string();
     let pool = PeerPool::new(9);
 
-    let resp = network(pool.clone(), 0, 1, &addr)
-        .await
-        .vote(stale_vote(), option())
-        .await
-        .unwrap();
+    let resp = network(pool.clone(), 0, 1, &addr).await.vote(stale_vote(), option()).await.unwrap();
     assert!(!resp.vote_granted);
 
     // Group not on that node (NOT_FOUND).
-    let e = network(pool.clone(), 4, 1, &addr)
-        .await
-        .vote(stale_vote(), option())
-        .await
-        .unwrap_err();
+    let e = network(pool.clone(), 4, 1, &addr).await.vote(stale_vote(), option()).await.unwrap_err();
     assert_eq!(kind(&e), "unreachable", "{e}");
     assert!(e.to_string().contains("group 4"), "{e}");
 
     // Another node answers at the address (FAILED_PRECONDITION).
-    let e = network(pool.clone(), 0, 2, &addr)
-        .await
-        .vote(stale_vote(), option())
-        .await
-        .unwrap_err();
+    let e = network(pool.clone(), 0, 2, &addr).await.vote(stale_vote(), option()).await.unwrap_err();
     assert_eq!(kind(&e), "unreachable", "{e}");
     assert!(e.to_string().contains("not node 2"), "{e}");
 
     // A bad address never panics.
-    let e = network(pool.clone(), 0, 1, "no such address")
-        .await
-        .vote(stale_vote(), option())
-        .await
-        .unwrap_err();
+    let e = network(pool.clone(), 0, 1, "no such address").await.vote(stale_vote(), option()).await.unwrap_err();
     assert_eq!(kind(&e), "unreachable", "{e}");
 
     // The group stopped: its Fatal comes back as the source of an Unreachable.
     cluster.node(1).raft(0).shutdown().await.unwrap();
-    let e = network(pool.clone(), 0, 1, &addr)
-        .await
-        .vote(stale_vote(), option())
-        .await
-        .unwrap_err();
+    let e = network(pool.clone(), 0, 1, &addr).await.vote(stale_vote(), option()).await.unwrap_err();
     assert_eq!(kind(&e), "unreachable", "{e}");
     assert!(e.to_string().to_lowercase().contains("stopped"), "{e}");
     cluster.shutdown().await;

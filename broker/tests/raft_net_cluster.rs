@@ -26,11 +26,7 @@ async fn groups_elect_replicate_and_reelect_on_the_majority_side_of_a_cut() {
         let reference = cluster.node(1).store.read(g, &conv, 1, 100).unwrap();
         assert_eq!(reference.len(), 5);
         for &id in &all[1..] {
-            assert_eq!(
-                cluster.node(id).store.read(g, &conv, 1, 100).unwrap(),
-                reference,
-                "node {id} group {g}"
-            );
+            assert_eq!(cluster.node(id).store.read(g, &conv, 1, 100).unwrap(), reference, "node {id} group {g}");
         }
     }
 
@@ -42,9 +38,7 @@ async fn groups_elect_replicate_and_reelect_on_the_majority_side_of_a_cut() {
 
     for g in 0..cluster.groups {
         let conv = format!("conv-{g}");
-        let new = cluster
-            .wait_leader_where(g, &majority, |id| id != old)
-            .await;
+        let new = cluster.wait_leader_where(g, &majority, |id| id != old).await;
         assert_ne!(new, old);
         let a = cluster.append(g, &majority, envelope(&conv, 6, 100)).await;
         assert_eq!(a.seq, 6, "group {g}: the majority side commits");
@@ -52,11 +46,7 @@ async fn groups_elect_replicate_and_reelect_on_the_majority_side_of_a_cut() {
             cluster.wait_applied(id, g, &conv, 6).await;
         }
         // Nothing crosses a cut link: the isolated node cannot have it.
-        assert_eq!(
-            cluster.node(old).store.last_seq(g, &conv).unwrap(),
-            5,
-            "group {g}"
-        );
+        assert_eq!(cluster.node(old).store.last_seq(g, &conv).unwrap(), 5, "group {g}");
     }
     assert!(cluster.faults.stats().cut > 0);
 
@@ -99,57 +89,31 @@ async fn follower_far_behind_gets_the_snapshot_streamed_over_the_wire() {
     cluster.faults.isolate(lagger, &others);
     let n = 60;
     for i in 2..=n {
-        cluster
-            .append(g, &others, envelope(conv, i, 16 * 1024))
-            .await;
+        cluster.append(g, &others, envelope(conv, i, 16 * 1024)).await;
     }
 
     // Wait until the leader purged logs the lagger does not have: only a snapshot can
     // bring it up to date now.
-    let lag_last = metrics(cluster.node(lagger).raft(g))
-        .last_log_index
-        .unwrap_or(0);
+    let lag_last = metrics(cluster.node(lagger).raft(g)).last_log_index.unwrap_or(0);
     let start = std::time::Instant::now();
     loop {
         let leader = cluster.wait_leader(g, &others).await;
-        let purged = metrics(cluster.node(leader).raft(g))
-            .purged
-            .map(|l| l.index)
-            .unwrap_or(0);
+        let purged = metrics(cluster.node(leader).raft(g)).purged.map(|l| l.index).unwrap_or(0);
         if purged > lag_last {
             break;
         }
-        assert!(
-            start.elapsed() < PATIENCE,
-            "leader never purged past {lag_last} (purged {purged})"
-        );
+        assert!(start.elapsed() < PATIENCE, "leader never purged past {lag_last} (purged {purged})");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        cluster
-            .node(lagger)
-            .snapshots_received
-            .load(Ordering::SeqCst),
-        0
-    );
+    assert_eq!(cluster.node(lagger).snapshots_received.load(Ordering::SeqCst), 0);
 
     cluster.faults.heal_all();
     cluster.wait_applied(lagger, g, conv, n).await;
-    assert!(
-        cluster
-            .node(lagger)
-            .snapshots_received
-            .load(Ordering::SeqCst)
-            >= 1,
-        "caught up without a snapshot?"
-    );
+    assert!(cluster.node(lagger).snapshots_received.load(Ordering::SeqCst) >= 1, "caught up without a snapshot?");
     let leader = cluster.wait_leader(g, &all).await;
     let expected = cluster.node(leader).store.read(g, conv, 1, 1000).unwrap();
     assert_eq!(expected.len(), n as usize);
-    assert_eq!(
-        cluster.node(lagger).store.read(g, conv, 1, 1000).unwrap(),
-        expected
-    );
+    assert_eq!(cluster.node(lagger).store.read(g, conv, 1, 1000).unwrap(), expected);
 
     // And it keeps replicating normally afterwards.
     let a = cluster.append(g, &all, envelope(conv, n + 1, 100)).await;
@@ -171,12 +135,7 @@ async fn replicas_converge_over_lossy_delayed_links() {
         for &b in &all {
             if a != b {
                 cluster.faults.drop_ratio(a, b, 0.1);
-                cluster.faults.delay(
-                    a,
-                    b,
-                    std::time::Duration::from_millis(1),
-                    std::time::Duration::from_millis(3),
-                );
+                cluster.faults.delay(a, b, std::time::Duration::from_millis(1), std::time::Duration::from_millis(3));
             }
         }
     }
@@ -186,11 +145,7 @@ async fn replicas_converge_over_lossy_delayed_links() {
             cluster.append(g, &all, envelope("lossy", i, 200)).await;
         }
     }
-    assert!(
-        cluster.faults.stats().dropped > 0,
-        "{:?}",
-        cluster.faults.stats()
-    );
+    assert!(cluster.faults.stats().dropped > 0, "{:?}", cluster.faults.stats());
     cluster.faults.heal_all();
     for g in 0..cluster.groups {
         let leader = cluster.wait_leader(g, &all).await;
@@ -201,23 +156,12 @@ async fn replicas_converge_over_lossy_delayed_links() {
         for &id in &all {
             cluster.wait_applied(id, g, "lossy", last).await;
         }
-        let reference = cluster
-            .node(leader)
-            .store
-            .read(g, "lossy", 1, 1000)
-            .unwrap();
+        let reference = cluster.node(leader).store.read(g, "lossy", 1, 1000).unwrap();
         for &id in &all {
-            assert_eq!(
-                cluster.node(id).store.read(g, "lossy", 1, 1000).unwrap(),
-                reference,
-                "node {id}"
-            );
+            assert_eq!(cluster.node(id).store.read(g, "lossy", 1, 1000).unwrap(), reference, "node {id}");
         }
-        let ids: std::collections::BTreeSet<_> =
-            reference.iter().map(|e| e.envelope.message_id).collect();
-        let expected: std::collections::BTreeSet<_> = (1..=n)
-            .map(|i| envelope("lossy", i, 0).message_id)
-            .collect();
+        let ids: std::collections::BTreeSet<_> = reference.iter().map(|e| e.envelope.message_id).collect();
+        let expected: std::collections::BTreeSet<_> = (1..=n).map(|i| envelope("lossy", i, 0).message_id).collect();
         assert_eq!(ids, expected, "group {g}");
     }
     cluster.shutdown().await;

@@ -25,9 +25,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 async fn client(addr: std::net::SocketAddr) -> RaftTransportClient<Channel> {
-    RaftTransportClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
+    RaftTransportClient::connect(format!("http://{addr}")).await.unwrap()
 }
 
 fn vote_body(term: u64, node: u64) -> Bytes {
@@ -36,20 +34,11 @@ fn vote_body(term: u64, node: u64) -> Bytes {
 }
 
 fn msg(group: u32, format: u32, body: Bytes, target: Option<u64>) -> RaftMessage {
-    RaftMessage {
-        group_id: group,
-        format,
-        body,
-        target_node: target,
-    }
+    RaftMessage { group_id: group, format, body, target_node: target }
 }
 
 fn header(len: u64) -> Bytes {
-    let h = SnapshotHeader {
-        vote: Vote::new(1, 1),
-        meta: SnapshotMeta::default(),
-        len,
-    };
+    let h = SnapshotHeader { vote: Vote::new(1, 1), meta: SnapshotMeta::default(), len };
     Bytes::from(postcard::to_stdvec(&h).unwrap())
 }
 
@@ -65,10 +54,7 @@ fn chunk(group: u32, header: Bytes, data: &[u8], last: bool, crc: Option<u32>) -
     }
 }
 
-async fn send_stream(
-    c: &mut RaftTransportClient<Channel>,
-    chunks: Vec<SnapshotChunk>,
-) -> tonic::Status {
+async fn send_stream(c: &mut RaftTransportClient<Channel>, chunks: Vec<SnapshotChunk>) -> tonic::Status {
     match c.install_snapshot(tokio_stream::iter(chunks)).await {
         Ok(r) => panic!("stream accepted: {:?}", r.into_inner()),
         Err(s) => s,
@@ -88,50 +74,24 @@ async fn unary_rpcs_refuse_bad_messages_with_the_right_code_and_still_serve() {
     cluster.wait_leader(0, &[1]).await;
     let mut c = client(cluster.node(1).addr).await;
 
-    let s = c
-        .vote(msg(7, FORMAT_POSTCARD, vote_body(1, 2), None))
-        .await
-        .unwrap_err();
+    let s = c.vote(msg(7, FORMAT_POSTCARD, vote_body(1, 2), None)).await.unwrap_err();
     assert_status(&s, Code::NotFound, &["group 7"]);
 
     let s = c.vote(msg(0, 2, vote_body(1, 2), None)).await.unwrap_err();
     assert_status(&s, Code::InvalidArgument, &["format 2"]);
 
-    let s = c
-        .append_entries(msg(
-            0,
-            FORMAT_POSTCARD,
-            Bytes::from_static(&[0xff, 0xff, 0xff]),
-            None,
-        ))
-        .await
-        .unwrap_err();
+    let s = c.append_entries(msg(0, FORMAT_POSTCARD, Bytes::from_static(&[0xff, 0xff, 0xff]), None)).await.unwrap_err();
     assert_status(&s, Code::InvalidArgument, &["append_entries", "decode"]);
 
-    let s = c
-        .pre_vote(msg(0, FORMAT_POSTCARD, Bytes::new(), None))
-        .await
-        .unwrap_err();
+    let s = c.pre_vote(msg(0, FORMAT_POSTCARD, Bytes::new(), None)).await.unwrap_err();
     assert_status(&s, Code::InvalidArgument, &["pre_vote"]);
 
-    let s = c
-        .vote(msg(0, FORMAT_POSTCARD, vote_body(1, 2), Some(99)))
-        .await
-        .unwrap_err();
-    assert_status(
-        &s,
-        Code::FailedPrecondition,
-        &["this is node 1", "not node 99"],
-    );
+    let s = c.vote(msg(0, FORMAT_POSTCARD, vote_body(1, 2), Some(99))).await.unwrap_err();
+    assert_status(&s, Code::FailedPrecondition, &["this is node 1", "not node 99"]);
 
     // A well-formed vote for an old term is answered (not granted), after all of that.
-    let reply = c
-        .vote(msg(0, FORMAT_POSTCARD, vote_body(0, 2), Some(1)))
-        .await
-        .unwrap()
-        .into_inner();
-    let res: Result<VoteResponse<TypeConfig>, Fatal<TypeConfig>> =
-        postcard::from_bytes(&reply.body).unwrap();
+    let reply = c.vote(msg(0, FORMAT_POSTCARD, vote_body(0, 2), Some(1))).await.unwrap().into_inner();
+    let res: Result<VoteResponse<TypeConfig>, Fatal<TypeConfig>> = postcard::from_bytes(&reply.body).unwrap();
     assert!(!res.unwrap().vote_granted);
     assert_eq!(reply.group_id, 0);
 
@@ -155,27 +115,13 @@ async fn malformed_snapshot_streams_are_refused_and_leave_no_file() {
     let s = send_stream(&mut c, vec![chunk(0, Bytes::new(), &data, true, Some(crc))]).await;
     assert_status(&s, Code::InvalidArgument, &["no header"]);
 
-    let s = send_stream(
-        &mut c,
-        vec![chunk(
-            0,
-            Bytes::from_static(b"\xff\xff"),
-            &data,
-            true,
-            Some(crc),
-        )],
-    )
-    .await;
+    let s = send_stream(&mut c, vec![chunk(0, Bytes::from_static(b"\xff\xff"), &data, true, Some(crc))]).await;
     assert_status(&s, Code::InvalidArgument, &["snapshot header"]);
 
     let s = send_stream(&mut c, vec![chunk(5, header(1000), &data, true, Some(crc))]).await;
     assert_status(&s, Code::NotFound, &["group 5"]);
 
-    let s = send_stream(
-        &mut c,
-        vec![chunk(0, header(1000), &data, true, Some(crc ^ 1))],
-    )
-    .await;
+    let s = send_stream(&mut c, vec![chunk(0, header(1000), &data, true, Some(crc ^ 1))]).await;
     assert_status(&s, Code::DataLoss, &["CRC32C"]);
 
     let s = send_stream(&mut c, vec![chunk(0, header(1000), &data, true, None)]).await;
@@ -186,10 +132,7 @@ async fn malformed_snapshot_streams_are_refused_and_leave_no_file() {
 
     let s = send_stream(
         &mut c,
-        vec![
-            chunk(0, header(2000), &data, false, None),
-            chunk(0, Bytes::new(), &data[..10], true, Some(crc)),
-        ],
+        vec![chunk(0, header(2000), &data, false, None), chunk(0, Bytes::new(), &data[..10], true, Some(crc))],
     )
     .await;
     assert_status(&s, Code::InvalidArgument, &["ended at 1010", "2000"]);
@@ -199,20 +142,14 @@ async fn malformed_snapshot_streams_are_refused_and_leave_no_file() {
 
     let s = send_stream(
         &mut c,
-        vec![
-            chunk(0, header(2000), &data, false, None),
-            chunk(3, Bytes::new(), &data, true, None),
-        ],
+        vec![chunk(0, header(2000), &data, false, None), chunk(3, Bytes::new(), &data, true, None)],
     )
     .await;
     assert_status(&s, Code::InvalidArgument, &["group 3"]);
 
     let s = send_stream(
         &mut c,
-        vec![
-            chunk(0, header(2000), &data, false, None),
-            chunk(0, header(2000), &data, true, None),
-        ],
+        vec![chunk(0, header(2000), &data, false, None), chunk(0, header(2000), &data, true, None)],
     )
     .await;
     assert_status(&s, Code::InvalidArgument, &["second header"]);
@@ -224,22 +161,14 @@ async fn malformed_snapshot_streams_are_refused_and_leave_no_file() {
     // A node with a small snapshot limit refuses a large announced size up front.
     let node = cluster.node(1);
     let registry: GroupRegistry<GroupStateMachine> = node.registry.clone();
-    let small = RaftTransportService::new(registry, node.store.clone())
-        .with_max_snapshot_bytes(500)
-        .into_server();
+    let small = RaftTransportService::new(registry, node.store.clone()).with_max_snapshot_bytes(500).into_server();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let small_addr = listener.local_addr().unwrap();
     let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(small)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+        tonic::transport::Server::builder().add_service(small).serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let mut c2 = client(small_addr).await;
-    let s = send_stream(
-        &mut c2,
-        vec![chunk(0, header(1000), &data, true, Some(crc))],
-    )
-    .await;
+    let s = send_stream(&mut c2, vec![chunk(0, header(1000), &data, true, Some(crc))]).await;
     assert_status(&s, Code::ResourceExhausted, &["1000 bytes", "500"]);
     server.abort();
 

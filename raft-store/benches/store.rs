@@ -25,32 +25,36 @@ fn wal_append(c: &mut Criterion) {
     for &groups in &[1u32, 16] {
         for &batch in &[1usize, 16, 256] {
             g.throughput(Throughput::Elements(groups as u64 * batch as u64));
-            g.bench_with_input(BenchmarkId::new(format!("groups={groups}"), format!("batch={batch}")), &batch, |b, &batch| {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let wal = Wal::open(WalConfig::new(dir.path())).expect("open");
-                let mut next = vec![1u64; groups as usize];
-                b.iter_custom(|iters| {
-                    let (tx, rx) = mpsc::channel();
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        for grp in 0..groups {
-                            let first = next[grp as usize];
-                            let tx = tx.clone();
-                            wal.append(
-                                grp,
-                                (first..first + batch as u64).map(|i| (i, 1, payload.as_slice())),
-                                Some(Box::new(move |r| tx.send(r).expect("send"))),
-                            )
-                            .expect("append");
-                            next[grp as usize] += batch as u64;
+            g.bench_with_input(
+                BenchmarkId::new(format!("groups={groups}"), format!("batch={batch}")),
+                &batch,
+                |b, &batch| {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let wal = Wal::open(WalConfig::new(dir.path())).expect("open");
+                    let mut next = vec![1u64; groups as usize];
+                    b.iter_custom(|iters| {
+                        let (tx, rx) = mpsc::channel();
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            for grp in 0..groups {
+                                let first = next[grp as usize];
+                                let tx = tx.clone();
+                                wal.append(
+                                    grp,
+                                    (first..first + batch as u64).map(|i| (i, 1, payload.as_slice())),
+                                    Some(Box::new(move |r| tx.send(r).expect("send"))),
+                                )
+                                .expect("append");
+                                next[grp as usize] += batch as u64;
+                            }
                         }
-                    }
-                    for _ in 0..iters * groups as u64 {
-                        rx.recv().expect("recv").expect("durable");
-                    }
-                    start.elapsed()
-                });
-            });
+                        for _ in 0..iters * groups as u64 {
+                            rx.recv().expect("recv").expect("durable");
+                        }
+                        start.elapsed()
+                    });
+                },
+            );
         }
     }
     g.finish();
@@ -123,7 +127,8 @@ fn sm_apply(c: &mut Criterion) {
                         e
                     })
                     .collect();
-                rt.block_on(sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None)))))).expect("apply");
+                rt.block_on(sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))))))
+                    .expect("apply");
             });
         });
     }

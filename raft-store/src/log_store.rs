@@ -159,9 +159,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let lsn = self.wal.purge(self.group, log_id.index, log_id.leader_id.term)?;
         self.wal.wait_durable(lsn).await?;
         let wal = self.wal.clone();
-        tokio::task::spawn_blocking(move || wal.delete_obsolete_segments())
-            .await
-            .map_err(io::Error::other)??;
+        tokio::task::spawn_blocking(move || wal.delete_obsolete_segments()).await.map_err(io::Error::other)??;
         Ok(())
     }
 }

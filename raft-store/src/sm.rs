@@ -189,9 +189,11 @@ impl StateStore {
     fn remove_inactive_generations(&self) -> Result<(), StoreError> {
         for item in self.inner.heads.iter() {
             let (k, v) = item?;
-            let group = u32::from_be_bytes(k.as_ref().try_into().map_err(|_| {
-                corrupt_key(&k, keys::DecodeError("head key is not a group id".into()))
-            })?);
+            let group = u32::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt_key(&k, keys::DecodeError("head key is not a group id".into())))?,
+            );
             let active = decode_u64(&k, &v)? as u32;
             let below = keys::gen_prefix(group, 0).to_vec()..keys::gen_prefix(group, active).to_vec();
             self.delete_range(below)?;
@@ -288,7 +290,9 @@ impl StateStore {
             let (k, v) = item?;
             let seq = match keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))? {
                 keys::Key::Env { seq, .. } => seq,
-                other => return Err(corrupt_key(&k, keys::DecodeError(format!("expected an envelope key, got {other:?}")))),
+                other => {
+                    return Err(corrupt_key(&k, keys::DecodeError(format!("expected an envelope key, got {other:?}"))))
+                }
             };
             out.push(decode_envelope(&k, &v, conversation_id, seq)?);
         }
@@ -340,7 +344,12 @@ impl StateStore {
     }
 
     /// Applies a batch of entries of one group in one atomic sled batch.
-    fn apply_blocking(&self, group: GroupId, generation: u32, entries: &[Entry]) -> Result<Vec<CommandResponse>, StoreError> {
+    fn apply_blocking(
+        &self,
+        group: GroupId,
+        generation: u32,
+        entries: &[Entry],
+    ) -> Result<Vec<CommandResponse>, StoreError> {
         let data = &self.inner.data;
         let (mut applied, mut membership) = self.applied_state_at(group, generation)?;
         let mut last_seqs: HashMap<&str, u64> = HashMap::new();
@@ -369,7 +378,10 @@ impl StateStore {
                         // Idempotency (a later issue) will look up `message_id` here and answer
                         // `duplicate = true` with the original seq instead of appending.
                         let seq = last + 1;
-                        batch.insert(keys::env_key(group, generation, conv.as_bytes(), seq), encode_envelope(e, *now_ms));
+                        batch.insert(
+                            keys::env_key(group, generation, conv.as_bytes(), seq),
+                            encode_envelope(e, *now_ms),
+                        );
                         last_seqs.insert(conv, seq);
                         resp.appended.push(Appended { seq, committed_at_ms: *now_ms, duplicate: false });
                     }
@@ -387,15 +399,17 @@ impl StateStore {
     }
 
     /// Writes the group's current data to a new snapshot file (sled flushed first).
-    fn build_snapshot_blocking(&self, group: GroupId, rt: &GroupRt) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
+    fn build_snapshot_blocking(
+        &self,
+        group: GroupId,
+        rt: &GroupRt,
+    ) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         self.inner.db.flush()?;
         let generation = rt.generation.load(Ordering::Acquire);
         let (last_log_id, last_membership) = self.applied_state_at(group, generation)?;
         let meta = SnapshotMeta { last_log_id, last_membership };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let idx = last_log_id.map_or(0, |l| l.index);
         let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.tmp"));
         let mut w = SnapshotFileWriter::create(tmp.clone(), group, &meta)?;
@@ -411,7 +425,14 @@ impl StateStore {
 
     /// Makes `src` the group's current snapshot file at `dst` (rename, or copy when it is
     /// not ours to move), fsyncs the directory, and deletes the previous one.
-    fn publish_snapshot(&self, rt: &GroupRt, meta: &SnapshotMeta, src: &Path, dst: &Path, copy: bool) -> Result<(), StoreError> {
+    fn publish_snapshot(
+        &self,
+        rt: &GroupRt,
+        meta: &SnapshotMeta,
+        src: &Path,
+        dst: &Path,
+        copy: bool,
+    ) -> Result<(), StoreError> {
         let ioe = |p: &Path| {
             let p = p.to_path_buf();
             move |source| StoreError::Io { path: p, source }
@@ -424,7 +445,11 @@ impl StateStore {
         }
         fs::File::open(&self.inner.snap_dir).and_then(|d| d.sync_all()).map_err(ioe(&self.inner.snap_dir))?;
         let len = fs::metadata(dst).map_err(ioe(dst))?.len();
-        let old = rt.current.lock().unwrap_or_else(|p| p.into_inner()).replace((meta.clone(), SnapshotData::new(dst.to_path_buf(), len)));
+        let old = rt
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace((meta.clone(), SnapshotData::new(dst.to_path_buf(), len)));
         if let Some((_, old)) = old {
             if old.path() != dst {
                 let _ = fs::remove_file(old.path());
@@ -437,7 +462,13 @@ impl StateStore {
     /// batches; one single-key write then switches the group to it; the old generation is
     /// deleted after. A crash before the switch leaves the old state (and garbage that the
     /// next open removes); a crash after it leaves the new state.
-    fn install_blocking(&self, group: GroupId, rt: &GroupRt, meta: &SnapshotMeta, data: &SnapshotData) -> Result<(), StoreError> {
+    fn install_blocking(
+        &self,
+        group: GroupId,
+        rt: &GroupRt,
+        meta: &SnapshotMeta,
+        data: &SnapshotData,
+    ) -> Result<(), StoreError> {
         let mut reader = SnapshotReader::open(data.path())?;
         if reader.group != group {
             return Err(StoreError::Corrupt {
@@ -485,10 +516,8 @@ impl StateStore {
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
 
         let idx = meta.last_log_id.map_or(0, |l| l.index);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dst = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.snap"));
         let ours = data.path().parent() == Some(self.inner.snap_dir.as_path())
             && data.path().extension().is_some_and(|e| e == "recv");
@@ -550,7 +579,9 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: futures::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
         let mut batch = Vec::new();
         let mut responders = Vec::new();
         while let Some(item) = entries.next().await {
@@ -562,9 +593,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             return Ok(());
         }
         let last = batch.last().map_or(0, |e| e.log_id.index);
-        let responses = self
-            .blocking(move |s, g, rt| s.apply_blocking(g, rt.generation.load(Ordering::Acquire), &batch))
-            .await?;
+        let responses =
+            self.blocking(move |s, g, rt| s.apply_blocking(g, rt.generation.load(Ordering::Acquire), &batch)).await?;
         for (r, resp) in responders.into_iter().zip(responses) {
             if let Some(r) = r {
                 r.send(resp);

@@ -113,7 +113,8 @@ impl SnapshotFileWriter {
         t[4..12].copy_from_slice(&self.count.to_le_bytes());
         t[12..].copy_from_slice(&self.crc.to_le_bytes());
         self.out.write_all(&t).map_err(io_err(&self.path))?;
-        let file = self.out.into_inner().map_err(|e| StoreError::Io { path: self.path.clone(), source: e.into_error() })?;
+        let file =
+            self.out.into_inner().map_err(|e| StoreError::Io { path: self.path.clone(), source: e.into_error() })?;
         file.sync_all().map_err(io_err(&self.path))?;
         Ok(SnapshotData { path: self.path, len: self.len + 16 })
     }
@@ -160,8 +161,8 @@ impl SnapshotReader {
         if want.to_le_bytes() != crc {
             return Err(corrupt(0, "snapshot header crc mismatch"));
         }
-        let meta: SnapshotMeta =
-            postcard::from_bytes(meta_bytes).map_err(|e| corrupt(17, &format!("snapshot meta does not decode: {e}")))?;
+        let meta: SnapshotMeta = postcard::from_bytes(meta_bytes)
+            .map_err(|e| corrupt(17, &format!("snapshot meta does not decode: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
             input,
@@ -244,13 +245,17 @@ pub struct SnapshotWriter {
 
 impl SnapshotWriter {
     pub(crate) fn create(dir: &Path, group: GroupId) -> Result<Self, StoreError> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tmp = dir.join(format!("recv-g{group}-{nanos}.tmp"));
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err(&tmp))?;
-        Ok(Self { tmp, dir: dir.to_path_buf(), file: Some(BufWriter::new(file)), written: 0, limit: MAX_SNAPSHOT_BYTES })
+        Ok(Self {
+            tmp,
+            dir: dir.to_path_buf(),
+            file: Some(BufWriter::new(file)),
+            written: 0,
+            limit: MAX_SNAPSHOT_BYTES,
+        })
     }
 
     pub fn write_chunk(&mut self, data: &[u8]) -> io::Result<()> {

@@ -134,7 +134,9 @@ async fn snapshot_round_trip_and_damage_detection() {
         let mut w = s2.snapshot_writer(5).unwrap();
         w.write_chunk(&bad).unwrap();
         match w.finish() {
-            Err(StoreError::Corrupt { what, .. }) => assert!(what.contains("recv-g5"), "{damage}: names the file: {what}"),
+            Err(StoreError::Corrupt { what, .. }) => {
+                assert!(what.contains("recv-g5"), "{damage}: names the file: {what}")
+            }
             Err(e) => panic!("{damage}: expected corruption, got {e}"),
             Ok(_) => panic!("{damage}: a damaged snapshot must be rejected"),
         }

@@ -10,12 +10,25 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { group: u32, n: u64, term: u64 },
+    Append {
+        group: u32,
+        n: u64,
+        term: u64,
+    },
     /// Truncate at `last - back` (a conflicting suffix).
-    Truncate { group: u32, back: u64 },
+    Truncate {
+        group: u32,
+        back: u64,
+    },
     /// Purge up to `first + fwd`.
-    Purge { group: u32, fwd: u64 },
-    Vote { group: u32, v: u8 },
+    Purge {
+        group: u32,
+        fwd: u64,
+    },
+    Vote {
+        group: u32,
+        v: u8,
+    },
     Reopen,
 }
 

@@ -74,11 +74,7 @@ pub struct NetworkFactory<SD = habar_raft_store::SnapshotData> {
 
 impl<SD> NetworkFactory<SD> {
     pub fn new(pool: PeerPool, group: GroupId) -> Self {
-        Self {
-            pool,
-            group,
-            _snapshot: PhantomData,
-        }
+        Self { pool, group, _snapshot: PhantomData }
     }
 
     pub fn group(&self) -> GroupId {
@@ -137,12 +133,7 @@ pub(crate) fn status_to_rpc_error(
 }
 
 fn timeout(kind: RpcKind, local: NodeId, target: NodeId, ttl: Duration) -> RpcErr {
-    RPCError::Timeout(Timeout {
-        action: kind.openraft_type(),
-        id: local,
-        target,
-        timeout: ttl,
-    })
+    RPCError::Timeout(Timeout { action: kind.openraft_type(), id: local, target, timeout: ttl })
 }
 
 fn caused_by_timeout(status: &tonic::Status) -> bool {
@@ -172,12 +163,7 @@ impl<SD> GroupNetwork<SD> {
 
     /// One unary RPC: encode, consult the fault injector, send within `ttl`, decode
     /// `Result<Resp, Fatal>`. Counts it in the metrics.
-    async fn unary<Req, Resp>(
-        &self,
-        kind: RpcKind,
-        req: &Req,
-        ttl: Duration,
-    ) -> Result<Resp, RpcErr>
+    async fn unary<Req, Resp>(&self, kind: RpcKind, req: &Req, ttl: Duration) -> Result<Resp, RpcErr>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -186,57 +172,36 @@ impl<SD> GroupNetwork<SD> {
         let res = self.unary_inner(kind, req, ttl).await;
         if let Err(e) = &res {
             let reason = failure_reason(e);
-            metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason)
-                .increment(1);
+            metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason).increment(1);
             tracing::debug!(group = self.group, target = self.target, %kind, reason, error = %e, "raft rpc failed");
         }
         res
     }
 
-    async fn unary_inner<Req, Resp>(
-        &self,
-        kind: RpcKind,
-        req: &Req,
-        ttl: Duration,
-    ) -> Result<Resp, RpcErr>
+    async fn unary_inner<Req, Resp>(&self, kind: RpcKind, req: &Req, ttl: Duration) -> Result<Resp, RpcErr>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let body = codec::encode(kind.as_str(), req)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let channel = self
-            .pool
-            .channel(self.target, &self.addr)
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let verdict = self
-            .pool
-            .fault_injector()
-            .map(|f| f.decide(self.pool.local_id(), self.target));
+        let body = codec::encode(kind.as_str(), req).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let channel =
+            self.pool.channel(self.target, &self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let verdict = self.pool.fault_injector().map(|f| f.decide(self.pool.local_id(), self.target));
         if verdict.is_some() {
             metrics::counter!(metric::FAULTS_INJECTED, "kind" => kind.as_str()).increment(1);
         }
-        let msg = RaftMessage {
-            group_id: self.group,
-            format: FORMAT_POSTCARD,
-            body,
-            target_node: Some(self.target),
-        };
+        let msg = RaftMessage { group_id: self.group, format: FORMAT_POSTCARD, body, target_node: Some(self.target) };
         let (local, target) = (self.pool.local_id(), self.target);
 
         let call = async move {
             match verdict {
                 None => {}
                 Some(Verdict::Cut) => {
-                    return Err(RPCError::Unreachable(Unreachable::from_string(
-                        "link cut by the fault injector",
-                    )))
+                    return Err(RPCError::Unreachable(Unreachable::from_string("link cut by the fault injector")))
                 }
                 // A lost request: the caller hears nothing until its deadline.
                 Some(Verdict::DropRequest) => std::future::pending::<()>().await,
-                Some(Verdict::Deliver { delay } | Verdict::DropResponse { delay }) => {
-                    tokio::time::sleep(delay).await
-                }
+                Some(Verdict::Deliver { delay } | Verdict::DropResponse { delay }) => tokio::time::sleep(delay).await,
             }
             let mut request = tonic::Request::new(msg);
             request.set_timeout(ttl);
@@ -249,9 +214,7 @@ impl<SD> GroupNetwork<SD> {
                 RpcKind::PreVote => client.pre_vote(request).await,
                 RpcKind::TransferLeader => client.transfer_leader(request).await,
                 RpcKind::InstallSnapshot => {
-                    return Err(RPCError::Unreachable(Unreachable::from_string(
-                        "install snapshot is not unary",
-                    )))
+                    return Err(RPCError::Unreachable(Unreachable::from_string("install snapshot is not unary")))
                 }
             }
             .map_err(|s| status_to_rpc_error(kind, local, target, ttl, s))?;
@@ -266,14 +229,9 @@ impl<SD> GroupNetwork<SD> {
             Err(_) => return Err(self.timeout(kind, ttl)),
         };
 
-        let res: Result<Resp, Fatal<TypeConfig>> =
-            codec::decode(kind.as_str(), reply.format, &reply.body)
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        res.map_err(|fatal| {
-            RPCError::Unreachable(Unreachable::new(&RemoteError::<TypeConfig, _>::new(
-                target, fatal,
-            )))
-        })
+        let res: Result<Resp, Fatal<TypeConfig>> = codec::decode(kind.as_str(), reply.format, &reply.body)
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        res.map_err(|fatal| RPCError::Unreachable(Unreachable::new(&RemoteError::<TypeConfig, _>::new(target, fatal))))
     }
 }
 
@@ -301,9 +259,7 @@ pub const APPEND_ASSUMED_BYTES_PER_SEC: u64 = 16 * 1024 * 1024;
 /// Cuts `rpc` to the longest prefix of its entries whose encoding fits in one message.
 /// Returns the log id of the last entry kept if it cut anything, and the encoded size of
 /// what is left (an upper bound).
-fn fit_to_message(
-    rpc: &mut AppendEntriesRequest<TypeConfig>,
-) -> Result<(Option<LogId>, usize), RpcErr> {
+fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<(Option<LogId>, usize), RpcErr> {
     let unreachable = |e: codec::CodecError| RPCError::Unreachable(Unreachable::new(&e));
     let budget = MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES;
     let size = codec::encoded_len("append entries", rpc).map_err(unreachable)?;
@@ -349,13 +305,10 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RpcErr> {
         let (cut_after, bytes) = fit_to_message(&mut rpc)?;
         let ttl = append_ttl(option.soft_ttl(), !rpc.entries.is_empty(), bytes);
-        let resp: AppendEntriesResponse<TypeConfig> =
-            self.unary(RpcKind::AppendEntries, &rpc, ttl).await?;
+        let resp: AppendEntriesResponse<TypeConfig> = self.unary(RpcKind::AppendEntries, &rpc, ttl).await?;
         // The target accepted the prefix it was sent; openraft sends the rest next.
         Ok(match (resp, cut_after) {
-            (AppendEntriesResponse::Success, Some(last)) => {
-                AppendEntriesResponse::PartialSuccess(Some(last))
-            }
+            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
             (resp, _) => resp,
         })
     }
@@ -381,8 +334,7 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RpcErr> {
-        self.unary(RpcKind::TransferLeader, &req, option.soft_ttl())
-            .await
+        self.unary(RpcKind::TransferLeader, &req, option.soft_ttl()).await
     }
 
     async fn full_snapshot(
@@ -400,10 +352,7 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
                 .pool
                 .channel(self.target, &self.addr)
                 .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
-            let verdict = self
-                .pool
-                .fault_injector()
-                .map(|f| f.decide(self.pool.local_id(), self.target));
+            let verdict = self.pool.fault_injector().map(|f| f.decide(self.pool.local_id(), self.target));
             let ctx = snapshot::SendCtx {
                 channel,
                 group: self.group,
@@ -425,8 +374,7 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
                     StreamingError::Unreachable(_) => "unreachable",
                     StreamingError::Network(_) => "network",
                 };
-                metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason)
-                    .increment(1);
+                metrics::counter!(metric::RPC_FAILED, "kind" => kind.as_str(), "reason" => reason).increment(1);
                 tracing::warn!(parent: &span, reason, error = %e, "snapshot not sent");
             }
         }
@@ -454,20 +402,12 @@ mod tests {
         };
         Entry {
             log_id: LogId::new_term_index(1, index),
-            payload: EntryPayload::Normal(Command::Append {
-                now_ms: 0,
-                envelopes: vec![env],
-            }),
+            payload: EntryPayload::Normal(Command::Append { now_ms: 0, envelopes: vec![env] }),
         }
     }
 
     fn request(entries: Vec<Entry>) -> AppendEntriesRequest<TypeConfig> {
-        AppendEntriesRequest {
-            vote: Vote::new(1, 1),
-            prev_log_id: None,
-            entries,
-            leader_commit: None,
-        }
+        AppendEntriesRequest { vote: Vote::new(1, 1), prev_log_id: None, entries, leader_commit: None }
     }
 
     #[test]
@@ -502,37 +442,13 @@ mod tests {
 
     #[test]
     fn status_codes_map_to_the_openraft_error_kind() {
-        let map = |s: tonic::Status| {
-            failure_reason(&status_to_rpc_error(
-                RpcKind::Vote,
-                1,
-                2,
-                Duration::from_millis(5),
-                s,
-            ))
-        };
-        assert_eq!(
-            map(tonic::Status::unavailable("tcp connect error")),
-            "unreachable"
-        );
-        assert_eq!(
-            map(tonic::Status::not_found("raft group 3 is not on this node")),
-            "unreachable"
-        );
-        assert_eq!(
-            map(tonic::Status::failed_precondition("this is node 4")),
-            "unreachable"
-        );
-        assert_eq!(
-            map(tonic::Status::invalid_argument(
-                "vote: body does not decode"
-            )),
-            "unreachable"
-        );
-        assert_eq!(
-            map(tonic::Status::resource_exhausted("busy")),
-            "unreachable"
-        );
+        let map =
+            |s: tonic::Status| failure_reason(&status_to_rpc_error(RpcKind::Vote, 1, 2, Duration::from_millis(5), s));
+        assert_eq!(map(tonic::Status::unavailable("tcp connect error")), "unreachable");
+        assert_eq!(map(tonic::Status::not_found("raft group 3 is not on this node")), "unreachable");
+        assert_eq!(map(tonic::Status::failed_precondition("this is node 4")), "unreachable");
+        assert_eq!(map(tonic::Status::invalid_argument("vote: body does not decode")), "unreachable");
+        assert_eq!(map(tonic::Status::resource_exhausted("busy")), "unreachable");
         assert_eq!(map(tonic::Status::deadline_exceeded("late")), "timeout");
         assert_eq!(map(tonic::Status::cancelled("stream reset")), "network");
         assert_eq!(map(tonic::Status::internal("h2 protocol error")), "network");
@@ -549,9 +465,6 @@ mod tests {
         assert_eq!(append_ttl(soft, true, 100), APPEND_MIN_TIMEOUT);
         let big = append_ttl(soft, true, 64 * 1024 * 1024);
         assert_eq!(big, APPEND_MIN_TIMEOUT + Duration::from_secs(4));
-        assert_eq!(
-            append_ttl(Duration::from_secs(3), true, 0),
-            Duration::from_secs(3)
-        );
+        assert_eq!(append_ttl(Duration::from_secs(3), true, 0), Duration::from_secs(3));
     }
 }

@@ -32,16 +32,10 @@ pub enum CodecError {
 }
 
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Bytes, CodecError> {
-    postcard::to_stdvec(value)
-        .map(Bytes::from)
-        .map_err(|source| CodecError::Encode { what, source })
+    postcard::to_stdvec(value).map(Bytes::from).map_err(|source| CodecError::Encode { what, source })
 }
 
-pub fn decode<T: DeserializeOwned>(
-    what: &'static str,
-    format: u32,
-    body: &[u8],
-) -> Result<T, CodecError> {
+pub fn decode<T: DeserializeOwned>(what: &'static str, format: u32, body: &[u8]) -> Result<T, CodecError> {
     if format != FORMAT_POSTCARD {
         return Err(CodecError::UnknownFormat { what, format });
     }
@@ -50,8 +44,7 @@ pub fn decode<T: DeserializeOwned>(
 
 /// Encoded size of `value` without allocating it.
 pub fn encoded_len<T: Serialize>(what: &'static str, value: &T) -> Result<usize, CodecError> {
-    postcard::experimental::serialized_size(value)
-        .map_err(|source| CodecError::Encode { what, source })
+    postcard::experimental::serialized_size(value).map_err(|source| CodecError::Encode { what, source })
 }
 
 #[cfg(test)]
@@ -63,40 +56,20 @@ mod tests {
         let body = encode("x", &7u64).unwrap();
         let err = decode::<u64>("vote request", 2, &body).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("vote request") && msg.contains("format 2"),
-            "{msg}"
-        );
-        assert_eq!(
-            decode::<u64>("vote request", FORMAT_POSTCARD, &body).unwrap(),
-            7
-        );
+        assert!(msg.contains("vote request") && msg.contains("format 2"), "{msg}");
+        assert_eq!(decode::<u64>("vote request", FORMAT_POSTCARD, &body).unwrap(), 7);
     }
 
     #[test]
     fn decode_rejects_truncated_body() {
         let body = encode("x", &(1u64, String::from("hello"))).unwrap();
-        let err =
-            decode::<(u64, String)>("append request", FORMAT_POSTCARD, &body[..body.len() - 2])
-                .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                CodecError::Decode {
-                    what: "append request",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let err = decode::<(u64, String)>("append request", FORMAT_POSTCARD, &body[..body.len() - 2]).unwrap_err();
+        assert!(matches!(err, CodecError::Decode { what: "append request", .. }), "{err}");
     }
 
     #[test]
     fn encoded_len_matches_encoding() {
         let v = (3u32, vec![1u8; 300], String::from("abc"));
-        assert_eq!(
-            encoded_len("v", &v).unwrap(),
-            encode("v", &v).unwrap().len()
-        );
+        assert_eq!(encoded_len("v", &v).unwrap(), encode("v", &v).unwrap().len());
     }
 }

@@ -85,13 +85,7 @@ pub struct FaultInjector {
 impl FaultInjector {
     /// An injector with no faults; `seed` drives all its randomness.
     pub fn new(seed: u64) -> Self {
-        Self {
-            state: Arc::new(Mutex::new(State {
-                seed,
-                links: HashMap::new(),
-                stats: FaultStats::default(),
-            })),
-        }
+        Self { state: Arc::new(Mutex::new(State { seed, links: HashMap::new(), stats: FaultStats::default() })) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -115,11 +109,7 @@ impl FaultInjector {
 
     /// The faults of link `from → to`.
     pub fn link(&self, from: NodeId, to: NodeId) -> LinkFaults {
-        self.lock()
-            .links
-            .get(&(from, to))
-            .map(|l| l.faults.clone())
-            .unwrap_or_default()
+        self.lock().links.get(&(from, to)).map(|l| l.faults.clone()).unwrap_or_default()
     }
 
     /// Cuts `from → to` (one direction).
@@ -177,12 +167,8 @@ impl FaultInjector {
     pub fn decide(&self, from: NodeId, to: NodeId) -> Verdict {
         let mut st = self.lock();
         let verdict = match st.links.get_mut(&(from, to)) {
-            None => Verdict::Deliver {
-                delay: Duration::ZERO,
-            },
-            Some(link) if link.faults.is_clear() => Verdict::Deliver {
-                delay: Duration::ZERO,
-            },
+            None => Verdict::Deliver { delay: Duration::ZERO },
+            Some(link) if link.faults.is_clear() => Verdict::Deliver { delay: Duration::ZERO },
             Some(link) if link.faults.cut => Verdict::Cut,
             Some(link) => {
                 let mut delay = link.faults.delay;
@@ -190,9 +176,7 @@ impl FaultInjector {
                     let max = u64::try_from(link.faults.jitter.as_micros()).unwrap_or(u64::MAX);
                     delay += Duration::from_micros(link.rng.gen_range(0..=max));
                 }
-                if link.faults.drop_ratio > 0.0
-                    && link.rng.gen_bool(link.faults.drop_ratio.min(1.0))
-                {
+                if link.faults.drop_ratio > 0.0 && link.rng.gen_bool(link.faults.drop_ratio.min(1.0)) {
                     if link.rng.gen_bool(0.5) {
                         Verdict::DropRequest
                     } else {
@@ -224,17 +208,10 @@ impl FaultInjector {
 impl std::fmt::Debug for FaultInjector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let st = self.lock();
-        let mut faulty: Vec<_> = st
-            .links
-            .iter()
-            .filter(|(_, l)| !l.faults.is_clear())
-            .map(|(k, l)| (*k, l.faults.clone()))
-            .collect();
+        let mut faulty: Vec<_> =
+            st.links.iter().filter(|(_, l)| !l.faults.is_clear()).map(|(k, l)| (*k, l.faults.clone())).collect();
         faulty.sort_by_key(|(k, _)| *k);
-        f.debug_struct("FaultInjector")
-            .field("seed", &st.seed)
-            .field("links", &faulty)
-            .finish()
+        f.debug_struct("FaultInjector").field("seed", &st.seed).field("links", &faulty).finish()
     }
 }
 
@@ -253,19 +230,8 @@ mod tests {
     #[test]
     fn no_faults_delivers_at_once() {
         let f = FaultInjector::new(1);
-        assert_eq!(
-            f.decide(1, 2),
-            Verdict::Deliver {
-                delay: Duration::ZERO
-            }
-        );
-        assert_eq!(
-            f.stats(),
-            FaultStats {
-                delivered: 1,
-                ..Default::default()
-            }
-        );
+        assert_eq!(f.decide(1, 2), Verdict::Deliver { delay: Duration::ZERO });
+        assert_eq!(f.stats(), FaultStats { delivered: 1, ..Default::default() });
     }
 
     #[test]
@@ -273,19 +239,9 @@ mod tests {
         let f = FaultInjector::new(1);
         f.cut(1, 2);
         assert_eq!(f.decide(1, 2), Verdict::Cut);
-        assert_eq!(
-            f.decide(2, 1),
-            Verdict::Deliver {
-                delay: Duration::ZERO
-            }
-        );
+        assert_eq!(f.decide(2, 1), Verdict::Deliver { delay: Duration::ZERO });
         f.heal(1, 2);
-        assert_eq!(
-            f.decide(1, 2),
-            Verdict::Deliver {
-                delay: Duration::ZERO
-            }
-        );
+        assert_eq!(f.decide(1, 2), Verdict::Deliver { delay: Duration::ZERO });
     }
 
     #[test]
@@ -295,19 +251,9 @@ mod tests {
         for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
             assert_eq!(f.decide(a, b), Verdict::Cut, "{a}->{b}");
         }
-        assert_eq!(
-            f.decide(2, 3),
-            Verdict::Deliver {
-                delay: Duration::ZERO
-            }
-        );
+        assert_eq!(f.decide(2, 3), Verdict::Deliver { delay: Duration::ZERO });
         f.heal_all();
-        assert_eq!(
-            f.decide(3, 1),
-            Verdict::Deliver {
-                delay: Duration::ZERO
-            }
-        );
+        assert_eq!(f.decide(3, 1), Verdict::Deliver { delay: Duration::ZERO });
     }
 
     #[test]
@@ -317,10 +263,7 @@ mod tests {
         for _ in 0..200 {
             match f.decide(1, 2) {
                 Verdict::Deliver { delay } => {
-                    assert!(
-                        delay >= Duration::from_millis(5) && delay <= Duration::from_millis(8),
-                        "{delay:?}"
-                    )
+                    assert!(delay >= Duration::from_millis(5) && delay <= Duration::from_millis(8), "{delay:?}")
                 }
                 v => panic!("unexpected {v:?}"),
             }
@@ -353,14 +296,8 @@ mod tests {
         let f = FaultInjector::new(7);
         f.drop_ratio(1, 2, 0.25);
         let n = 4000;
-        let dropped = (0..n)
-            .filter(|_| {
-                matches!(
-                    f.decide(1, 2),
-                    Verdict::DropRequest | Verdict::DropResponse { .. }
-                )
-            })
-            .count();
+        let dropped =
+            (0..n).filter(|_| matches!(f.decide(1, 2), Verdict::DropRequest | Verdict::DropResponse { .. })).count();
         // Binomial(4000, 0.25): mean 1000, sd ~27; a wide margin.
         assert!((850..1150).contains(&dropped), "{dropped}");
         assert_eq!(f.stats().dropped, dropped as u64);

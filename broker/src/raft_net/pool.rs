@@ -58,11 +58,7 @@ pub struct PeerPool {
 impl PeerPool {
     /// A pool for node `local` (the sender of every call made through it).
     pub fn new(local: NodeId) -> Self {
-        Self {
-            local,
-            channels: Arc::new(RwLock::new(HashMap::new())),
-            faults: None,
-        }
+        Self { local, channels: Arc::new(RwLock::new(HashMap::new())), faults: None }
     }
 
     /// A pool whose Raft RPCs consult `faults` first (tests only: partitions, delays,
@@ -102,13 +98,7 @@ impl PeerPool {
                 if let Some(old) = map.get(&node) {
                     tracing::info!(node, old = %old.addr, new = %addr, "peer address changed; replacing its channel");
                 }
-                map.insert(
-                    node,
-                    Entry {
-                        addr: addr.to_string(),
-                        channel: channel.clone(),
-                    },
-                );
+                map.insert(node, Entry { addr: addr.to_string(), channel: channel.clone() });
                 Ok(channel)
             }
         }
@@ -116,10 +106,7 @@ impl PeerPool {
 
     /// Drops the cached channel of `node` (e.g. the node left the cluster).
     pub fn forget(&self, node: NodeId) {
-        self.channels
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&node);
+        self.channels.write().unwrap_or_else(|p| p.into_inner()).remove(&node);
     }
 
     /// Nodes with a cached channel, and their addresses.
@@ -137,11 +124,7 @@ impl PeerPool {
             format!("http://{addr}")
         };
         let endpoint = Endpoint::from_shared(uri)
-            .map_err(|source| PeerError::BadAddress {
-                node,
-                addr: addr.to_string(),
-                source,
-            })?
+            .map_err(|source| PeerError::BadAddress { node, addr: addr.to_string(), source })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -173,17 +156,10 @@ mod tests {
         pool.channel(2, "127.0.0.1:7002").unwrap();
         pool.channel(2, "127.0.0.1:7002").unwrap();
         pool.channel(3, "127.0.0.1:7003").unwrap();
-        assert_eq!(
-            pool.peers(),
-            vec![(2, "127.0.0.1:7002".into()), (3, "127.0.0.1:7003".into())]
-        );
+        assert_eq!(pool.peers(), vec![(2, "127.0.0.1:7002".into()), (3, "127.0.0.1:7003".into())]);
         let clone = pool.clone();
         clone.channel(2, "127.0.0.1:9999").unwrap();
-        assert_eq!(
-            pool.peers()[0],
-            (2, "127.0.0.1:9999".into()),
-            "clones share the cache"
-        );
+        assert_eq!(pool.peers()[0], (2, "127.0.0.1:9999".into()), "clones share the cache");
         pool.forget(3);
         assert_eq!(pool.peers().len(), 1);
     }
@@ -192,10 +168,7 @@ mod tests {
     async fn bad_address_is_an_error_naming_node_and_address() {
         let pool = PeerPool::new(1);
         let err = pool.channel(4, "not a host:port").unwrap_err().to_string();
-        assert!(
-            err.contains("node 4") && err.contains("not a host:port"),
-            "{err}"
-        );
+        assert!(err.contains("node 4") && err.contains("not a host:port"), "{err}");
         assert!(pool.peers().is_empty());
     }
 }

@@ -52,9 +52,7 @@ pub struct GroupRegistry<SM: RaftStateMachine<TypeConfig>> {
 
 impl<SM: RaftStateMachine<TypeConfig>> Clone for GroupRegistry<SM> {
     fn clone(&self) -> Self {
-        Self {
-            groups: self.groups.clone(),
-        }
+        Self { groups: self.groups.clone() }
     }
 }
 
@@ -66,43 +64,25 @@ impl<SM: RaftStateMachine<TypeConfig>> Default for GroupRegistry<SM> {
 
 impl<SM: RaftStateMachine<TypeConfig>> GroupRegistry<SM> {
     pub fn new() -> Self {
-        Self {
-            groups: Arc::new(RwLock::new(HashMap::new())),
-        }
+        Self { groups: Arc::new(RwLock::new(HashMap::new())) }
     }
 
     /// Registers `raft` as group `group`; returns the one it replaces.
     pub fn insert(&self, group: GroupId, raft: Raft<SM>) -> Option<Raft<SM>> {
-        self.groups
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(group, raft)
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).insert(group, raft)
     }
 
     pub fn get(&self, group: GroupId) -> Option<Raft<SM>> {
-        self.groups
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&group)
-            .cloned()
+        self.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()
     }
 
     pub fn remove(&self, group: GroupId) -> Option<Raft<SM>> {
-        self.groups
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&group)
+        self.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group)
     }
 
     /// Registered group ids, ascending.
     pub fn groups(&self) -> Vec<GroupId> {
-        let mut v: Vec<_> = self
-            .groups
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
-            .collect();
+        let mut v: Vec<_> = self.groups.read().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
         v.sort_unstable();
         v
     }
@@ -156,18 +136,9 @@ where
     }
 
     /// The group's Raft, after checking the message is meant for this node.
-    fn resolve(
-        &self,
-        kind: RpcKind,
-        group: GroupId,
-        target: Option<NodeId>,
-    ) -> Result<Raft<SM>, Status> {
+    fn resolve(&self, kind: RpcKind, group: GroupId, target: Option<NodeId>) -> Result<Raft<SM>, Status> {
         let raft = self.registry.get(group).ok_or_else(|| {
-            reject(
-                kind,
-                "unknown_group",
-                Status::not_found(format!("raft group {group} is not on this node")),
-            )
+            reject(kind, "unknown_group", Status::not_found(format!("raft group {group} is not on this node")))
         })?;
         if let Some(t) = target {
             let me = *raft.node_id();
@@ -204,14 +175,8 @@ where
         if let Err(fatal) = &res {
             tracing::warn!(group = msg.group_id, %kind, error = %fatal, "raft group refused an rpc: fatal");
         }
-        let body =
-            codec::encode(kind.as_str(), &res).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(RaftMessage {
-            group_id: msg.group_id,
-            format: FORMAT_POSTCARD,
-            body,
-            target_node: None,
-        }))
+        let body = codec::encode(kind.as_str(), &res).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(RaftMessage { group_id: msg.group_id, format: FORMAT_POSTCARD, body, target_node: None }))
     }
 }
 
@@ -236,17 +201,10 @@ where
     S: SnapshotSink,
     S::Writer: SnapshotChunkWriter<Data = SM::SnapshotData>,
 {
-    async fn append_entries(
-        &self,
-        request: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
-        self.unary(
-            RpcKind::AppendEntries,
-            request,
-            |raft, rpc: AppendEntriesRequest<TypeConfig>| async move {
-                raft.append_entries(rpc).await.map_err(fatal_of)
-            },
-        )
+    async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.unary(RpcKind::AppendEntries, request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move {
+            raft.append_entries(rpc).await.map_err(fatal_of)
+        })
         .await
     }
 
@@ -257,31 +215,17 @@ where
         .await
     }
 
-    async fn pre_vote(
-        &self,
-        request: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
-        self.unary(
-            RpcKind::PreVote,
-            request,
-            |raft, rpc: VoteRequest<TypeConfig>| async move {
-                raft.pre_vote(rpc).await.map_err(fatal_of)
-            },
-        )
+    async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.unary(RpcKind::PreVote, request, |raft, rpc: VoteRequest<TypeConfig>| async move {
+            raft.pre_vote(rpc).await.map_err(fatal_of)
+        })
         .await
     }
 
-    async fn transfer_leader(
-        &self,
-        request: Request<RaftMessage>,
-    ) -> Result<Response<RaftMessage>, Status> {
-        self.unary(
-            RpcKind::TransferLeader,
-            request,
-            |raft, req: TransferLeaderRequest<TypeConfig>| async move {
-                raft.handle_transfer_leader(req).await
-            },
-        )
+    async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.unary(RpcKind::TransferLeader, request, |raft, req: TransferLeaderRequest<TypeConfig>| async move {
+            raft.handle_transfer_leader(req).await
+        })
         .await
     }
 
@@ -301,32 +245,19 @@ where
             )
         })?;
         let mut stream = request.into_inner();
-        let (first, header) = snapshot::receive_first(&mut stream)
-            .await
-            .map_err(|s| reject(kind, "bad_stream", s))?;
+        let (first, header) = snapshot::receive_first(&mut stream).await.map_err(|s| reject(kind, "bad_stream", s))?;
         let group = first.group_id;
         let raft = self.resolve(kind, group, first.target_node)?;
-        let span = tracing::info_span!("receive_snapshot", group, snapshot = ?header.meta.last_log_id, bytes = header.len);
-        let limits = snapshot::ReceiveLimits {
-            max_snapshot_bytes: self.max_snapshot_bytes,
-        };
+        let span =
+            tracing::info_span!("receive_snapshot", group, snapshot = ?header.meta.last_log_id, bytes = header.len);
+        let limits = snapshot::ReceiveLimits { max_snapshot_bytes: self.max_snapshot_bytes };
         let received = snapshot::receive_rest(&self.sink, limits, first, header, &mut stream)
             .instrument(span.clone())
             .await
             .map_err(|s| reject(kind, "bad_stream", s))?;
-        let snapshot::Received {
-            group,
-            header,
-            data,
-        } = received;
+        let snapshot::Received { group, header, data } = received;
         let res = raft
-            .install_full_snapshot(
-                header.vote,
-                Snapshot {
-                    meta: header.meta,
-                    snapshot: data,
-                },
-            )
+            .install_full_snapshot(header.vote, Snapshot { meta: header.meta, snapshot: data })
             .instrument(span.clone())
             .await;
         match &res {

@@ -169,22 +169,12 @@ struct Reader {
 impl Reader {
     /// Reads the next chunk. Checks the file is exactly `len` bytes long.
     fn next_chunk(&mut self) -> io::Result<SnapshotChunk> {
-        let file = self
-            .file
-            .as_mut()
-            .ok_or_else(|| io::Error::other("snapshot file is not open"))?;
+        let file = self.file.as_mut().ok_or_else(|| io::Error::other("snapshot file is not open"))?;
         let remaining = self.len - self.sent;
-        let want =
-            usize::try_from(remaining.min(self.chunk_bytes as u64)).unwrap_or(self.chunk_bytes);
+        let want = usize::try_from(remaining.min(self.chunk_bytes as u64)).unwrap_or(self.chunk_bytes);
         let mut buf = vec![0u8; want];
         file.read_exact(&mut buf).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "reading snapshot at offset {} of {}: {e}",
-                    self.sent, self.len
-                ),
-            )
+            io::Error::new(e.kind(), format!("reading snapshot at offset {} of {}: {e}", self.sent, self.len))
         })?;
         self.sent += want as u64;
         self.crc = crc32c::crc32c_append(self.crc, &buf);
@@ -194,10 +184,7 @@ impl Reader {
             if file.read(&mut probe)? != 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!(
-                        "snapshot file is longer than its announced {} bytes",
-                        self.len
-                    ),
+                    format!("snapshot file is longer than its announced {} bytes", self.len),
                 ));
             }
             self.done = true;
@@ -239,8 +226,7 @@ fn chunk_stream(
             match res {
                 Ok((reader, Ok(chunk))) => {
                     pulled.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(metric::SNAPSHOT_BYTES_SENT)
-                        .increment(chunk.data.len() as u64);
+                    metrics::counter!(metric::SNAPSHOT_BYTES_SENT).increment(chunk.data.len() as u64);
                     Some((chunk, Some(reader)))
                 }
                 Ok((_, Err(e))) => {
@@ -274,10 +260,7 @@ pub(crate) async fn send<SD: SnapshotFile>(
     cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
     option: RPCOption,
 ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-    let Snapshot {
-        meta,
-        snapshot: data,
-    } = snapshot;
+    let Snapshot { meta, snapshot: data } = snapshot;
     let len = data.len();
     let signature = meta.signature();
     let timeout = |after: Duration| {
@@ -293,9 +276,7 @@ pub(crate) async fn send<SD: SnapshotFile>(
     match ctx.verdict {
         None | Some(Verdict::Deliver { .. }) | Some(Verdict::DropResponse { .. }) => {}
         Some(Verdict::Cut) => {
-            return Err(StreamingError::Unreachable(Unreachable::from_string(
-                "link cut by the fault injector",
-            )));
+            return Err(StreamingError::Unreachable(Unreachable::from_string("link cut by the fault injector")));
         }
         Some(Verdict::DropRequest) => {
             tokio::time::sleep(idle).await;
@@ -306,22 +287,13 @@ pub(crate) async fn send<SD: SnapshotFile>(
         tokio::time::sleep(delay).await;
     }
 
-    let header = codec::encode("snapshot header", &SnapshotHeader { vote, meta, len })
-        .map_err(|e| network_err(&e))?;
-    let file = tokio::task::spawn_blocking(move || data.open())
-        .await
-        .map_err(|e| network_err(&e))?
-        .map_err(|e| {
-            StreamingError::StorageError(StorageError::read_snapshot(
-                Some(signature.clone()),
-                ErrorSource::from_error(&e),
-            ))
-        })?;
+    let header = codec::encode("snapshot header", &SnapshotHeader { vote, meta, len }).map_err(|e| network_err(&e))?;
+    let file = tokio::task::spawn_blocking(move || data.open()).await.map_err(|e| network_err(&e))?.map_err(|e| {
+        StreamingError::StorageError(StorageError::read_snapshot(Some(signature.clone()), ErrorSource::from_error(&e)))
+    })?;
 
-    let chunk_bytes = option
-        .snapshot_chunk_size()
-        .unwrap_or(SNAPSHOT_CHUNK_BYTES)
-        .clamp(MIN_CHUNK_BYTES, MAX_SNAPSHOT_CHUNK_BYTES);
+    let chunk_bytes =
+        option.snapshot_chunk_size().unwrap_or(SNAPSHOT_CHUNK_BYTES).clamp(MIN_CHUNK_BYTES, MAX_SNAPSHOT_CHUNK_BYTES);
     let n_chunks = len.div_ceil(chunk_bytes as u64).max(1);
     let pulled = Arc::new(AtomicU64::new(0));
     let read_error = Arc::new(Mutex::new(None));
@@ -382,20 +354,12 @@ pub(crate) async fn send<SD: SnapshotFile>(
     let reply = match result {
         Ok(r) => r.into_inner(),
         Err(status) => {
-            return Err(
-                match status_to_rpc_error(
-                    RpcKind::InstallSnapshot,
-                    ctx.local,
-                    ctx.target,
-                    idle,
-                    status,
-                ) {
-                    openraft::error::RPCError::Timeout(t) => StreamingError::Timeout(t),
-                    openraft::error::RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-                    openraft::error::RPCError::Network(n) => StreamingError::Network(n),
-                    openraft::error::RPCError::RemoteError(r) => match r.source {},
-                },
-            )
+            return Err(match status_to_rpc_error(RpcKind::InstallSnapshot, ctx.local, ctx.target, idle, status) {
+                openraft::error::RPCError::Timeout(t) => StreamingError::Timeout(t),
+                openraft::error::RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                openraft::error::RPCError::Network(n) => StreamingError::Network(n),
+                openraft::error::RPCError::RemoteError(r) => match r.source {},
+            })
         }
     };
     if let Some(Verdict::DropResponse { .. }) = ctx.verdict {
@@ -406,10 +370,9 @@ pub(crate) async fn send<SD: SnapshotFile>(
         codec::decode("install snapshot response", reply.format, &reply.body)
             .map_err(|e| StreamingError::Unreachable(Unreachable::new(&e)))?;
     res.map_err(|fatal| {
-        StreamingError::Unreachable(Unreachable::new(&openraft::error::RemoteError::<
-            TypeConfig,
-            _,
-        >::new(ctx.target, fatal)))
+        StreamingError::Unreachable(Unreachable::new(&openraft::error::RemoteError::<TypeConfig, _>::new(
+            ctx.target, fatal,
+        )))
     })
 }
 
@@ -426,14 +389,12 @@ pub(crate) struct Received<D> {
     pub data: D,
 }
 
-async fn next_chunk(
-    stream: &mut tonic::Streaming<SnapshotChunk>,
-) -> Result<Option<SnapshotChunk>, tonic::Status> {
+async fn next_chunk(stream: &mut tonic::Streaming<SnapshotChunk>) -> Result<Option<SnapshotChunk>, tonic::Status> {
     match tokio::time::timeout(RECEIVE_IDLE_TIMEOUT, stream.message()).await {
         Ok(r) => r,
-        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
-            "snapshot stream sent nothing for {RECEIVE_IDLE_TIMEOUT:?}"
-        ))),
+        Err(_) => {
+            Err(tonic::Status::deadline_exceeded(format!("snapshot stream sent nothing for {RECEIVE_IDLE_TIMEOUT:?}")))
+        }
     }
 }
 
@@ -441,13 +402,9 @@ async fn next_chunk(
 pub(crate) async fn receive_first(
     stream: &mut tonic::Streaming<SnapshotChunk>,
 ) -> Result<(SnapshotChunk, SnapshotHeader), tonic::Status> {
-    let first = next_chunk(stream)
-        .await?
-        .ok_or_else(|| tonic::Status::invalid_argument("snapshot stream is empty"))?;
+    let first = next_chunk(stream).await?.ok_or_else(|| tonic::Status::invalid_argument("snapshot stream is empty"))?;
     if first.header.is_empty() {
-        return Err(tonic::Status::invalid_argument(
-            "first snapshot chunk has no header",
-        ));
+        return Err(tonic::Status::invalid_argument("first snapshot chunk has no header"));
     }
     let header: SnapshotHeader = codec::decode("snapshot header", first.format, &first.header)
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
@@ -474,11 +431,7 @@ pub(crate) async fn receive_rest<S: SnapshotSink>(
     let mut writer = tokio::task::spawn_blocking(move || sink.snapshot_writer(group))
         .await
         .map_err(|e| tonic::Status::internal(format!("snapshot writer task: {e}")))?
-        .map_err(|e| {
-            tonic::Status::internal(format!(
-                "cannot create a snapshot writer for group {group}: {e}"
-            ))
-        })?;
+        .map_err(|e| tonic::Status::internal(format!("cannot create a snapshot writer for group {group}: {e}")))?;
 
     let mut received = 0u64;
     let mut crc = 0u32;
@@ -498,9 +451,7 @@ pub(crate) async fn receive_rest<S: SnapshotSink>(
             )));
         }
         if index > 0 && !chunk.header.is_empty() {
-            return Err(tonic::Status::invalid_argument(format!(
-                "snapshot chunk {index} carries a second header"
-            )));
+            return Err(tonic::Status::invalid_argument(format!("snapshot chunk {index} carries a second header")));
         }
         let n = chunk.data.len();
         if n > MAX_SNAPSHOT_CHUNK_BYTES {
@@ -519,16 +470,15 @@ pub(crate) async fn receive_rest<S: SnapshotSink>(
         metrics::counter!(metric::SNAPSHOT_BYTES_RECEIVED).increment(n as u64);
         if n > 0 {
             let data = chunk.data;
-            writer =
-                tokio::task::spawn_blocking(move || writer.write_chunk(&data).map(|()| writer))
-                    .await
-                    .map_err(|e| tonic::Status::internal(format!("snapshot write task: {e}")))?
-                    .map_err(|e| {
-                        tonic::Status::internal(format!(
-                            "writing snapshot of group {group} at offset {}: {e}",
-                            received - n as u64
-                        ))
-                    })?;
+            writer = tokio::task::spawn_blocking(move || writer.write_chunk(&data).map(|()| writer))
+                .await
+                .map_err(|e| tonic::Status::internal(format!("snapshot write task: {e}")))?
+                .map_err(|e| {
+                    tonic::Status::internal(format!(
+                        "writing snapshot of group {group} at offset {}: {e}",
+                        received - n as u64
+                    ))
+                })?;
         }
         if chunk.last {
             if received != header.len {
@@ -559,16 +509,8 @@ pub(crate) async fn receive_rest<S: SnapshotSink>(
     let data = tokio::task::spawn_blocking(move || writer.finish())
         .await
         .map_err(|e| tonic::Status::internal(format!("snapshot finish task: {e}")))?
-        .map_err(|e| {
-            tonic::Status::data_loss(format!(
-                "received snapshot of group {group} is not valid: {e}"
-            ))
-        })?;
-    Ok(Received {
-        group,
-        header,
-        data,
-    })
+        .map_err(|e| tonic::Status::data_loss(format!("received snapshot of group {group} is not valid: {e}")))?;
+    Ok(Received { group, header, data })
 }
 
 /// Encodes the answer to an install.
@@ -576,14 +518,8 @@ pub(crate) fn reply(
     group: GroupId,
     res: &Result<SnapshotResponse<TypeConfig>, Fatal<TypeConfig>>,
 ) -> Result<RaftMessage, tonic::Status> {
-    let body = codec::encode("install snapshot response", res)
-        .map_err(|e| tonic::Status::internal(e.to_string()))?;
-    Ok(RaftMessage {
-        group_id: group,
-        format: FORMAT_POSTCARD,
-        body,
-        target_node: None,
-    })
+    let body = codec::encode("install snapshot response", res).map_err(|e| tonic::Status::internal(e.to_string()))?;
+    Ok(RaftMessage { group_id: group, format: FORMAT_POSTCARD, body, target_node: None })
 }
 
 #[cfg(test)]
@@ -594,9 +530,7 @@ mod tests {
     fn reader_chunks_a_file_and_checks_its_length() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        let content: Vec<u8> = (0..(2 * MIN_CHUNK_BYTES + 5))
-            .map(|i| (i % 251) as u8)
-            .collect();
+        let content: Vec<u8> = (0..(2 * MIN_CHUNK_BYTES + 5)).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &content).unwrap();
         let mk = |len| Reader {
             file: Some(std::fs::File::open(&path).unwrap()),

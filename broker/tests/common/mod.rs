@@ -131,7 +131,12 @@ pub async fn read_all(client: &mut BrokerClient<Channel>, conversation: &str, st
     let mut from = 1;
     loop {
         let r = client
-            .read(pb::ReadRequest { conversation_id: conversation.into(), from_seq: from, limit: 1000, allow_stale: stale })
+            .read(pb::ReadRequest {
+                conversation_id: conversation.into(),
+                from_seq: from,
+                limit: 1000,
+                allow_stale: stale,
+            })
             .await
             .unwrap()
             .into_inner();

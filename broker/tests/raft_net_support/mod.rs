@@ -126,12 +126,7 @@ pub struct TestCluster {
 
 /// Starts `n` nodes (ids 1..=n) with `groups` Raft groups each. Every group is
 /// initialized on node 1 with all nodes as voters.
-pub async fn start_cluster(
-    n: u64,
-    groups: u32,
-    config: openraft::Config,
-    seed: u64,
-) -> TestCluster {
+pub async fn start_cluster(n: u64, groups: u32, config: openraft::Config, seed: u64) -> TestCluster {
     init_tracing();
     let config = Arc::new(config.validate().unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -168,19 +163,16 @@ pub async fn start_cluster(
             rafts.push(raft);
         }
         let received = Arc::new(AtomicUsize::new(0));
-        let sink = CountingSink {
-            store: store.clone(),
-            received: received.clone(),
-        };
+        let sink = CountingSink { store: store.clone(), received: received.clone() };
         let service = RaftTransportService::new(registry.clone(), sink).into_server();
         let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        let server =
+            tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                async {
                     let _ = rx.await;
-                }),
-        );
+                },
+            ));
         nodes.push(TestNode {
             id,
             addr,
@@ -197,12 +189,7 @@ pub async fn start_cluster(
     for g in 0..groups {
         nodes[0].raft(g).initialize(members.clone()).await.unwrap();
     }
-    TestCluster {
-        nodes,
-        faults,
-        groups,
-        dir,
-    }
+    TestCluster { nodes, faults, groups, dir }
 }
 
 impl TestCluster {
@@ -220,29 +207,19 @@ impl TestCluster {
     }
 
     /// As [`wait_leader`], for a leader that satisfies `ok`.
-    pub async fn wait_leader_where(
-        &self,
-        group: GroupId,
-        among: &[NodeId],
-        ok: impl Fn(NodeId) -> bool,
-    ) -> NodeId {
+    pub async fn wait_leader_where(&self, group: GroupId, among: &[NodeId], ok: impl Fn(NodeId) -> bool) -> NodeId {
         let start = Instant::now();
         loop {
             for &id in among {
                 let m = metrics(self.node(id).raft(group));
                 if m.state == ServerState::Leader
                     && ok(id)
-                    && among
-                        .iter()
-                        .all(|&o| metrics(self.node(o).raft(group)).current_leader == Some(id))
+                    && among.iter().all(|&o| metrics(self.node(o).raft(group)).current_leader == Some(id))
                 {
                     return id;
                 }
             }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "group {group}: no leader among {among:?} that everyone follows"
-            );
+            assert!(start.elapsed() < PATIENCE, "group {group}: no leader among {among:?} that everyone follows");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -253,17 +230,11 @@ impl TestCluster {
         let start = Instant::now();
         loop {
             let leader = self.wait_leader(group, among).await;
-            let cmd = Command::Append {
-                now_ms: 1_700_000_000_000,
-                envelopes: vec![env.clone()],
-            };
+            let cmd = Command::Append { now_ms: 1_700_000_000_000, envelopes: vec![env.clone()] };
             match self.node(leader).raft(group).client_write(cmd).await {
                 Ok(resp) => return resp.data.appended[0],
                 Err(e) => {
-                    assert!(
-                        start.elapsed() < PATIENCE,
-                        "group {group}: append keeps failing: {e}"
-                    );
+                    assert!(start.elapsed() < PATIENCE, "group {group}: append keeps failing: {e}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -277,10 +248,7 @@ impl TestCluster {
             if self.node(id).store.last_seq(group, conversation).unwrap() >= seq {
                 return;
             }
-            assert!(
-                start.elapsed() < PATIENCE,
-                "node {id} group {group}: {conversation} never reached seq {seq}"
-            );
+            assert!(start.elapsed() < PATIENCE, "node {id} group {group}: {conversation} never reached seq {seq}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -171,12 +171,7 @@ impl GroupLog {
     }
 
     fn meta(&self, group: GroupId) -> GroupMeta {
-        GroupMeta {
-            group,
-            last_purged: self.last_purged,
-            vote: self.vote.clone(),
-            committed: self.committed.clone(),
-        }
+        GroupMeta { group, last_purged: self.last_purged, vote: self.vote.clone(), committed: self.committed.clone() }
     }
 }
 
@@ -581,9 +576,7 @@ impl Wal {
             // is segment 1, which has nothing before it anyway; and it is durable because
             // it was written before the purge record the caller waited for.
             let seqs: Vec<u64> = st.segments.range(..min_live).map(|(s, _)| *s).collect();
-            seqs.into_iter()
-                .filter_map(|s| st.segments.remove(&s).map(|seg| (s, seg.path)))
-                .collect()
+            seqs.into_iter().filter_map(|s| st.segments.remove(&s).map(|seg| (s, seg.path))).collect()
         };
         for (_, path) in &victims {
             fs::remove_file(path).map_err(io_err(path))?;
@@ -702,7 +695,8 @@ fn replay_segment(
 ) -> Result<Option<u64>, WalError> {
     let mut data = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(io_err(path))?;
-    let corrupt = |offset: usize, reason: String| WalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, reason };
+    let corrupt =
+        |offset: usize, reason: String| WalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, reason };
 
     match record::decode_header(&data) {
         Ok(s) if s == seq => {}
