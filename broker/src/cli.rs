@@ -31,7 +31,7 @@ pub enum Cmd {
         #[arg(long, env = "HABAR_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: ConfigLayer,
+        settings: Box<ConfigLayer>,
     },
     /// Start a local cluster of child processes (3 nodes on loopback) and stop it on Ctrl-C.
     Dev(crate::dev::DevArgs),
@@ -133,7 +133,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { config, settings } => {
-            let cfg = NodeConfig::load(config.as_deref(), settings)?;
+            let cfg = NodeConfig::load(config.as_deref(), *settings)?;
             let filter =
                 tracing_subscriber::EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("setting `log`: {e}"))?;
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
@@ -302,7 +302,7 @@ mod tests {
         ])
         .unwrap();
         let Cmd::Serve { settings, .. } = cli.command else { panic!("serve") };
-        let cfg = NodeConfig::load(None, settings).unwrap();
+        let cfg = NodeConfig::load(None, *settings).unwrap();
         assert_eq!((cfg.id, cfg.shards, cfg.initial_cluster.len()), (2, 8, 2));
     }
 

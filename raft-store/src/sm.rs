@@ -328,7 +328,7 @@ impl StateStore {
     }
 
     /// Raw `(key, value)` pairs of a group's active data, for comparing replicas.
-    pub fn dump_group(&self, group: GroupId) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn dump_group(&self, group: GroupId) -> Result<Vec<crate::snapshot::Record>, StoreError> {
         let p = keys::gen_prefix(group, self.generation(group)?);
         let mut out = Vec::new();
         for item in self.inner.data.scan_prefix(p) {

@@ -23,6 +23,9 @@ use crate::error::StoreError;
 use crate::types::GroupId;
 use crate::types::SnapshotMeta;
 
+/// One `(key, value)` record of a snapshot.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 pub const MAGIC: &[u8; 8] = b"HABARSNP";
 pub const FORMAT_VERSION: u8 = 1;
 const TRAILER_MARK: u32 = u32::MAX;
@@ -180,7 +183,7 @@ impl SnapshotReader {
     }
 
     /// The next `(key, value)` record, or `None` after a valid trailer.
-    pub fn next_record(&mut self) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, StoreError> {
         if self.done {
             return Ok(None);
         }
