@@ -72,6 +72,9 @@ pub struct NodeConfig {
     pub max_ciphertext_bytes: usize,
     pub max_envelopes_per_request: usize,
     pub max_sender_bytes: usize,
+    /// Largest encoded request a client may send (one Publish becomes at most one Raft
+    /// entry per shard, which must fit a Raft message).
+    pub max_request_bytes: usize,
     pub read_default_limit: u32,
     pub read_max_limit: u32,
     /// Deadline of a call whose client set none.
@@ -100,6 +103,7 @@ impl Default for NodeConfig {
             max_ciphertext_bytes: 1 << 20,
             max_envelopes_per_request: 1000,
             max_sender_bytes: 1024,
+            max_request_bytes: 16 << 20,
             read_default_limit: 100,
             read_max_limit: 1000,
             request_timeout_ms: 10_000,
@@ -153,6 +157,8 @@ pub struct ConfigLayer {
     pub max_envelopes_per_request: Option<usize>,
     #[arg(long, env = "HABAR_MAX_SENDER_BYTES")]
     pub max_sender_bytes: Option<usize>,
+    #[arg(long, env = "HABAR_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
     #[arg(long, env = "HABAR_READ_DEFAULT_LIMIT")]
     pub read_default_limit: Option<u32>,
     #[arg(long, env = "HABAR_READ_MAX_LIMIT")]
@@ -180,7 +186,7 @@ impl NodeConfig {
             election_timeout_min_ms, election_timeout_max_ms, install_snapshot_timeout_ms,
             snapshot_logs_since_last, max_in_snapshot_log_to_keep, max_payload_entries,
             sled_cache_capacity_bytes, wal_segment_bytes, max_ciphertext_bytes,
-            max_envelopes_per_request, max_sender_bytes, read_default_limit, read_max_limit,
+            max_envelopes_per_request, max_sender_bytes, max_request_bytes, read_default_limit, read_max_limit,
             request_timeout_ms, log);
         Ok(())
     }
@@ -247,6 +253,10 @@ impl NodeConfig {
                 format!("{} is outside 1..=100000", self.max_envelopes_per_request),
             ));
         }
+        let cap = crate::raft_net::MAX_MESSAGE_BYTES / 2;
+        if self.max_request_bytes < 1024 || self.max_request_bytes > cap {
+            return Err(invalid("max_request_bytes", format!("{} is outside 1024..={cap}", self.max_request_bytes)));
+        }
         if self.read_default_limit == 0 || self.read_default_limit > self.read_max_limit {
             return Err(invalid(
                 "read_default_limit",
@@ -308,6 +318,19 @@ mod tests {
         assert_eq!(cfg.shards, 4, "the flag wins over the file");
         assert_eq!(cfg.election_timeout_min_ms, 300, "default");
         assert_eq!(cfg.initial_cluster.len(), 2);
+    }
+
+    /// The documented example must stay loadable and equal to the defaults it shows.
+    #[test]
+    fn the_example_file_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/habar.example.toml");
+        let cfg = NodeConfig::load(Some(&path), ConfigLayer::default()).unwrap();
+        let d = NodeConfig::default();
+        assert_eq!(
+            (cfg.shards, cfg.heartbeat_interval_ms, cfg.max_ciphertext_bytes),
+            (d.shards, d.heartbeat_interval_ms, d.max_ciphertext_bytes)
+        );
+        assert_eq!(cfg.initial_cluster.len(), 3);
     }
 
     #[test]

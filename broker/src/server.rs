@@ -148,7 +148,11 @@ pub async fn serve_node(
     let res = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(BrokerServer::new(BrokerService::new(node.clone())))
+        .add_service(
+            BrokerServer::new(BrokerService::new(node.clone()))
+                .max_decoding_message_size(node.cfg.max_request_bytes)
+                .max_encoding_message_size(crate::raft_net::MAX_MESSAGE_BYTES),
+        )
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
         .add_service(ForwarderService::new(node.clone()).into_server())
         .add_service(transport.into_server())

@@ -11,9 +11,10 @@
 //! group's order and a group's data is one contiguous range. The generation changes when a
 //! snapshot is installed (written beside the old data, then switched to atomically).
 //!
-//! Conversation ids are escaped order-preservingly (FoundationDB tuple style): each 0x00
-//! byte becomes 0x00 0xFF and the id ends with 0x00, so the order of encoded keys equals the
-//! order of `(group, conversation bytes, seq)`.
+//! Conversation ids are escaped order-preservingly: each 0x00 byte becomes 0x00 0xFF and the
+//! id ends with 0x00 0x01, so the order of encoded keys equals the order of
+//! `(group, conversation bytes, seq)`, and the end of the id cannot be mistaken for an
+//! escaped zero whatever bytes (a seq) follow it.
 //!
 //! Values: `[VALUE_FORMAT_V1 u8][crc32c u32 LE of the body][body]`, checked on every read.
 
@@ -50,14 +51,17 @@ pub fn group_prefix(group: GroupId) -> [u8; 5] {
     k
 }
 
+const ESCAPED_ZERO: u8 = 0xFF;
+const END: u8 = 0x01;
+
 fn push_escaped(out: &mut Vec<u8>, s: &[u8]) {
     for &b in s {
         out.push(b);
         if b == 0 {
-            out.push(0xFF);
+            out.push(ESCAPED_ZERO);
         }
     }
-    out.push(0);
+    out.extend_from_slice(&[0, END]);
 }
 
 /// Reads an escaped string from the front of `b`; returns it and the rest.
@@ -66,12 +70,15 @@ fn take_escaped(b: &[u8]) -> Result<(Vec<u8>, &[u8]), DecodeError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == 0 {
-            if b.get(i + 1) == Some(&0xFF) {
-                out.push(0);
-                i += 2;
-                continue;
+            match b.get(i + 1) {
+                Some(&ESCAPED_ZERO) => {
+                    out.push(0);
+                    i += 2;
+                    continue;
+                }
+                Some(&END) => return Ok((out, &b[i + 2..])),
+                other => return Err(DecodeError(format!("bad escape 0x00 {other:?} in a conversation id"))),
             }
-            return Ok((out, &b[i + 1..]));
         }
         out.push(b[i]);
         i += 1;
@@ -86,7 +93,7 @@ pub fn meta_key(group: GroupId, generation: u32) -> Vec<u8> {
 }
 
 pub fn conv_key(group: GroupId, generation: u32, conversation: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(GEN_PREFIX_LEN + 2 + conversation.len());
+    let mut k = Vec::with_capacity(GEN_PREFIX_LEN + 3 + conversation.len());
     k.extend_from_slice(&gen_prefix(group, generation));
     k.push(KIND_CONV);
     push_escaped(&mut k, conversation);
@@ -94,7 +101,7 @@ pub fn conv_key(group: GroupId, generation: u32, conversation: &[u8]) -> Vec<u8>
 }
 
 pub fn env_key(group: GroupId, generation: u32, conversation: &[u8], seq: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(GEN_PREFIX_LEN + 10 + conversation.len());
+    let mut k = Vec::with_capacity(GEN_PREFIX_LEN + 11 + conversation.len());
     k.extend_from_slice(&gen_prefix(group, generation));
     k.push(KIND_ENV);
     push_escaped(&mut k, conversation);
@@ -188,6 +195,20 @@ mod tests {
             let _ = decode_key(&k);
             let _ = decode_value(&k);
         }
+    }
+
+    /// Regression: a seq whose first byte is 0xFF right after the id's end must not read
+    /// as an escaped zero (found by the property test with a one-byte terminator).
+    #[test]
+    fn id_end_is_unambiguous_before_any_seq() {
+        for conv in [&b""[..], b"\0", b"a\0", b"\0\xFF"] {
+            let k = env_key(1, 1, conv, u64::MAX);
+            assert_eq!(
+                decode_key(&k).unwrap(),
+                Key::Env { group: 1, generation: 1, conversation: conv.to_vec(), seq: u64::MAX }
+            );
+        }
+        assert!(env_key(1, 1, b"a", u64::MAX) < env_key(1, 1, b"a\0", 0));
     }
 
     #[test]
