@@ -128,6 +128,18 @@ fn decode_envelope(key: &[u8], v: &[u8], conversation_id: &str, seq: u64) -> Res
 
 type AppliedState = (Option<LogId>, StoredMembership);
 
+/// Crash-test hook: when the environment variable `HABAR_TEST_CRASH_IN_INSTALL` names this
+/// point of a snapshot install, the process flushes sled (so what was written so far is on
+/// disk, the worst case for atomicity) and aborts. Read once; unset in production.
+fn crash_point(point: &str, db: &sled::Db) {
+    static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_IN_INSTALL").ok());
+    if wanted.as_deref() == Some(point) {
+        let _ = db.flush();
+        std::process::abort();
+    }
+}
+
 impl StateStore {
     /// Opens (or creates) the store in `dir`. `cache_capacity` is sled's page cache in bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
@@ -486,6 +498,7 @@ impl StateStore {
         }
         let mut batch = sled::Batch::default();
         let (mut n, mut bytes) = (0usize, 0usize);
+        let mut batches = 0usize;
         while let Some((k, v)) = reader.next_record()? {
             let mut key = Vec::with_capacity(keys::GEN_PREFIX_LEN + k.len());
             key.extend_from_slice(&new_prefix);
@@ -498,6 +511,10 @@ impl StateStore {
                 self.inner.data.apply_batch(std::mem::take(&mut batch))?;
                 n = 0;
                 bytes = 0;
+                batches += 1;
+                if batches == 1 {
+                    crash_point("mid_write", &self.inner.db);
+                }
             }
         }
         let state = postcard::to_allocvec(&(meta.last_log_id, meta.last_membership.clone()))
@@ -507,11 +524,10 @@ impl StateStore {
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
         self.inner.db.flush()?;
-        if std::env::var_os("HABAR_TEST_CRASH_BEFORE_SNAPSHOT_SWITCH").is_some() {
-            std::process::abort();
-        }
+        crash_point("before_switch", &self.inner.db);
         self.inner.heads.insert(group.to_be_bytes(), keys::encode_value(&u64::from(new).to_be_bytes()))?;
         self.inner.db.flush()?;
+        crash_point("after_switch", &self.inner.db);
         rt.generation.store(new, Ordering::Release);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
 

@@ -4,12 +4,16 @@
 use std::io::Read;
 use std::path::Path;
 
+use habar_raft_store::snapshot::SnapshotReader;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::Entry;
 use habar_raft_store::types::EntryPayload;
 use habar_raft_store::types::LogId;
+use habar_raft_store::types::Membership;
 use habar_raft_store::types::NewEnvelope;
+use habar_raft_store::types::NodeAddr;
 use habar_raft_store::GroupStateMachine;
+use habar_raft_store::SnapshotData;
 use habar_raft_store::StateStore;
 use habar_raft_store::StoreError;
 use openraft::storage::RaftStateMachine;
@@ -51,7 +55,7 @@ fn open(dir: &Path) -> StateStore {
 
 /// Property: the same entries applied on two stores give byte-identical group data.
 #[tokio::test]
-async fn apply_is_deterministic() {
+async fn sm_apply_is_deterministic() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (s1, s2) = (open(d1.path()), open(d2.path()));
     let (mut a, mut b) = (s1.group(3).unwrap(), s2.group(3).unwrap());
@@ -65,14 +69,26 @@ async fn apply_is_deterministic() {
     assert_eq!(x, y);
 }
 
-/// Property: seqs are dense from 1 per conversation, and survive reopening the store.
+fn membership() -> Membership {
+    let nodes = (1..=3u64).map(|n| (n, NodeAddr::new(format!("10.0.0.{n}:7000"))));
+    Membership::new(vec![(1..=3u64).collect()], nodes.collect::<std::collections::BTreeMap<_, _>>()).unwrap()
+}
+
+/// Property: seqs are dense from 1 per conversation; they, the applied log id and the
+/// membership survive reopening the store; reads honour from_seq and limit.
 #[tokio::test]
 async fn seqs_are_dense_per_conversation_and_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
         let s = open(dir.path());
         let mut sm = s.group(1).unwrap();
-        apply(&mut sm, entries(1, 50)).await;
+        // A blank and a membership entry first: they move the applied state too.
+        let mut es = vec![
+            Entry { log_id: LogId::new_term_index(1, 1), payload: EntryPayload::Blank },
+            Entry { log_id: LogId::new_term_index(1, 2), payload: EntryPayload::Membership(membership()) },
+        ];
+        es.extend(entries(3, 48));
+        apply(&mut sm, es).await;
         s.flush().unwrap();
     }
     let s = open(dir.path());
@@ -93,10 +109,14 @@ async fn seqs_are_dense_per_conversation_and_survive_reopen() {
             total += all.len();
         }
     }
-    assert_eq!(total, 150);
+    assert_eq!(total, 144);
     assert_eq!(s.applied(1).unwrap(), Some(LogId::new_term_index(1, 50)));
     let mut sm = s.group(1).unwrap();
-    assert_eq!(sm.applied_state().await.unwrap().0, Some(LogId::new_term_index(1, 50)));
+    let (applied, m) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(LogId::new_term_index(1, 50)));
+    assert_eq!(m.log_id(), &Some(LogId::new_term_index(1, 2)));
+    assert_eq!(m.membership(), &membership());
+    assert_eq!(*s.watch_applied(1).unwrap().borrow(), 50, "the watch starts at the durable applied index");
 }
 
 /// Property: a snapshot built on one store and streamed in chunks into another gives an
@@ -127,15 +147,24 @@ async fn snapshot_round_trip_and_damage_detection() {
 
     for damage in ["flip", "truncate"] {
         let mut bad = bytes.clone();
-        match damage {
-            "flip" => bad[bytes.len() / 2] ^= 0x10,
-            _ => bad.truncate(bytes.len() - 9),
-        }
+        // Where the damage is: the reported offset is that of the record holding it (or
+        // of the missing trailer), so at most this and not far before it.
+        let at = match damage {
+            "flip" => {
+                bad[bytes.len() / 2] ^= 0x10;
+                bytes.len() / 2
+            }
+            _ => {
+                bad.truncate(bytes.len() - 9);
+                bad.len()
+            }
+        } as u64;
         let mut w = s2.snapshot_writer(5).unwrap();
         w.write_chunk(&bad).unwrap();
         match w.finish() {
-            Err(StoreError::Corrupt { what, .. }) => {
-                assert!(what.contains("recv-g5"), "{damage}: names the file: {what}")
+            Err(StoreError::Corrupt { what, offset, .. }) => {
+                assert!(what.contains("recv-g5"), "{damage}: names the file: {what}");
+                assert!(offset <= at && at - offset < 600, "{damage}: offset {offset} for damage at {at}");
             }
             Err(e) => panic!("{damage}: expected corruption, got {e}"),
             Ok(_) => panic!("{damage}: a damaged snapshot must be rejected"),
@@ -143,48 +172,80 @@ async fn snapshot_round_trip_and_damage_detection() {
     }
 }
 
-/// Property: a crash in the middle of installing a snapshot (after the new data is written,
-/// before the switch) leaves the old state intact, and the half-written data is removed on
-/// the next open. The crash is a real `abort()` of a child process.
+/// The points of an install at which the child process aborts (see `crash_point` in sm.rs).
+const CRASH_POINTS: [&str; 3] = ["mid_write", "before_switch", "after_switch"];
+
+/// Child half of `crash_mid_install_leaves_old_or_new_state_never_mixed`: installs the
+/// snapshot file into the store at `dst`, and aborts at the point named by the env.
+fn crash_child(snapshot: &Path, dst: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let meta = SnapshotReader::open(snapshot).unwrap().meta;
+        let len = std::fs::metadata(snapshot).unwrap().len();
+        let store = open(dst);
+        let mut sm = store.group(2).unwrap();
+        sm.install_snapshot(&meta, SnapshotData::new(snapshot.to_path_buf(), len)).await.unwrap();
+    });
+}
+
+/// Property: a crash at any point of a snapshot install (new generation half written,
+/// fully written but not switched to, switched to but the old one not yet deleted) leaves
+/// either the whole old state or the whole new state, never a mix, and the next open
+/// removes the other generation. The crash is a real `abort()` of a child process.
 #[test]
-fn crash_mid_install_leaves_the_old_state() {
-    if let Ok(dir) = std::env::var("HABAR_SM_CRASH_CHILD") {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let dir = Path::new(&dir);
-            let src = open(&dir.join("src"));
-            let mut a = src.group(2).unwrap();
-            apply(&mut a, entries(1, 60)).await;
-            let snap = a.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
-            let dst = open(&dir.join("dst"));
-            let mut b = dst.group(2).unwrap();
-            // The child aborts inside install (HABAR_TEST_CRASH_BEFORE_SNAPSHOT_SWITCH).
-            b.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
-        });
+fn crash_mid_install_leaves_old_or_new_state_never_mixed() {
+    if let (Ok(snap), Ok(dst)) = (std::env::var("HABAR_SM_CRASH_SNAPSHOT"), std::env::var("HABAR_SM_CRASH_DST")) {
+        crash_child(Path::new(&snap), Path::new(&dst));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let before = {
-        let rt = tokio::runtime::Runtime::new().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The new state: big enough that the install writes several bounded batches.
+    let (new_state, snap) = rt.block_on(async {
+        let src = open(&dir.path().join("src"));
+        let mut a = src.group(2).unwrap();
+        apply(&mut a, entries(1, 800)).await;
+        let snap = a.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
+        (src.dump_group(2).unwrap(), snap)
+    });
+    assert!(new_state.len() > 2048, "the install must span more than one bounded batch");
+    for point in CRASH_POINTS {
+        let dst = dir.path().join(format!("dst-{point}"));
+        let old_state = rt.block_on(async {
+            let store = open(&dst);
+            let mut b = store.group(2).unwrap();
+            apply(&mut b, entries(5000, 4)).await;
+            store.flush().unwrap();
+            store.dump_group(2).unwrap()
+        });
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "crash_mid_install_leaves_old_or_new_state_never_mixed", "--test-threads=1"])
+            .env("HABAR_SM_CRASH_SNAPSHOT", snap.snapshot.path())
+            .env("HABAR_SM_CRASH_DST", &dst)
+            .env("HABAR_TEST_CRASH_IN_INSTALL", point)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "{point}: the child must have crashed mid-install");
+
+        let store = open(&dst);
+        let (state, applied) = (store.dump_group(2).unwrap(), store.applied(2).unwrap());
+        if point == "after_switch" {
+            assert_eq!(state, new_state, "{point}: the switched-to state is whole");
+            assert_eq!(applied, snap.meta.last_log_id);
+        } else {
+            assert_eq!(state, old_state, "{point}: the old state is intact");
+            assert_eq!(applied, Some(LogId::new_term_index(1, 5003)));
+        }
+        assert_eq!(store.raw_key_count(2), state.len(), "{point}: the other generation was removed on open");
+
+        // The recovered store installs the snapshot normally afterwards.
         rt.block_on(async {
-            let dst = open(&dir.path().join("dst"));
-            let mut b = dst.group(2).unwrap();
-            apply(&mut b, entries(500, 4)).await;
-            dst.flush().unwrap();
-            dst.dump_group(2).unwrap()
-        })
-    };
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_mid_install_leaves_the_old_state", "--test-threads=1"])
-        .env("HABAR_SM_CRASH_CHILD", dir.path())
-        .env("HABAR_TEST_CRASH_BEFORE_SNAPSHOT_SWITCH", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success(), "the child must have crashed mid-install");
-    let dst = open(&dir.path().join("dst"));
-    assert_eq!(dst.dump_group(2).unwrap(), before, "old state intact after a crash mid-install");
-    assert_eq!(dst.applied(2).unwrap(), Some(LogId::new_term_index(1, 503)));
-    assert_eq!(dst.raw_key_count(2), before.len(), "the half-installed generation was removed on open");
+            let mut sm = store.group(2).unwrap();
+            sm.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+        });
+        assert_eq!(store.dump_group(2).unwrap(), new_state, "{point}: reinstall after recovery");
+        assert_eq!(store.raw_key_count(2), new_state.len());
+    }
 }
