@@ -25,7 +25,14 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { setting, reason: reason.into() }
 }
 
-/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
+/// `host:port` with a non-empty host and a port in 1..=65535 (`[::1]:7001` too).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p != 0)
+    })
+}
+
+/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`; errors name the bad part.
 pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -39,7 +46,7 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigErr
             return Err(invalid("initial_cluster", format!("node id 0 in `{part}` is reserved; ids start at 1")));
         }
         let addr = addr.trim();
-        if addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if !is_host_port(addr) {
             return Err(invalid("initial_cluster", format!("`{addr}` in `{part}` is not `host:port`")));
         }
         if out.insert(id, addr.to_string()).is_some() {
@@ -49,14 +56,46 @@ pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>, ConfigErr
     Ok(out)
 }
 
+/// Formats a cluster map the way [`parse_initial_cluster`] reads it.
+pub fn format_initial_cluster(m: &BTreeMap<u64, String>) -> String {
+    m.iter().map(|(id, addr)| format!("{id}={addr}")).collect::<Vec<_>>().join(",")
+}
+
+/// `initial_cluster` is written as one `1=host:port,...` string in files, the environment
+/// and flags alike (TOML has no integer keys).
+mod cluster_string {
+    use std::collections::BTreeMap;
+
+    use serde::Deserialize;
+    use serde::Deserializer;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<u64, String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_initial_cluster(m))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u64, String>, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_initial_cluster(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Every setting of a node. Units are in the names.
+///
+/// Serialized (e.g. by `habar serve --print-config`) it is a valid config file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub id: u64,
     /// The one gRPC address for clients and peers.
     pub listen: SocketAddr,
+    /// The address peers and clients use to reach this node, when it differs from `listen`
+    /// (e.g. listening on 0.0.0.0). See [`NodeConfig::advertise_addr`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
     pub data_dir: PathBuf,
     /// Used only when the node's storage is empty.
+    #[serde(with = "cluster_string")]
     pub initial_cluster: BTreeMap<u64, String>,
     /// Fixed at cluster creation.
     pub shards: u32,
@@ -88,6 +127,7 @@ impl Default for NodeConfig {
         Self {
             id: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            advertise: None,
             data_dir: PathBuf::from("./habar-data"),
             initial_cluster: BTreeMap::new(),
             shards: 16,
@@ -122,6 +162,10 @@ pub struct ConfigLayer {
     /// gRPC listen address (clients and peers), e.g. 127.0.0.1:7001.
     #[arg(long, env = "HABAR_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// host:port peers and clients use to reach this node (default: its initial_cluster
+    /// entry, else listen).
+    #[arg(long, env = "HABAR_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Directory of this node's WAL, state machine and snapshots.
     #[arg(long, env = "HABAR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -131,12 +175,16 @@ pub struct ConfigLayer {
     /// Number of shards (Raft groups); fixed at cluster creation.
     #[arg(long, env = "HABAR_SHARDS")]
     pub shards: Option<u32>,
+    /// Leader heartbeat period, ms (LAN 50; WAN ~2-3 x RTT).
     #[arg(long, env = "HABAR_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
+    /// Lower bound of the randomized election timeout, ms; above the heartbeat.
     #[arg(long, env = "HABAR_ELECTION_TIMEOUT_MIN_MS")]
     pub election_timeout_min_ms: Option<u64>,
+    /// Upper bound of the randomized election timeout, ms; above the minimum.
     #[arg(long, env = "HABAR_ELECTION_TIMEOUT_MAX_MS")]
     pub election_timeout_max_ms: Option<u64>,
+    /// Time allowed for one snapshot transfer message, ms.
     #[arg(long, env = "HABAR_INSTALL_SNAPSHOT_TIMEOUT_MS")]
     pub install_snapshot_timeout_ms: Option<u64>,
     /// Build a snapshot after this many applied entries since the last one.
@@ -145,24 +193,34 @@ pub struct ConfigLayer {
     /// Entries kept in the log behind a snapshot (for slow followers).
     #[arg(long, env = "HABAR_MAX_IN_SNAPSHOT_LOG_TO_KEEP")]
     pub max_in_snapshot_log_to_keep: Option<u64>,
+    /// Most log entries in one AppendEntries message.
     #[arg(long, env = "HABAR_MAX_PAYLOAD_ENTRIES")]
     pub max_payload_entries: Option<u64>,
+    /// sled's page cache, bytes.
     #[arg(long, env = "HABAR_SLED_CACHE_CAPACITY_BYTES")]
     pub sled_cache_capacity_bytes: Option<u64>,
+    /// Size at which a new WAL segment starts, bytes.
     #[arg(long, env = "HABAR_WAL_SEGMENT_BYTES")]
     pub wal_segment_bytes: Option<u64>,
+    /// Largest ciphertext of one envelope, bytes.
     #[arg(long, env = "HABAR_MAX_CIPHERTEXT_BYTES")]
     pub max_ciphertext_bytes: Option<usize>,
+    /// Most envelopes in one Publish.
     #[arg(long, env = "HABAR_MAX_ENVELOPES_PER_REQUEST")]
     pub max_envelopes_per_request: Option<usize>,
+    /// Largest sender field of one envelope, bytes.
     #[arg(long, env = "HABAR_MAX_SENDER_BYTES")]
     pub max_sender_bytes: Option<usize>,
+    /// Largest encoded client request, bytes.
     #[arg(long, env = "HABAR_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
+    /// Envelopes returned by a Read that asks for limit 0.
     #[arg(long, env = "HABAR_READ_DEFAULT_LIMIT")]
     pub read_default_limit: Option<u32>,
+    /// Most envelopes returned by one Read (larger limits are capped).
     #[arg(long, env = "HABAR_READ_MAX_LIMIT")]
     pub read_max_limit: Option<u32>,
+    /// Deadline of a call whose client set none, ms.
     #[arg(long, env = "HABAR_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
     /// tracing filter (e.g. `info`, `habar_broker=debug`).
@@ -181,6 +239,9 @@ impl NodeConfig {
     pub fn merge(&mut self, layer: ConfigLayer) -> Result<(), ConfigError> {
         if let Some(s) = &layer.initial_cluster {
             self.initial_cluster = parse_initial_cluster(s)?;
+        }
+        if let Some(a) = layer.advertise {
+            self.advertise = Some(a);
         }
         merge_fields!(self, layer; id, listen, data_dir, shards, heartbeat_interval_ms,
             election_timeout_min_ms, election_timeout_max_ms, install_snapshot_timeout_ms,
@@ -238,8 +299,28 @@ impl NodeConfig {
         if self.initial_cluster.is_empty() {
             return Err(invalid("initial_cluster", "is empty; give at least this node, e.g. `1=127.0.0.1:7001`"));
         }
-        if !self.initial_cluster.contains_key(&self.id) {
-            return Err(invalid("initial_cluster", format!("does not contain this node's id {}", self.id)));
+        let Some(own) = self.initial_cluster.get(&self.id) else {
+            return Err(invalid(
+                "initial_cluster",
+                format!(
+                    "`{}` does not contain this node's id {}",
+                    format_initial_cluster(&self.initial_cluster),
+                    self.id
+                ),
+            ));
+        };
+        if let Some(a) = &self.advertise {
+            if !is_host_port(a) {
+                return Err(invalid("advertise", format!("`{a}` is not `host:port`")));
+            }
+            // Peers dial the initial_cluster entry; a different advertised address would
+            // mean clients and peers disagree on where this node is.
+            if a != own {
+                return Err(invalid(
+                    "advertise",
+                    format!("`{a}` differs from this node's initial_cluster entry `{}={own}`", self.id),
+                ));
+            }
         }
         if self.max_ciphertext_bytes == 0 || self.max_ciphertext_bytes > 32 << 20 {
             return Err(invalid(
@@ -257,6 +338,21 @@ impl NodeConfig {
         if self.max_request_bytes < 1024 || self.max_request_bytes > cap {
             return Err(invalid("max_request_bytes", format!("{} is outside 1024..={cap}", self.max_request_bytes)));
         }
+        if self.max_ciphertext_bytes >= self.max_request_bytes {
+            return Err(invalid(
+                "max_ciphertext_bytes",
+                format!(
+                    "{} must be below max_request_bytes ({}), or no envelope that large could be sent",
+                    self.max_ciphertext_bytes, self.max_request_bytes
+                ),
+            ));
+        }
+        if self.max_sender_bytes == 0 || self.max_sender_bytes > 64 << 10 {
+            return Err(invalid("max_sender_bytes", format!("{} is outside 1..=65536", self.max_sender_bytes)));
+        }
+        if self.read_max_limit == 0 || self.read_max_limit > 100_000 {
+            return Err(invalid("read_max_limit", format!("{} is outside 1..=100000", self.read_max_limit)));
+        }
         if self.read_default_limit == 0 || self.read_default_limit > self.read_max_limit {
             return Err(invalid(
                 "read_default_limit",
@@ -266,6 +362,18 @@ impl NodeConfig {
         if self.wal_segment_bytes < 1 << 20 {
             return Err(invalid("wal_segment_bytes", format!("{} is below 1048576", self.wal_segment_bytes)));
         }
+        if self.sled_cache_capacity_bytes < 1 << 20 {
+            return Err(invalid(
+                "sled_cache_capacity_bytes",
+                format!("{} is below 1048576", self.sled_cache_capacity_bytes),
+            ));
+        }
+        if self.max_payload_entries == 0 {
+            return Err(invalid("max_payload_entries", "must be above 0"));
+        }
+        if self.install_snapshot_timeout_ms == 0 {
+            return Err(invalid("install_snapshot_timeout_ms", "must be above 0"));
+        }
         if self.snapshot_logs_since_last == 0 {
             return Err(invalid("snapshot_logs_since_last", "must be above 0"));
         }
@@ -273,6 +381,20 @@ impl NodeConfig {
             return Err(invalid("request_timeout_ms", "must be above 0"));
         }
         Ok(())
+    }
+
+    /// The address peers and clients use to reach this node: `advertise`, else this node's
+    /// `initial_cluster` entry, else `listen`.
+    pub fn advertise_addr(&self) -> String {
+        self.advertise
+            .clone()
+            .or_else(|| self.initial_cluster.get(&self.id).cloned())
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The configuration as a TOML config file (what `habar serve --print-config` shows).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| invalid("(all)", format!("cannot be written as TOML: {e}")))
     }
 
     /// Small, fast settings for in-process tests.
@@ -302,8 +424,10 @@ mod tests {
         ConfigLayer { initial_cluster: Some(initial.into()), ..Default::default() }
     }
 
+    /// (Environment variables are tested through the binary in `tests/config_precedence.rs`,
+    /// which does not have to change this process's environment.)
     #[test]
-    fn file_then_environment_and_flags_take_precedence() {
+    fn flags_take_precedence_over_the_file_which_takes_precedence_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
         std::fs::write(
@@ -322,49 +446,138 @@ mod tests {
 
     /// The documented example must stay loadable and equal to the defaults it shows.
     #[test]
-    fn the_example_file_loads() {
+    fn the_example_file_loads_and_shows_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/habar.example.toml");
         let cfg = NodeConfig::load(Some(&path), ConfigLayer::default()).unwrap();
-        let d = NodeConfig::default();
-        assert_eq!(
-            (cfg.shards, cfg.heartbeat_interval_ms, cfg.max_ciphertext_bytes),
-            (d.shards, d.heartbeat_interval_ms, d.max_ciphertext_bytes)
-        );
-        assert_eq!(cfg.initial_cluster.len(), 3);
+        let want = NodeConfig {
+            initial_cluster: parse_initial_cluster("1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003").unwrap(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(cfg, want);
     }
 
     #[test]
-    fn unknown_settings_in_the_file_are_errors() {
+    fn printed_config_loads_back_to_the_same_config() {
+        let mut cfg = NodeConfig::for_test(
+            3,
+            "0.0.0.0:7003".parse().unwrap(),
+            PathBuf::from("/var/lib/habar"),
+            parse_initial_cluster("1=a:7001,2=b:7002,3=c:7003").unwrap(),
+        );
+        cfg.advertise = Some("c:7003".into());
+        cfg.log = "debug".into();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("printed.toml");
+        std::fs::write(&path, cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(NodeConfig::load(Some(&path), ConfigLayer::default()).unwrap(), cfg);
+        // NodeConfig also reads its own output directly.
+        let direct: NodeConfig = toml::from_str(&cfg.to_toml().unwrap()).unwrap();
+        assert_eq!(direct, cfg);
+    }
+
+    #[test]
+    fn unknown_settings_in_the_file_are_errors_naming_them() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
         std::fs::write(&path, "heartbeat_ms = 5\n").unwrap();
         let err = NodeConfig::load(Some(&path), layer("1=127.0.0.1:1")).unwrap_err().to_string();
-        assert!(err.contains("heartbeat_ms"), "{err}");
+        assert!(err.contains("heartbeat_ms") && err.contains("node.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_naming_the_path() {
+        let err = NodeConfig::load(Some(Path::new("/nonexistent/habar.toml")), layer("1=a:1")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/habar.toml"), "{err}");
     }
 
     #[test]
     fn validation_names_the_setting_and_the_limit() {
         let cases: Vec<(ConfigLayer, &str)> = vec![
-            (ConfigLayer { shards: Some(0), ..layer("1=a:1") }, "shards"),
-            (ConfigLayer { shards: Some(5000), ..layer("1=a:1") }, "1..=1024"),
-            (ConfigLayer { election_timeout_min_ms: Some(40), ..layer("1=a:1") }, "election_timeout_min_ms"),
+            (ConfigLayer { id: Some(0), ..layer("1=a:1") }, "setting `id`"),
+            (ConfigLayer { shards: Some(0), ..layer("1=a:1") }, "setting `shards`: 0 is outside 1..=1024"),
+            (ConfigLayer { shards: Some(5000), ..layer("1=a:1") }, "5000 is outside 1..=1024"),
+            (
+                ConfigLayer { election_timeout_min_ms: Some(40), ..layer("1=a:1") },
+                "setting `election_timeout_min_ms`: 40 must be above heartbeat_interval_ms (50)",
+            ),
             (
                 ConfigLayer {
                     election_timeout_min_ms: Some(500),
                     election_timeout_max_ms: Some(400),
                     ..layer("1=a:1")
                 },
-                "election_timeout_max_ms",
+                "setting `election_timeout_max_ms`: 400 must be above election_timeout_min_ms (500)",
             ),
-            (layer("2=a:1"), "does not contain this node's id 1"),
-            (layer("1=a"), "host:port"),
-            (layer("x=a:1"), "not a node id"),
-            (layer("1=a:1,1=b:2"), "twice"),
-            (ConfigLayer { max_ciphertext_bytes: Some(0), ..layer("1=a:1") }, "max_ciphertext_bytes"),
+            (ConfigLayer { heartbeat_interval_ms: Some(0), ..layer("1=a:1") }, "heartbeat_interval_ms"),
+            (layer(""), "setting `initial_cluster`: is empty"),
+            (layer("2=a:1"), "`2=a:1` does not contain this node's id 1"),
+            (layer("1=a"), "`a` in `1=a` is not `host:port`"),
+            (layer("1=a:0"), "is not `host:port`"),
+            (layer("1=:7001"), "is not `host:port`"),
+            (layer("1=a:1,2"), "`2` is not `<id>=<host:port>`"),
+            (layer("x=a:1"), "`x` in `x=a:1` is not a node id"),
+            (layer("0=a:1"), "node id 0"),
+            (layer("1=a:1,1=b:2"), "node id 1 appears twice"),
+            (ConfigLayer { advertise: Some("b:2".into()), ..layer("1=a:1") }, "setting `advertise`: `b:2` differs"),
+            (ConfigLayer { advertise: Some("nope".into()), ..layer("1=a:1") }, "`nope` is not `host:port`"),
+            (ConfigLayer { max_ciphertext_bytes: Some(0), ..layer("1=a:1") }, "setting `max_ciphertext_bytes`"),
+            (
+                ConfigLayer { max_ciphertext_bytes: Some(20 << 20), ..layer("1=a:1") },
+                "must be below max_request_bytes (16777216)",
+            ),
+            (ConfigLayer { max_envelopes_per_request: Some(0), ..layer("1=a:1") }, "max_envelopes_per_request"),
+            (ConfigLayer { max_request_bytes: Some(10), ..layer("1=a:1") }, "setting `max_request_bytes`"),
+            (ConfigLayer { max_sender_bytes: Some(0), ..layer("1=a:1") }, "setting `max_sender_bytes`"),
+            (ConfigLayer { read_max_limit: Some(0), ..layer("1=a:1") }, "setting `read_max_limit`"),
+            (
+                ConfigLayer { read_default_limit: Some(2000), ..layer("1=a:1") },
+                "setting `read_default_limit`: 2000 must be in 1..=read_max_limit (1000)",
+            ),
+            (ConfigLayer { wal_segment_bytes: Some(4096), ..layer("1=a:1") }, "setting `wal_segment_bytes`"),
+            (ConfigLayer { sled_cache_capacity_bytes: Some(1), ..layer("1=a:1") }, "sled_cache_capacity_bytes"),
+            (ConfigLayer { max_payload_entries: Some(0), ..layer("1=a:1") }, "max_payload_entries"),
+            (ConfigLayer { install_snapshot_timeout_ms: Some(0), ..layer("1=a:1") }, "install_snapshot_timeout_ms"),
+            (ConfigLayer { snapshot_logs_since_last: Some(0), ..layer("1=a:1") }, "snapshot_logs_since_last"),
+            (ConfigLayer { request_timeout_ms: Some(0), ..layer("1=a:1") }, "request_timeout_ms"),
         ];
         for (l, want) in cases {
             let err = NodeConfig::load(None, l).unwrap_err().to_string();
             assert!(err.contains(want), "expected `{want}` in `{err}`");
         }
+    }
+
+    #[test]
+    fn a_cluster_spec_parses_with_spaces_and_ipv6() {
+        let m = parse_initial_cluster(" 1=127.0.0.1:7001 , 2=[::1]:7002,3=node-3.example:7003,").unwrap();
+        assert_eq!(m.get(&2).map(String::as_str), Some("[::1]:7002"));
+        assert_eq!(m.len(), 3);
+        assert_eq!(format_initial_cluster(&m), "1=127.0.0.1:7001,2=[::1]:7002,3=node-3.example:7003");
+    }
+
+    #[test]
+    fn advertised_address_defaults_to_the_cluster_entry_then_listen() {
+        let mut cfg = NodeConfig::for_test(
+            2,
+            "0.0.0.0:7002".parse().unwrap(),
+            PathBuf::from("d"),
+            parse_initial_cluster("1=h1:7001,2=h2:7002").unwrap(),
+        );
+        assert_eq!(cfg.advertise_addr(), "h2:7002");
+        cfg.initial_cluster.clear();
+        assert_eq!(cfg.advertise_addr(), "0.0.0.0:7002");
+        cfg.advertise = Some("h2:7002".into());
+        assert_eq!(cfg.advertise_addr(), "h2:7002");
+    }
+
+    #[test]
+    fn the_test_settings_are_valid() {
+        let cfg = NodeConfig::for_test(
+            1,
+            "127.0.0.1:0".parse().unwrap(),
+            PathBuf::from("d"),
+            parse_initial_cluster("1=127.0.0.1:1").unwrap(),
+        );
+        cfg.validate().unwrap();
+        NodeConfig { initial_cluster: cfg.initial_cluster.clone(), ..NodeConfig::default() }.validate().unwrap();
     }
 }

@@ -12,9 +12,12 @@ use crate::config::NodeConfig;
 /// Conversation ids are 1..=256 bytes: fixed by the API.
 pub const MAX_CONVERSATION_ID_BYTES: usize = 256;
 
+/// The limits a request is checked against (see [`Limits::from_config`]).
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_ciphertext_bytes: usize,
+    /// Always [`MAX_CONVERSATION_ID_BYTES`]: part of the API, not a setting.
+    pub max_conversation_id_bytes: usize,
     pub max_envelopes_per_request: usize,
     pub max_sender_bytes: usize,
     pub read_default_limit: u32,
@@ -25,6 +28,7 @@ impl Limits {
     pub fn from_config(cfg: &NodeConfig) -> Self {
         Self {
             max_ciphertext_bytes: cfg.max_ciphertext_bytes,
+            max_conversation_id_bytes: MAX_CONVERSATION_ID_BYTES,
             max_envelopes_per_request: cfg.max_envelopes_per_request,
             max_sender_bytes: cfg.max_sender_bytes,
             read_default_limit: cfg.read_default_limit,
@@ -33,11 +37,12 @@ impl Limits {
     }
 }
 
-fn conversation_id(field: &str, id: &str) -> Result<(), Status> {
-    if id.is_empty() || id.len() > MAX_CONVERSATION_ID_BYTES {
+fn conversation_id(field: &dyn std::fmt::Display, id: &str, limits: &Limits) -> Result<(), Status> {
+    if id.is_empty() || id.len() > limits.max_conversation_id_bytes {
         return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes; it must be 1..={MAX_CONVERSATION_ID_BYTES} bytes",
-            id.len()
+            "{field} is {} bytes; it must be 1..={} bytes",
+            id.len(),
+            limits.max_conversation_id_bytes
         )));
     }
     Ok(())
@@ -58,7 +63,7 @@ pub fn publish_request(req: pb::PublishRequest, limits: &Limits) -> Result<Vec<N
     }
     let mut out = Vec::with_capacity(n);
     for (i, e) in req.envelopes.into_iter().enumerate() {
-        conversation_id(&format!("envelopes[{i}].conversation_id"), &e.conversation_id)?;
+        conversation_id(&format_args!("envelopes[{i}].conversation_id"), &e.conversation_id, limits)?;
         let message_id: [u8; MESSAGE_ID_LEN] = e.message_id.as_ref().try_into().map_err(|_| {
             Status::invalid_argument(format!(
                 "envelopes[{i}].message_id is {} bytes; it must be exactly {MESSAGE_ID_LEN} bytes",
@@ -92,15 +97,16 @@ pub fn publish_request(req: pb::PublishRequest, limits: &Limits) -> Result<Vec<N
 
 /// Validates a `Read`; returns the effective limit (0 → default, above max → max).
 pub fn read_request(req: &pb::ReadRequest, limits: &Limits) -> Result<u32, Status> {
-    conversation_id("conversation_id", &req.conversation_id)?;
+    conversation_id(&"conversation_id", &req.conversation_id, limits)?;
     Ok(match req.limit {
         0 => limits.read_default_limit,
         l => l.min(limits.read_max_limit),
     })
 }
 
-pub fn subscribe_request(req: &pb::SubscribeRequest, _limits: &Limits) -> Result<(), Status> {
-    conversation_id("conversation_id", &req.conversation_id)
+/// Validates a `Subscribe` (it has no limit: the stream is paced by the client's flow control).
+pub fn subscribe_request(req: &pb::SubscribeRequest, limits: &Limits) -> Result<(), Status> {
+    conversation_id(&"conversation_id", &req.conversation_id, limits)
 }
 
 #[cfg(test)]
@@ -121,39 +127,132 @@ mod tests {
         }
     }
 
+    /// The message of the INVALID_ARGUMENT a request fails with.
     fn err(envs: Vec<pb::Envelope>) -> String {
         let s = publish_request(pb::PublishRequest { envelopes: envs }, &limits()).unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         s.message().to_string()
     }
 
-    #[test]
-    fn each_bad_field_is_named_with_its_limit() {
-        assert!(err(vec![]).contains("envelopes is empty"));
-        assert!(err(vec![pb::Envelope { conversation_id: String::new(), ..env() }])
-            .contains("envelopes[0].conversation_id"));
-        let m = err(vec![env(), pb::Envelope { conversation_id: "x".repeat(257), ..env() }]);
-        assert!(m.contains("envelopes[1].conversation_id") && m.contains("1..=256"), "{m}");
-        let m = err(vec![pb::Envelope { message_id: vec![0u8; 15].into(), ..env() }]);
-        assert!(m.contains("envelopes[0].message_id") && m.contains("exactly 16"), "{m}");
-        let m = err(vec![pb::Envelope { ciphertext: vec![0u8; (1 << 20) + 1].into(), ..env() }]);
-        assert!(m.contains("envelopes[0].ciphertext") && m.contains("1048576"), "{m}");
-        let m = err(vec![pb::Envelope { sender: "s".repeat(1025), ..env() }]);
-        assert!(m.contains("envelopes[0].sender") && m.contains("1024"), "{m}");
-        let m = err((0..1001).map(|_| env()).collect());
-        assert!(m.contains("1001") && m.contains("1000"), "{m}");
+    fn assert_names(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "expected `{p}` in `{msg}`");
+        }
     }
 
     #[test]
-    fn good_requests_pass_and_limits_are_clamped() {
-        let ok = publish_request(pb::PublishRequest { envelopes: vec![env(); 1000] }, &limits()).unwrap();
+    fn an_empty_publish_is_rejected() {
+        assert_names(&err(vec![]), &["envelopes is empty"]);
+    }
+
+    #[test]
+    fn too_many_envelopes_are_rejected_naming_the_count_and_limit() {
+        assert_names(
+            &err((0..1001).map(|_| env()).collect()),
+            &["envelopes has 1001", "1000", "max_envelopes_per_request"],
+        );
+    }
+
+    #[test]
+    fn empty_or_oversize_conversation_ids_are_rejected_with_their_index() {
+        assert_names(
+            &err(vec![pb::Envelope { conversation_id: String::new(), ..env() }]),
+            &["envelopes[0].conversation_id is 0 bytes", "1..=256"],
+        );
+        assert_names(
+            &err(vec![env(), pb::Envelope { conversation_id: "x".repeat(257), ..env() }]),
+            &["envelopes[1].conversation_id is 257 bytes", "1..=256"],
+        );
+        // Bytes, not characters: 86 three-byte characters are 258 bytes.
+        assert_names(&err(vec![pb::Envelope { conversation_id: "€".repeat(86), ..env() }]), &["is 258 bytes"]);
+    }
+
+    #[test]
+    fn message_ids_must_be_exactly_16_bytes() {
+        for len in [0, 15, 17] {
+            assert_names(
+                &err(vec![env(), env(), env(), pb::Envelope { message_id: vec![0u8; len].into(), ..env() }]),
+                &[&format!("envelopes[3].message_id is {len} bytes"), "exactly 16"],
+            );
+        }
+    }
+
+    #[test]
+    fn oversize_ciphertext_is_rejected_naming_the_limit() {
+        assert_names(
+            &err(vec![pb::Envelope { ciphertext: vec![0u8; (1 << 20) + 1].into(), ..env() }]),
+            &["envelopes[0].ciphertext is 1048577 bytes", "1048576", "max_ciphertext_bytes"],
+        );
+    }
+
+    #[test]
+    fn oversize_sender_is_rejected_naming_the_limit() {
+        assert_names(
+            &err(vec![pb::Envelope { sender: "s".repeat(1025), ..env() }]),
+            &["envelopes[0].sender is 1025 bytes", "1024", "max_sender_bytes"],
+        );
+    }
+
+    #[test]
+    fn one_bad_envelope_fails_the_whole_request_and_names_the_first_bad_one() {
+        let mut envs = vec![env(); 10];
+        envs[7].message_id = bytes::Bytes::new();
+        envs[9].sender = "s".repeat(5000);
+        assert_names(&err(envs), &["envelopes[7].message_id"]);
+    }
+
+    #[test]
+    fn values_at_the_limits_pass_and_fields_are_carried_over() {
+        let at_limit = pb::Envelope {
+            ciphertext: vec![7u8; 1 << 20].into(),
+            conversation_id: "x".repeat(256),
+            sender: "s".repeat(1024),
+            message_id: (0u8..16).collect::<Vec<_>>().into(),
+            expires_at_ms: 42,
+        };
+        let ok = publish_request(pb::PublishRequest { envelopes: vec![at_limit.clone(); 1000] }, &limits()).unwrap();
         assert_eq!(ok.len(), 1000);
-        let at_limit =
-            pb::Envelope { ciphertext: vec![0u8; 1 << 20].into(), conversation_id: "x".repeat(256), ..env() };
-        assert!(publish_request(pb::PublishRequest { envelopes: vec![at_limit] }, &limits()).is_ok());
+        let e = &ok[999];
+        assert_eq!(e.conversation_id, at_limit.conversation_id);
+        assert_eq!(e.message_id.as_slice(), at_limit.message_id.as_ref());
+        assert_eq!(e.sender, at_limit.sender);
+        assert_eq!(e.ciphertext, at_limit.ciphertext);
+        assert_eq!(e.expires_at_ms, 42);
+    }
+
+    #[test]
+    fn ciphertext_is_moved_not_copied() {
+        let ct = bytes::Bytes::from(vec![9u8; 4096]);
+        let ptr = ct.as_ptr();
+        let ok = publish_request(
+            pb::PublishRequest { envelopes: vec![pb::Envelope { ciphertext: ct, ..env() }] },
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(ok[0].ciphertext.as_ptr(), ptr, "the same buffer");
+    }
+
+    #[test]
+    fn read_limit_is_clamped_to_default_and_max() {
         let r = |limit| pb::ReadRequest { conversation_id: "c".into(), limit, ..Default::default() };
         assert_eq!(read_request(&r(0), &limits()).unwrap(), 100);
         assert_eq!(read_request(&r(5), &limits()).unwrap(), 5);
+        assert_eq!(read_request(&r(1000), &limits()).unwrap(), 1000);
         assert_eq!(read_request(&r(50_000), &limits()).unwrap(), 1000);
+    }
+
+    #[test]
+    fn read_and_subscribe_reject_bad_conversation_ids() {
+        for id in [String::new(), "y".repeat(257)] {
+            let r = read_request(&pb::ReadRequest { conversation_id: id.clone(), ..Default::default() }, &limits())
+                .unwrap_err();
+            assert_eq!(r.code(), tonic::Code::InvalidArgument);
+            assert_names(r.message(), &["conversation_id is", "1..=256"]);
+            let s =
+                subscribe_request(&pb::SubscribeRequest { conversation_id: id, from_seq: 1 }, &limits()).unwrap_err();
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert_names(s.message(), &["conversation_id is", "1..=256"]);
+        }
+        subscribe_request(&pb::SubscribeRequest { conversation_id: "ok".into(), from_seq: 0 }, &limits()).unwrap();
     }
 }
