@@ -16,6 +16,9 @@ pub enum StoreError {
     Corrupt { what: String, offset: u64, reason: String },
     #[error("encoding: {0}")]
     Encode(String),
+    /// A read kept racing with snapshot installs; retrying later is fine.
+    #[error("busy: {0}")]
+    Busy(String),
     #[error(transparent)]
     Wal(#[from] WalError),
 }

@@ -263,10 +263,6 @@ impl StateStore {
         Ok(rt)
     }
 
-    fn generation(&self, group: GroupId) -> Result<u32, StoreError> {
-        Ok(self.rt(group)?.generation.load(Ordering::Acquire))
-    }
-
     fn applied_state_at(&self, group: GroupId, generation: u32) -> Result<AppliedState, StoreError> {
         let k = keys::meta_key(group, generation);
         match self.inner.data.get(&k)? {
@@ -293,35 +289,65 @@ impl StateStore {
         from_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredEnvelope>, StoreError> {
-        let generation = self.generation(group)?;
-        let conv = conversation_id.as_bytes();
-        let start = keys::env_key(group, generation, conv, from_seq);
-        let end = keys::env_key(group, generation, conv, u64::MAX);
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for item in self.inner.data.range(start..=end).take(limit) {
-            let (k, v) = item?;
-            let seq = match keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))? {
-                keys::Key::Env { seq, .. } => seq,
-                other => {
-                    return Err(corrupt_key(&k, keys::DecodeError(format!("expected an envelope key, got {other:?}"))))
-                }
-            };
-            out.push(decode_envelope(&k, &v, conversation_id, seq)?);
-        }
-        Ok(out)
+        self.at_stable_generation(group, |generation| {
+            let conv = conversation_id.as_bytes();
+            let start = keys::env_key(group, generation, conv, from_seq);
+            let end = keys::env_key(group, generation, conv, u64::MAX);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            for item in self.inner.data.range(start..=end).take(limit) {
+                let (k, v) = item?;
+                let seq = match keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))? {
+                    keys::Key::Env { seq, .. } => seq,
+                    other => {
+                        return Err(corrupt_key(
+                            &k,
+                            keys::DecodeError(format!("expected an envelope key, got {other:?}")),
+                        ))
+                    }
+                };
+                out.push(decode_envelope(&k, &v, conversation_id, seq)?);
+            }
+            Ok(out)
+        })
     }
 
     /// The conversation's last seq (0 if it has none).
     pub fn last_seq(&self, group: GroupId, conversation_id: &str) -> Result<u64, StoreError> {
-        let k = keys::conv_key(group, self.generation(group)?, conversation_id.as_bytes());
-        match self.inner.data.get(&k)? {
-            Some(v) => decode_u64(&k, &v),
-            None => Ok(0),
-        }
+        self.at_stable_generation(group, |generation| {
+            let k = keys::conv_key(group, generation, conversation_id.as_bytes());
+            match self.inner.data.get(&k)? {
+                Some(v) => decode_u64(&k, &v),
+                None => Ok(0),
+            }
+        })
     }
 
+    /// The group's last applied log id (durable once sled is flushed).
     pub fn applied(&self, group: GroupId) -> Result<Option<LogId>, StoreError> {
-        Ok(self.applied_state_at(group, self.generation(group)?)?.0)
+        self.at_stable_generation(group, |generation| Ok(self.applied_state_at(group, generation)?.0))
+    }
+
+    /// Runs a read against the group's active generation, again if a snapshot install
+    /// switched generations meanwhile: the old generation is deleted right after the
+    /// switch, so a read that overlapped the deletion could miss keys (a gap in a log).
+    /// Installs are rare, so a bounded number of retries is plenty.
+    fn at_stable_generation<T>(
+        &self,
+        group: GroupId,
+        read: impl Fn(u32) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        const TRIES: usize = 8;
+        let rt = self.rt(group)?;
+        let mut generation = rt.generation.load(Ordering::Acquire);
+        for _ in 0..TRIES {
+            let out = read(generation);
+            let now = rt.generation.load(Ordering::Acquire);
+            if now == generation {
+                return out;
+            }
+            generation = now;
+        }
+        Err(StoreError::Busy(format!("group {group} switched snapshot generations {TRIES} times during one read")))
     }
 
     /// Moves to the group's applied log index after each apply and snapshot install.
@@ -341,13 +367,14 @@ impl StateStore {
 
     /// Raw `(key, value)` pairs of a group's active data, for comparing replicas.
     pub fn dump_group(&self, group: GroupId) -> Result<Vec<crate::snapshot::Record>, StoreError> {
-        let p = keys::gen_prefix(group, self.generation(group)?);
-        let mut out = Vec::new();
-        for item in self.inner.data.scan_prefix(p) {
-            let (k, v) = item?;
-            out.push((k[keys::GEN_PREFIX_LEN..].to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        self.at_stable_generation(group, |generation| {
+            let mut out = Vec::new();
+            for item in self.inner.data.scan_prefix(keys::gen_prefix(group, generation)) {
+                let (k, v) = item?;
+                out.push((k[keys::GEN_PREFIX_LEN..].to_vec(), v.to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// Keys of the group in every generation (active or garbage): for tests and checks.
