@@ -224,7 +224,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let filter =
                 tracing_subscriber::EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("setting `log`: {e}"))?;
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            // Colours only on a terminal, not in log files (`habar dev` writes n<i>.log).
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
             let shutdown = shutdown_signal();
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
