@@ -80,6 +80,20 @@ mod cluster_string {
     }
 }
 
+/// A TOML error on one line: `line N: `<the line>`: <what is wrong>`.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let start = span.start.min(text.len());
+            // Bytes, not a str slice: the span need not fall on a character boundary.
+            let line_no = text.as_bytes()[..start].iter().filter(|&&b| b == b'\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no}: `{line}`: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
 /// Every setting of a node. Units are in the names.
 ///
 /// Serialized (e.g. by `habar serve --print-config`) it is a valid config file.
@@ -260,7 +274,7 @@ impl NodeConfig {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: e.to_string() })?;
             let layer: ConfigLayer = toml::from_str(&text)
-                .map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: e.to_string() })?;
+                .map_err(|e| ConfigError::File { path: path.to_path_buf(), reason: toml_error(&text, &e) })?;
             cfg.merge(layer)?;
         }
         cfg.merge(cli)?;
@@ -482,6 +496,17 @@ mod tests {
         std::fs::write(&path, "heartbeat_ms = 5\n").unwrap();
         let err = NodeConfig::load(Some(&path), layer("1=127.0.0.1:1")).unwrap_err().to_string();
         assert!(err.contains("heartbeat_ms") && err.contains("node.toml"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+
+    #[test]
+    fn a_malformed_value_in_the_file_is_an_error_naming_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "id = 1\n# a comment\nlisten = \"nope\"\n").unwrap();
+        let err = NodeConfig::load(Some(&path), layer("1=127.0.0.1:1")).unwrap_err().to_string();
+        assert!(err.contains("line 3: `listen = \"nope\"`: invalid socket address"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 
     #[test]
