@@ -1,6 +1,7 @@
 //! The store's error type at the crate boundary.
 
 use std::io;
+use std::path::Path;
 use std::path::PathBuf;
 
 use crate::wal::WalError;
@@ -35,4 +36,14 @@ impl From<StoreError> for io::Error {
 
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Maps an I/O error on `path` to [`StoreError::Io`] naming the path.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_path_buf(), source }
+}
+
+/// Nanoseconds since the Unix epoch: makes temp and snapshot file names unique.
+pub(crate) fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
 }

@@ -28,6 +28,8 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::watch;
 
 use crate::error::hex;
+use crate::error::io_err;
+use crate::error::unix_nanos;
 use crate::error::StoreError;
 use crate::keys;
 use crate::snapshot::SnapshotData;
@@ -143,21 +145,17 @@ fn crash_point(point: &str, db: &sled::Db) {
 impl StateStore {
     /// Opens (or creates) the store in `dir`. `cache_capacity` is sled's page cache in bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| StoreError::Io { path: p, source }
-        };
-        fs::create_dir_all(dir).map_err(io(dir))?;
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
         let db = sled::Config::new().path(dir.join("db")).cache_capacity(cache_capacity).open()?;
         let data = db.open_tree("sm.v1")?;
         let heads = db.open_tree("heads.v1")?;
         let snap_dir = dir.join("snapshots");
-        fs::create_dir_all(&snap_dir).map_err(io(&snap_dir))?;
+        fs::create_dir_all(&snap_dir).map_err(io_err(&snap_dir))?;
 
         // Newest valid snapshot per group; leftovers of crashed builds or transfers go.
         let mut found: HashMap<GroupId, (SnapshotMeta, SnapshotData)> = HashMap::new();
-        for ent in fs::read_dir(&snap_dir).map_err(io(&snap_dir))? {
-            let path = ent.map_err(io(&snap_dir))?.path();
+        for ent in fs::read_dir(&snap_dir).map_err(io_err(&snap_dir))? {
+            let path = ent.map_err(io_err(&snap_dir))?.path();
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
             if ext != "snap" {
                 let _ = fs::remove_file(&path);
@@ -447,8 +445,7 @@ impl StateStore {
         let generation = rt.generation.load(Ordering::Acquire);
         let (last_log_id, last_membership) = self.applied_state_at(group, generation)?;
         let meta = SnapshotMeta { last_log_id, last_membership };
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = unix_nanos();
         let idx = last_log_id.map_or(0, |l| l.index);
         let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.tmp"));
         let mut w = SnapshotFileWriter::create(tmp.clone(), group, &meta)?;
@@ -472,18 +469,14 @@ impl StateStore {
         dst: &Path,
         copy: bool,
     ) -> Result<(), StoreError> {
-        let ioe = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| StoreError::Io { path: p, source }
-        };
         if copy {
-            fs::copy(src, dst).map_err(ioe(dst))?;
-            fs::File::open(dst).and_then(|f| f.sync_all()).map_err(ioe(dst))?;
+            fs::copy(src, dst).map_err(io_err(dst))?;
+            fs::File::open(dst).and_then(|f| f.sync_all()).map_err(io_err(dst))?;
         } else {
-            fs::rename(src, dst).map_err(ioe(dst))?;
+            fs::rename(src, dst).map_err(io_err(dst))?;
         }
-        fs::File::open(&self.inner.snap_dir).and_then(|d| d.sync_all()).map_err(ioe(&self.inner.snap_dir))?;
-        let len = fs::metadata(dst).map_err(ioe(dst))?.len();
+        fs::File::open(&self.inner.snap_dir).and_then(|d| d.sync_all()).map_err(io_err(&self.inner.snap_dir))?;
+        let len = fs::metadata(dst).map_err(io_err(dst))?.len();
         let old = rt
             .current
             .lock()
@@ -559,8 +552,7 @@ impl StateStore {
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
 
         let idx = meta.last_log_id.map_or(0, |l| l.index);
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = unix_nanos();
         let dst = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.snap"));
         let ours = data.path().parent() == Some(self.inner.snap_dir.as_path())
             && data.path().extension().is_some_and(|e| e == "recv");

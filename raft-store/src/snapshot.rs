@@ -19,6 +19,8 @@ use std::io::Write;
 use std::path::Path;
 use std::path::PathBuf;
 
+use crate::error::io_err;
+use crate::error::unix_nanos;
 use crate::error::StoreError;
 use crate::types::GroupId;
 use crate::types::SnapshotMeta;
@@ -62,10 +64,6 @@ impl SnapshotData {
     pub fn open(&self) -> io::Result<File> {
         File::open(&self.path)
     }
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
 }
 
 /// Writes a snapshot file record by record, computing the CRCs as it goes.
@@ -248,8 +246,7 @@ pub struct SnapshotWriter {
 
 impl SnapshotWriter {
     pub(crate) fn create(dir: &Path, group: GroupId) -> Result<Self, StoreError> {
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos = unix_nanos();
         let tmp = dir.join(format!("recv-g{group}-{nanos}.tmp"));
         let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io_err(&tmp))?;
         Ok(Self {
