@@ -15,7 +15,6 @@ use habar_raft_store::types::CommandResponse;
 use habar_raft_store::types::GroupId;
 use habar_raft_store::types::NewEnvelope;
 use habar_raft_store::types::NodeId;
-use habar_raft_store::types::StoredEnvelope;
 use prost::Message;
 use serde::Deserialize;
 use serde::Serialize;
@@ -24,6 +23,7 @@ use tonic::transport::Channel;
 use crate::convert;
 use crate::error::BrokerError;
 use crate::node::Node;
+use crate::node::ReadResult;
 
 const FORMAT_POSTCARD: u32 = 1;
 
@@ -36,11 +36,8 @@ pub enum ForwardRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardResponse {
     Appended(CommandResponse),
-    /// Envelopes as the prost encoding of `habar.v1.ReadResponse` (no second wire format).
-    Read {
-        envelopes: Vec<u8>,
-        last_seq: u64,
-    },
+    /// The prost encoding of `habar.v1.ReadResponse` (no second wire format).
+    Read(Vec<u8>),
     NotLeader {
         leader: Option<NodeId>,
     },
@@ -60,10 +57,11 @@ fn decode<T: for<'de> Deserialize<'de>>(m: &ForwardMessage) -> Result<T, String>
     postcard::from_bytes(&m.body).map_err(|e| format!("forward message body does not decode: {e}"))
 }
 
-pub fn decode_envelopes(bytes: &[u8]) -> Result<Vec<StoredEnvelope>, BrokerError> {
+pub fn decode_read(bytes: &[u8]) -> Result<ReadResult, BrokerError> {
     let r = habar_proto::v1::ReadResponse::decode(bytes)
         .map_err(|e| BrokerError::Internal(format!("forwarded read does not decode: {e}")))?;
-    r.envelopes.into_iter().map(convert::stored_from_pb).collect()
+    let envelopes = r.envelopes.into_iter().map(convert::stored_from_pb).collect::<Result<Vec<_>, _>>()?;
+    Ok(ReadResult { envelopes, last_seq: r.last_seq })
 }
 
 /// Sends `req` for `group` to the node behind `channel`.
@@ -109,14 +107,13 @@ impl ForwarderService {
             }
             ForwardRequest::Read { conversation_id, from_seq, limit } => {
                 self.node.linearizable_local_read(group, conversation_id, from_seq, limit, deadline).await.map(|r| {
-                    ForwardResponse::Read {
-                        envelopes: habar_proto::v1::ReadResponse {
+                    ForwardResponse::Read(
+                        habar_proto::v1::ReadResponse {
                             envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
                             last_seq: r.last_seq,
                         }
                         .encode_to_vec(),
-                        last_seq: r.last_seq,
-                    }
+                    )
                 })
             }
         };

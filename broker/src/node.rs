@@ -167,10 +167,7 @@ impl Node {
             if let Some(leader) = leader.filter(|l| *l != self.id) {
                 let req = ForwardRequest::Read { conversation_id: conversation_id.clone(), from_seq, limit };
                 match self.forward(group, leader, &req, deadline).await {
-                    Ok(ForwardResponse::Read { envelopes, last_seq }) => {
-                        let envelopes = forward::decode_envelopes(&envelopes)?;
-                        return Ok(ReadResult { envelopes, last_seq });
-                    }
+                    Ok(ForwardResponse::Read(bytes)) => return forward::decode_read(&bytes),
                     Ok(ForwardResponse::NotLeader { .. }) | Ok(ForwardResponse::Unavailable(_)) => {}
                     Ok(ForwardResponse::Error(e)) => return Err(BrokerError::Internal(e)),
                     Ok(other) => return Err(BrokerError::Internal(format!("unexpected forward answer {other:?}"))),
