@@ -259,6 +259,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         ciphertext: ciphertext.into(),
                         expires_at_ms,
                     }],
+                    ephemeral: false,
                 })
                 .await
                 .map_err(status_err)?
@@ -279,7 +280,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let channel = connect(&client.endpoint, Some(Duration::from_secs(client.timeout_s))).await?;
             let r = BrokerClient::new(channel)
                 .max_decoding_message_size(MAX_RESPONSE_BYTES)
-                .read(pb::ReadRequest { conversation_id: conversation, from_seq: from, limit, allow_stale: stale })
+                .read(pb::ReadRequest {
+                    conversation_id: conversation,
+                    from_seq: from,
+                    limit,
+                    allow_stale: stale,
+                    ..Default::default()
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();

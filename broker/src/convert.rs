@@ -19,7 +19,12 @@ pub fn envelope_to_pb(e: NewEnvelope) -> pb::Envelope {
 }
 
 pub fn stored_to_pb(s: StoredEnvelope) -> pb::StoredEnvelope {
-    pb::StoredEnvelope { envelope: Some(envelope_to_pb(s.envelope)), seq: s.seq, committed_at_ms: s.committed_at_ms }
+    pb::StoredEnvelope {
+        envelope: Some(envelope_to_pb(s.envelope)),
+        seq: s.seq,
+        committed_at_ms: s.committed_at_ms,
+        ephemeral: false,
+    }
 }
 
 /// For envelopes that come back from another node: checked, never trusted blindly.

@@ -111,6 +111,7 @@ impl ForwarderService {
                         habar_proto::v1::ReadResponse {
                             envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
                             last_seq: r.last_seq,
+                            ..Default::default()
                         }
                         .encode_to_vec(),
                     )

@@ -131,6 +131,7 @@ impl Broker for BrokerService {
         Ok(Response::new(pb::ReadResponse {
             envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
             last_seq: r.last_seq,
+            ..Default::default()
         }))
     }
 
@@ -198,6 +199,36 @@ impl Broker for BrokerService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeManyStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
+
+    async fn subscribe_many(
+        &self,
+        _request: Request<tonic::Streaming<pb::SubscribeControl>>,
+    ) -> Result<Response<Self::SubscribeManyStream>, Status> {
+        Err(Status::unimplemented("work in progress"))
+    }
+
+    async fn commit_cursor(
+        &self,
+        _request: Request<pb::CommitCursorRequest>,
+    ) -> Result<Response<pb::CommitCursorResponse>, Status> {
+        Err(Status::unimplemented("work in progress"))
+    }
+
+    async fn get_cursors(
+        &self,
+        _request: Request<pb::GetCursorsRequest>,
+    ) -> Result<Response<pb::GetCursorsResponse>, Status> {
+        Err(Status::unimplemented("work in progress"))
+    }
+
+    async fn delete_conversation(
+        &self,
+        _request: Request<pb::DeleteConversationRequest>,
+    ) -> Result<Response<pb::DeleteConversationResponse>, Status> {
+        Err(Status::unimplemented("work in progress"))
     }
 }
 

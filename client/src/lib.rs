@@ -1,0 +1,3 @@
+//! habar-client: the Rust client for Habar.
+
+pub mod shard;
