@@ -132,6 +132,21 @@ pub struct NodeConfig {
     pub read_max_limit: u32,
     /// Deadline of a call whose client set none.
     pub request_timeout_ms: u64,
+    /// How long a (conversation_id, message_id) is remembered for idempotent publish, by
+    /// the time in the log entries.
+    pub dedupe_window_ms: u64,
+    /// Period of the leader's housekeeping (expiry, retention, dedupe trimming).
+    pub maintenance_interval_ms: u64,
+    /// Most keys one housekeeping entry removes (more follow at once if needed).
+    pub maintenance_max_removals: u32,
+    /// Events a subscription stream buffers for its client.
+    pub subscribe_buffer_events: usize,
+    /// A subscription whose buffer stayed full this long ends with RESOURCE_EXHAUSTED.
+    pub subscribe_stall_timeout_ms: u64,
+    /// A subscription sends a keepalive event after this long without events.
+    pub subscribe_keepalive_ms: u64,
+    /// Most conversations on one SubscribeMany stream.
+    pub subscribe_max_conversations: usize,
     /// `tracing` filter, e.g. `info` or `habar_broker=debug,openraft=warn`.
     pub log: String,
 }
@@ -161,6 +176,13 @@ impl Default for NodeConfig {
             read_default_limit: 100,
             read_max_limit: 1000,
             request_timeout_ms: 10_000,
+            dedupe_window_ms: 24 * 3600 * 1000,
+            maintenance_interval_ms: 1000,
+            maintenance_max_removals: 10_000,
+            subscribe_buffer_events: 1024,
+            subscribe_stall_timeout_ms: 10_000,
+            subscribe_keepalive_ms: 15_000,
+            subscribe_max_conversations: 10_000,
             log: "info,openraft=warn".into(),
         }
     }
@@ -237,6 +259,27 @@ pub struct ConfigLayer {
     /// Deadline of a call whose client set none, ms.
     #[arg(long, env = "HABAR_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// How long publish remembers a message_id (idempotency), ms of log time.
+    #[arg(long, env = "HABAR_DEDUPE_WINDOW_MS")]
+    pub dedupe_window_ms: Option<u64>,
+    /// Period of the leader's housekeeping (expiry, retention, dedupe), ms.
+    #[arg(long, env = "HABAR_MAINTENANCE_INTERVAL_MS")]
+    pub maintenance_interval_ms: Option<u64>,
+    /// Most keys one housekeeping entry removes.
+    #[arg(long, env = "HABAR_MAINTENANCE_MAX_REMOVALS")]
+    pub maintenance_max_removals: Option<u32>,
+    /// Events a subscription stream buffers for its client.
+    #[arg(long, env = "HABAR_SUBSCRIBE_BUFFER_EVENTS")]
+    pub subscribe_buffer_events: Option<usize>,
+    /// A subscription whose buffer stays full this long ends (RESOURCE_EXHAUSTED), ms.
+    #[arg(long, env = "HABAR_SUBSCRIBE_STALL_TIMEOUT_MS")]
+    pub subscribe_stall_timeout_ms: Option<u64>,
+    /// Keepalive event after this long without events on a subscription, ms.
+    #[arg(long, env = "HABAR_SUBSCRIBE_KEEPALIVE_MS")]
+    pub subscribe_keepalive_ms: Option<u64>,
+    /// Most conversations on one SubscribeMany stream.
+    #[arg(long, env = "HABAR_SUBSCRIBE_MAX_CONVERSATIONS")]
+    pub subscribe_max_conversations: Option<usize>,
     /// tracing filter (e.g. `info`, `habar_broker=debug`).
     #[arg(long, env = "HABAR_LOG")]
     pub log: Option<String>,
@@ -262,7 +305,9 @@ impl NodeConfig {
             snapshot_logs_since_last, max_in_snapshot_log_to_keep, max_payload_entries,
             sled_cache_capacity_bytes, wal_segment_bytes, max_ciphertext_bytes,
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, read_default_limit, read_max_limit,
-            request_timeout_ms, log);
+            request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
+            subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,
+            subscribe_max_conversations, log);
         Ok(())
     }
 
@@ -363,6 +408,39 @@ impl NodeConfig {
         }
         if self.max_sender_bytes == 0 || self.max_sender_bytes > 64 << 10 {
             return Err(invalid("max_sender_bytes", format!("{} is outside 1..=65536", self.max_sender_bytes)));
+        }
+        if self.dedupe_window_ms < 1000 {
+            return Err(invalid("dedupe_window_ms", format!("{} is below 1000", self.dedupe_window_ms)));
+        }
+        if !(10..=3_600_000).contains(&self.maintenance_interval_ms) {
+            return Err(invalid(
+                "maintenance_interval_ms",
+                format!("{} is outside 10..=3600000", self.maintenance_interval_ms),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.maintenance_max_removals) {
+            return Err(invalid(
+                "maintenance_max_removals",
+                format!("{} is outside 1..=1000000", self.maintenance_max_removals),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.subscribe_buffer_events) {
+            return Err(invalid(
+                "subscribe_buffer_events",
+                format!("{} is outside 1..=1000000", self.subscribe_buffer_events),
+            ));
+        }
+        if self.subscribe_stall_timeout_ms == 0 {
+            return Err(invalid("subscribe_stall_timeout_ms", "must be above 0"));
+        }
+        if self.subscribe_keepalive_ms < 100 {
+            return Err(invalid("subscribe_keepalive_ms", format!("{} is below 100", self.subscribe_keepalive_ms)));
+        }
+        if !(1..=1_000_000).contains(&self.subscribe_max_conversations) {
+            return Err(invalid(
+                "subscribe_max_conversations",
+                format!("{} is outside 1..=1000000", self.subscribe_max_conversations),
+            ));
         }
         if self.read_max_limit == 0 || self.read_max_limit > 100_000 {
             return Err(invalid("read_max_limit", format!("{} is outside 1..=100000", self.read_max_limit)));

@@ -2,6 +2,7 @@
 
 use bytes::Bytes;
 use habar_proto::v1 as pb;
+use habar_raft_store::sm::ReadPage;
 use habar_raft_store::types::NewEnvelope;
 use habar_raft_store::types::StoredEnvelope;
 use habar_raft_store::types::MESSAGE_ID_LEN;
@@ -46,4 +47,14 @@ pub fn stored_from_pb(s: pb::StoredEnvelope) -> Result<StoredEnvelope, BrokerErr
         seq: s.seq,
         committed_at_ms: s.committed_at_ms,
     })
+}
+
+pub fn page_to_pb(p: ReadPage) -> pb::ReadResponse {
+    pb::ReadResponse {
+        envelopes: p.envelopes.into_iter().map(stored_to_pb).collect(),
+        last_seq: p.last_seq,
+        end: p.end,
+        first_seq: p.first_seq,
+        removed: p.removed.into_iter().map(|(from, to)| pb::SeqRange { from, to }).collect(),
+    }
 }

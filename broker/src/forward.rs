@@ -20,24 +20,29 @@ use serde::Deserialize;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::convert;
 use crate::error::BrokerError;
 use crate::node::Node;
-use crate::node::ReadResult;
+use crate::node::ReadAnswer;
+use crate::node::ReadOp;
+use crate::node::WriteOp;
 
 const FORMAT_POSTCARD: u32 = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardRequest {
-    Append { envelopes: Vec<NewEnvelope> },
-    Read { conversation_id: String, from_seq: u64, limit: u32 },
+    Write(WriteOp),
+    Read(ReadOp),
+    /// Ephemeral envelopes for this node's live subscribers (best effort, never stored).
+    Signal { now_ms: u64, envelopes: Vec<NewEnvelope> },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ForwardResponse {
-    Appended(CommandResponse),
-    /// The prost encoding of `habar.v1.ReadResponse` (no second wire format).
+    Written(CommandResponse),
+    /// The prost encoding of the public response (`ReadResponse` or `GetCursorsResponse`,
+    /// as the `ReadOp` asked): no second wire format.
     Read(Vec<u8>),
+    Delivered,
     NotLeader {
         leader: Option<NodeId>,
     },
@@ -57,11 +62,12 @@ fn decode<T: for<'de> Deserialize<'de>>(m: &ForwardMessage) -> Result<T, String>
     postcard::from_bytes(&m.body).map_err(|e| format!("forward message body does not decode: {e}"))
 }
 
-pub fn decode_read(bytes: &[u8]) -> Result<ReadResult, BrokerError> {
-    let r = habar_proto::v1::ReadResponse::decode(bytes)
-        .map_err(|e| BrokerError::Internal(format!("forwarded read does not decode: {e}")))?;
-    let envelopes = r.envelopes.into_iter().map(convert::stored_from_pb).collect::<Result<Vec<_>, _>>()?;
-    Ok(ReadResult { envelopes, last_seq: r.last_seq })
+pub fn decode_read(op: &ReadOp, bytes: &[u8]) -> Result<ReadAnswer, BrokerError> {
+    let bad = |e: prost::DecodeError| BrokerError::Internal(format!("forwarded read does not decode: {e}"));
+    Ok(match op {
+        ReadOp::Page { .. } => ReadAnswer::Page(habar_proto::v1::ReadResponse::decode(bytes).map_err(bad)?),
+        ReadOp::Cursors { .. } => ReadAnswer::Cursors(habar_proto::v1::GetCursorsResponse::decode(bytes).map_err(bad)?),
+    })
 }
 
 /// Sends `req` for `group` to the node behind `channel`.
@@ -102,20 +108,18 @@ impl ForwarderService {
 
     async fn handle(&self, group: GroupId, req: ForwardRequest, deadline: Instant) -> ForwardResponse {
         let res = match req {
-            ForwardRequest::Append { envelopes } => {
-                self.node.local_append(group, envelopes, deadline).await.map(ForwardResponse::Appended)
-            }
-            ForwardRequest::Read { conversation_id, from_seq, limit } => {
-                self.node.linearizable_local_read(group, conversation_id, from_seq, limit, deadline).await.map(|r| {
-                    ForwardResponse::Read(
-                        habar_proto::v1::ReadResponse {
-                            envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
-                            last_seq: r.last_seq,
-                            ..Default::default()
-                        }
-                        .encode_to_vec(),
-                    )
+            ForwardRequest::Write(op) => self.node.local_write(group, op, deadline).await.map(ForwardResponse::Written),
+            ForwardRequest::Read(op) => {
+                self.node.linearizable_local_read(group, op, deadline).await.map(|r| {
+                    ForwardResponse::Read(match r {
+                        ReadAnswer::Page(p) => p.encode_to_vec(),
+                        ReadAnswer::Cursors(c) => c.encode_to_vec(),
+                    })
                 })
+            }
+            ForwardRequest::Signal { now_ms, envelopes } => {
+                self.node.deliver_signals(now_ms, envelopes);
+                Ok(ForwardResponse::Delivered)
             }
         };
         match res {

@@ -20,4 +20,5 @@ pub mod raft_net;
 pub mod server;
 pub mod service;
 pub mod shard;
+pub mod subscribe;
 pub mod validate;

@@ -11,14 +11,16 @@ use std::time::Instant;
 use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
+use tokio::sync::broadcast;
+
 use habar_proto::v1 as pb;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::CommandResponse;
 use habar_raft_store::types::GroupId;
 use habar_raft_store::types::NewEnvelope;
 use habar_raft_store::types::NodeId;
-use habar_raft_store::types::StoredEnvelope;
 use habar_raft_store::types::TypeConfig;
+use habar_raft_store::sm::Direction;
 use habar_raft_store::GroupStateMachine;
 use habar_raft_store::StateStore;
 use habar_raft_store::Wal;
@@ -27,8 +29,11 @@ use openraft::error::LinearizableReadError;
 use openraft::error::RaftError;
 use openraft::rt::watch::WatchReceiver;
 use openraft::ReadPolicy;
+use serde::Deserialize;
+use serde::Serialize;
 
 use crate::config::NodeConfig;
+use crate::convert;
 use crate::error::BrokerError;
 use crate::forward;
 use crate::forward::ForwardRequest;
@@ -55,12 +60,87 @@ pub struct Node {
     pub registry: crate::raft_net::GroupRegistry<GroupStateMachine>,
     /// Last time each peer answered a liveness probe.
     pub last_seen: Mutex<HashMap<NodeId, Instant>>,
+    /// Ephemeral signals for this node's subscribers (bounded; a lagging subscriber
+    /// misses signals, which are best effort by contract).
+    pub signals: broadcast::Sender<Arc<pb::StoredEnvelope>>,
 }
 
-/// What a local read returns.
-pub struct ReadResult {
-    pub envelopes: Vec<StoredEnvelope>,
-    pub last_seq: u64,
+/// Signals buffered per node for its subscribers.
+pub const SIGNAL_CAPACITY: usize = 4096;
+/// Time allowed to hand ephemeral signals to the other nodes.
+const SIGNAL_FANOUT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A write as a client asks for it; the leader that proposes it adds its clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WriteOp {
+    Append(Vec<NewEnvelope>),
+    CommitCursor { conversation_id: String, reader_id: String, seq: u64 },
+    DeleteConversation { conversation_id: String, reset_seq: bool },
+    SetRetention { conversation_id: String, max_age_ms: u64, max_count: u64 },
+    Maintain { dedupe_window_ms: u64, max_removals: u32 },
+}
+
+impl WriteOp {
+    pub fn into_command(self, now_ms: u64) -> Command {
+        match self {
+            WriteOp::Append(envelopes) => Command::Append { now_ms, envelopes },
+            WriteOp::CommitCursor { conversation_id, reader_id, seq } => {
+                Command::CommitCursor { now_ms, conversation_id, reader_id, seq }
+            }
+            WriteOp::DeleteConversation { conversation_id, reset_seq } => {
+                Command::DeleteConversation { now_ms, conversation_id, reset_seq }
+            }
+            WriteOp::SetRetention { conversation_id, max_age_ms, max_count } => {
+                Command::SetRetention { now_ms, conversation_id, max_age_ms, max_count }
+            }
+            WriteOp::Maintain { dedupe_window_ms, max_removals } => {
+                Command::Maintain { now_ms, dedupe_window_ms, max_removals }
+            }
+        }
+    }
+}
+
+/// A read; served by the leader after a read-index check, or by a replica when stale.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadOp {
+    Page { conversation_id: String, backward: bool, start: u64, limit: u32 },
+    Cursors { conversation_id: String, reader_id: Option<String>, after: String, limit: u32 },
+}
+
+/// What a read answers: the public response, so a forwarded read needs no second format.
+#[derive(Debug, Clone)]
+pub enum ReadAnswer {
+    Page(pb::ReadResponse),
+    Cursors(pb::GetCursorsResponse),
+}
+
+impl ReadOp {
+    fn run(self, store: &StateStore, group: GroupId, now_ms: u64) -> Result<ReadAnswer, BrokerError> {
+        match self {
+            ReadOp::Page { conversation_id, backward, start, limit } => {
+                let dir = if backward { Direction::Backward } else { Direction::Forward };
+                let p = store.read_page(group, &conversation_id, dir, start, limit as usize, now_ms)?;
+                Ok(ReadAnswer::Page(convert::page_to_pb(p)))
+            }
+            ReadOp::Cursors { conversation_id, reader_id, after, limit } => {
+                let (cursors, end, last_seq) =
+                    store.cursors(group, &conversation_id, reader_id.as_deref(), &after, limit as usize)?;
+                Ok(ReadAnswer::Cursors(pb::GetCursorsResponse {
+                    cursors: cursors
+                        .into_iter()
+                        .map(|c| pb::Cursor {
+                            unread: last_seq.saturating_sub(c.seq),
+                            reader_id: c.reader_id,
+                            seq: c.seq,
+                            updated_at_ms: c.updated_at_ms,
+                        })
+                        .collect(),
+                    last_seq,
+                    end,
+                }))
+            }
+        }
+    }
 }
 
 impl Node {
@@ -82,25 +162,25 @@ impl Node {
         addr
     }
 
-    /// Appends `envelopes` (all of shard `group`) through Raft and returns once they are
-    /// committed on a majority and applied. Retries through leader changes until `deadline`.
-    pub async fn append(
+    /// Runs a write through the shard's Raft log and returns once it is committed on a
+    /// majority and applied. Retries through leader changes until `deadline`.
+    pub async fn write(
         self: &Arc<Self>,
         group: GroupId,
-        envelopes: Vec<NewEnvelope>,
+        op: WriteOp,
         deadline: Instant,
     ) -> Result<CommandResponse, BrokerError> {
         let mut backoff = RETRY_MIN;
         loop {
-            let leader = match self.local_append(group, envelopes.clone(), deadline).await {
+            let leader = match self.local_write(group, op.clone(), deadline).await {
                 Ok(r) => return Ok(r),
                 Err(BrokerError::NotLeader { leader, .. }) => leader,
                 Err(e) => return Err(e),
             };
             if let Some(leader) = leader.filter(|l| *l != self.id) {
-                let req = ForwardRequest::Append { envelopes: envelopes.clone() };
+                let req = ForwardRequest::Write(op.clone());
                 match self.forward(group, leader, &req, deadline).await {
-                    Ok(ForwardResponse::Appended(r)) => return Ok(r),
+                    Ok(ForwardResponse::Written(r)) => return Ok(r),
                     Ok(ForwardResponse::NotLeader { .. }) | Ok(ForwardResponse::Unavailable(_)) => {}
                     Ok(ForwardResponse::Error(e)) => return Err(BrokerError::Internal(e)),
                     Ok(other) => return Err(BrokerError::Internal(format!("unexpected forward answer {other:?}"))),
@@ -114,16 +194,16 @@ impl Node {
         }
     }
 
-    /// Appends on this node if it leads the shard; `NotLeader` otherwise.
-    pub async fn local_append(
+    /// Proposes `op` on this node if it leads the shard; `NotLeader` otherwise.
+    pub async fn local_write(
         &self,
         group: GroupId,
-        envelopes: Vec<NewEnvelope>,
+        op: WriteOp,
         deadline: Instant,
     ) -> Result<CommandResponse, BrokerError> {
         let raft = self.raft(group)?;
         // The leader's clock goes into the entry: every replica applies the same value.
-        let cmd = Command::Append { now_ms: now_ms(), envelopes };
+        let cmd = op.into_command(self.now_ms());
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, raft.client_write(cmd)).await {
             Err(_) => Err(BrokerError::DeadlineExceeded(remaining)),
@@ -142,32 +222,29 @@ impl Node {
         }
     }
 
-    /// A read of one conversation. Linearizable unless `stale`: then served by this replica.
+    /// A read. Linearizable unless `stale`: then served by this replica as it stands.
     pub async fn read(
         self: &Arc<Self>,
         group: GroupId,
-        conversation_id: String,
-        from_seq: u64,
-        limit: u32,
+        op: ReadOp,
         stale: bool,
         deadline: Instant,
-    ) -> Result<ReadResult, BrokerError> {
+    ) -> Result<ReadAnswer, BrokerError> {
         if stale {
-            return self.read_local(group, conversation_id, from_seq, limit).await;
+            return self.read_local(group, op).await;
         }
         let mut backoff = RETRY_MIN;
         loop {
-            let leader =
-                match self.linearizable_local_read(group, conversation_id.clone(), from_seq, limit, deadline).await {
-                    Ok(r) => return Ok(r),
-                    Err(BrokerError::NotLeader { leader, .. }) => leader,
-                    Err(e) if e.is_retryable() => None,
-                    Err(e) => return Err(e),
-                };
+            let leader = match self.linearizable_local_read(group, op.clone(), deadline).await {
+                Ok(r) => return Ok(r),
+                Err(BrokerError::NotLeader { leader, .. }) => leader,
+                Err(e) if e.is_retryable() => None,
+                Err(e) => return Err(e),
+            };
             if let Some(leader) = leader.filter(|l| *l != self.id) {
-                let req = ForwardRequest::Read { conversation_id: conversation_id.clone(), from_seq, limit };
+                let req = ForwardRequest::Read(op.clone());
                 match self.forward(group, leader, &req, deadline).await {
-                    Ok(ForwardResponse::Read(bytes)) => return forward::decode_read(&bytes),
+                    Ok(ForwardResponse::Read(bytes)) => return forward::decode_read(&op, &bytes),
                     Ok(ForwardResponse::NotLeader { .. }) | Ok(ForwardResponse::Unavailable(_)) => {}
                     Ok(ForwardResponse::Error(e)) => return Err(BrokerError::Internal(e)),
                     Ok(other) => return Err(BrokerError::Internal(format!("unexpected forward answer {other:?}"))),
@@ -184,11 +261,9 @@ impl Node {
     pub async fn linearizable_local_read(
         &self,
         group: GroupId,
-        conversation_id: String,
-        from_seq: u64,
-        limit: u32,
+        op: ReadOp,
         deadline: Instant,
-    ) -> Result<ReadResult, BrokerError> {
+    ) -> Result<ReadAnswer, BrokerError> {
         let raft = self.raft(group)?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
@@ -199,26 +274,156 @@ impl Node {
             }
             Ok(Err(e)) => return Err(BrokerError::Unavailable { shard: group, reason: e.to_string() }),
         }
-        self.read_local(group, conversation_id, from_seq, limit).await
+        self.read_local(group, op).await
     }
 
     /// Reads this replica's state machine as it stands (off the async runtime: sled blocks).
-    pub async fn read_local(
-        &self,
-        group: GroupId,
-        conversation_id: String,
-        from_seq: u64,
-        limit: u32,
-    ) -> Result<ReadResult, BrokerError> {
+    pub async fn read_local(&self, group: GroupId, op: ReadOp) -> Result<ReadAnswer, BrokerError> {
         self.raft(group)?;
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let last_seq = store.last_seq(group, &conversation_id)?;
-            let envelopes = store.read(group, &conversation_id, from_seq.max(1), limit as usize)?;
-            Ok(ReadResult { envelopes, last_seq })
-        })
-        .await
-        .map_err(|e| BrokerError::Internal(format!("read task failed: {e}")))?
+        let now = self.now_ms();
+        tokio::task::spawn_blocking(move || op.run(&store, group, now))
+            .await
+            .map_err(|e| BrokerError::Internal(format!("read task failed: {e}")))?
+    }
+
+    /// Hands ephemeral envelopes to this node's live subscribers.
+    pub fn deliver_signals(&self, now_ms: u64, envelopes: Vec<NewEnvelope>) {
+        for e in envelopes {
+            let signal = pb::StoredEnvelope {
+                envelope: Some(convert::envelope_to_pb(e)),
+                seq: 0,
+                committed_at_ms: now_ms,
+                ephemeral: true,
+            };
+            // No receiver: nobody subscribes here.
+            let _ = self.signals.send(Arc::new(signal));
+        }
+        metrics::counter!("habar_signals_delivered_total").increment(1);
+    }
+
+    /// Ephemeral publish: delivered to live subscribers on this node and on every other
+    /// node (best effort, in parallel, bounded by a short timeout). Nothing is stored.
+    /// Returns how many other nodes took the signals.
+    pub async fn publish_ephemeral(self: &Arc<Self>, envelopes: Vec<NewEnvelope>, deadline: Instant) -> usize {
+        let now = self.now_ms();
+        self.deliver_signals(now, envelopes.clone());
+        let peers: Vec<(NodeId, String)> = match self.rafts.first() {
+            Some(r) => r
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .nodes()
+                .filter(|(id, _)| **id != self.id)
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+            None => Vec::new(),
+        };
+        let deadline = deadline.min(Instant::now() + SIGNAL_FANOUT_TIMEOUT);
+        let req = ForwardRequest::Signal { now_ms: now, envelopes };
+        let calls = peers.into_iter().map(|(id, addr)| {
+            let req = &req;
+            async move {
+                let Ok(channel) = self.pool.channel(id, &addr) else { return false };
+                matches!(forward::call(channel, 0, req, deadline).await, Ok(ForwardResponse::Delivered))
+            }
+        });
+        futures::future::join_all(calls).await.into_iter().filter(|ok| *ok).count()
+    }
+
+    /// Whether this node currently leads `group`.
+    pub fn is_leader(&self, group: GroupId) -> bool {
+        self.rafts.get(group as usize).is_some_and(|r| r.metrics().borrow_watched().current_leader == Some(self.id))
+    }
+
+    /// One round of housekeeping: for each shard this node leads that has something to
+    /// expire, trim or retire, proposes `Maintain` entries (carrying this leader's clock)
+    /// until nothing is left or a bound of rounds is reached.
+    pub async fn maintain_once(self: &Arc<Self>) {
+        const ROUNDS: usize = 16;
+        for g in 0..self.shards() {
+            for _ in 0..ROUNDS {
+                if !self.is_leader(g) {
+                    break;
+                }
+                let (store, now, window) = (self.store.clone(), self.now_ms(), self.cfg.dedupe_window_ms);
+                let needed = tokio::task::spawn_blocking(move || store.needs_maintenance(g, now, window)).await;
+                match needed {
+                    Ok(Ok(true)) => {}
+                    Ok(Ok(false)) => break,
+                    Ok(Err(e)) => {
+                        tracing::warn!(shard = g, error = %e, "housekeeping check failed");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(shard = g, error = %e, "housekeeping check task failed");
+                        break;
+                    }
+                }
+                let op = WriteOp::Maintain {
+                    dedupe_window_ms: self.cfg.dedupe_window_ms,
+                    max_removals: self.cfg.maintenance_max_removals,
+                };
+                let deadline = Instant::now() + Duration::from_millis(self.cfg.request_timeout_ms);
+                match self.local_write(g, op, deadline).await {
+                    Ok(CommandResponse::Maintained(r)) => {
+                        metrics::counter!("habar_expired_envelopes_total").increment(r.expired);
+                        metrics::counter!("habar_retention_removed_envelopes_total").increment(r.retention_removed);
+                        tracing::debug!(shard = g, ?r, "housekeeping applied");
+                        if !r.more {
+                            break;
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(shard = g, ?other, "housekeeping answered unexpectedly");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard = g, error = %e, "housekeeping not proposed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// After an erasure: snapshot every shard on this node and purge its log up to the
+    /// snapshot, rolling the WAL in between, so that no WAL segment or old snapshot file
+    /// still holds the erased envelopes (see SECURITY.md).
+    pub async fn compact_after_erasure(&self) {
+        // Roll first: the segment that holds the erasure (and everything before it) stops
+        // being written, so once every group purged past it, it is deleted.
+        if let Err(e) = self.wal.roll() {
+            tracing::warn!(error = %e, "rolling the WAL after an erasure failed");
+            return;
+        }
+        for (g, raft) in self.rafts.iter().enumerate() {
+            let applied = raft.metrics().borrow_watched().last_applied.map_or(0, |l| l.index);
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::warn!(shard = g, error = %e, "snapshot after erasure not triggered");
+                continue;
+            }
+            let waited = raft
+                .wait(Some(Duration::from_secs(30)))
+                .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot after erasure")
+                .await;
+            match waited {
+                Ok(m) => {
+                    if let Some(s) = m.snapshot {
+                        if let Err(e) = raft.trigger().purge_log(s.index).await {
+                            tracing::warn!(shard = g, error = %e, "purge after erasure not triggered");
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(shard = g, error = %e, "snapshot after erasure did not finish"),
+            }
+        }
+        metrics::counter!("habar_erasure_compactions_total").increment(1);
+    }
+
+    /// This node's clock in unix ms, as it stamps entries and judges expiry.
+    pub fn now_ms(&self) -> u64 {
+        now_ms()
     }
 
     async fn forward(

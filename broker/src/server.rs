@@ -10,6 +10,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::Context;
+use habar_proto::v1::admin_server::AdminServer;
 use habar_proto::v1::broker_server::BrokerServer;
 use habar_proto::v1::cluster_server::ClusterServer;
 use habar_raft_store::types::NodeAddr;
@@ -30,6 +31,7 @@ use crate::raft_net::GroupRegistry;
 use crate::raft_net::NetworkFactory;
 use crate::raft_net::PeerPool;
 use crate::raft_net::RaftTransportService;
+use crate::service::AdminService;
 use crate::service::BrokerService;
 use crate::service::ClusterService;
 
@@ -87,7 +89,40 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         }
     }
 
-    Ok(Arc::new(Node { id: cfg.id, cfg, wal, store, rafts, pool, registry, last_seen: Mutex::new(HashMap::new()) }))
+    Ok(Arc::new(Node {
+        id: cfg.id,
+        cfg,
+        wal,
+        store,
+        rafts,
+        pool,
+        registry,
+        last_seen: Mutex::new(HashMap::new()),
+        signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
+    }))
+}
+
+/// The leader's housekeeping timer (expiry, retention, dedupe trimming).
+fn spawn_maintenance(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(node.cfg.maintenance_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            node.maintain_once().await;
+        }
+    })
+}
+
+/// Compacts this node's WAL and snapshots after each applied erasure.
+fn spawn_erasure_compactor(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut erasures = node.store.watch_erasures();
+        while erasures.changed().await.is_ok() {
+            erasures.borrow_and_update();
+            node.compact_after_erasure().await;
+        }
+    })
 }
 
 /// Probes each peer's health endpoint once a second; `Cluster.Status` reports liveness
@@ -143,9 +178,14 @@ pub async fn serve_node(
 
     let transport = RaftTransportService::new(node.registry.clone(), node.store.clone());
     let probe = spawn_liveness_probe(node.clone());
+    let maintenance = spawn_maintenance(node.clone());
+    let compactor = spawn_erasure_compactor(node.clone());
     tracing::info!(%addr, id = node.id, shards = node.shards(), "habar node serving");
 
     let res = tonic::transport::Server::builder()
+        // Dead subscribers' connections are found by HTTP/2 pings, not only by writes.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -154,11 +194,14 @@ pub async fn serve_node(
                 .max_encoding_message_size(crate::raft_net::MAX_MESSAGE_BYTES),
         )
         .add_service(ClusterServer::new(ClusterService::new(node.clone())))
+        .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(ForwarderService::new(node.clone()).into_server())
         .add_service(transport.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     probe.abort();
+    maintenance.abort();
+    compactor.abort();
     for raft in &node.rafts {
         let _ = raft.shutdown().await;
     }

@@ -7,28 +7,27 @@ use std::time::Duration;
 use std::time::Instant;
 
 use futures::Stream;
+use futures::StreamExt;
 use habar_proto::v1 as pb;
+use habar_proto::v1::admin_server::Admin;
 use habar_proto::v1::broker_server::Broker;
 use habar_proto::v1::cluster_server::Cluster;
+use habar_raft_store::types::CommandResponse;
 use habar_raft_store::types::GroupId;
 use habar_raft_store::types::NewEnvelope;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
 
 use crate::config::NodeConfig;
-use crate::convert;
 use crate::error::BrokerError;
 use crate::node::Node;
+use crate::node::ReadAnswer;
+use crate::node::ReadOp;
+use crate::node::WriteOp;
+use crate::subscribe;
 use crate::shard::shard_of;
 use crate::validate;
-
-/// Envelopes a subscription stream buffers before it waits for the client.
-const SUBSCRIBE_BUFFER: usize = 256;
-/// Envelopes read from the store per page while a subscription catches up.
-const SUBSCRIBE_PAGE: u32 = 256;
 
 /// The call's deadline: the client's `grpc-timeout` if it sent one, else the node's
 /// default request timeout.
@@ -75,11 +74,10 @@ impl BrokerService {
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::StoredEnvelope, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl Broker for BrokerService {
-    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
-        let deadline = deadline_of(&request, &self.node.cfg);
-        let envelopes = validate::publish_request(request.into_inner(), &self.limits)?;
+impl BrokerService {
+    /// Publishes validated envelopes: grouped by shard, one Raft entry per shard part, all
+    /// shard parts in parallel; results in request order.
+    async fn publish_stored(&self, envelopes: Vec<NewEnvelope>, deadline: Instant) -> Result<Vec<pb::Appended>, Status> {
         let n = envelopes.len();
         let shards = self.node.shards();
         let conversation_ids: Vec<String> = envelopes.iter().map(|e| e.conversation_id.clone()).collect();
@@ -92,23 +90,24 @@ impl Broker for BrokerService {
             s.1.push(e);
         }
         let node = &self.node;
-        let results = futures::future::join_all(
-            by_shard.into_iter().map(|(g, (idx, envs))| async move { (g, idx, node.append(g, envs, deadline).await) }),
-        )
+        let results = futures::future::join_all(by_shard.into_iter().map(|(g, (idx, envs))| async move {
+            (g, idx, node.write(g, WriteOp::Append(envs), deadline).await)
+        }))
         .await;
 
         let mut appended: Vec<Option<pb::Appended>> = vec![None; n];
         for (g, idx, res) in results {
-            let resp = res?;
-            if resp.appended.len() != idx.len() {
-                return Err(BrokerError::Internal(format!(
-                    "shard {g} answered {} results for {} envelopes",
-                    resp.appended.len(),
-                    idx.len()
-                ))
-                .into());
-            }
-            for (i, a) in idx.into_iter().zip(resp.appended) {
+            let results = match res? {
+                CommandResponse::Appended(a) if a.len() == idx.len() => a,
+                other => {
+                    return Err(BrokerError::Internal(format!(
+                        "shard {g} answered {other:?} for {} envelopes",
+                        idx.len()
+                    ))
+                    .into())
+                }
+            };
+            for (i, a) in idx.into_iter().zip(results) {
                 appended[i] = Some(pb::Appended {
                     conversation_id: conversation_ids[i].clone(),
                     seq: a.seq,
@@ -118,21 +117,58 @@ impl Broker for BrokerService {
             }
         }
         let appended = appended.into_iter().flatten().collect::<Vec<_>>();
-        metrics::counter!("habar_published_envelopes_total").increment(appended.len() as u64);
+        let dups = appended.iter().filter(|a| a.duplicate).count() as u64;
+        metrics::counter!("habar_published_envelopes_total").increment(appended.len() as u64 - dups);
+        metrics::counter!("habar_duplicate_envelopes_total").increment(dups);
+        Ok(appended)
+    }
+
+    async fn write_one(&self, conversation_id: &str, op: WriteOp, deadline: Instant) -> Result<CommandResponse, Status> {
+        let group = shard_of(conversation_id, self.node.shards());
+        Ok(self.node.write(group, op, deadline).await?)
+    }
+}
+
+fn unexpected(call: &str, r: CommandResponse) -> Status {
+    BrokerError::Internal(format!("{call} answered {r:?}")).into()
+}
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let deadline = deadline_of(&request, &self.node.cfg);
+        let req = request.into_inner();
+        let ephemeral = req.ephemeral;
+        let envelopes = validate::publish_request(req, &self.limits)?;
+        if ephemeral {
+            let now = self.node.now_ms();
+            let appended = envelopes
+                .iter()
+                .map(|e| pb::Appended {
+                    conversation_id: e.conversation_id.clone(),
+                    seq: 0,
+                    duplicate: false,
+                    committed_at_ms: now,
+                })
+                .collect();
+            self.node.publish_ephemeral(envelopes, deadline).await;
+            return Ok(Response::new(pb::PublishResponse { appended }));
+        }
+        let appended = self.publish_stored(envelopes, deadline).await?;
         Ok(Response::new(pb::PublishResponse { appended }))
     }
 
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         let deadline = deadline_of(&request, &self.node.cfg);
         let req = request.into_inner();
-        let limit = validate::read_request(&req, &self.limits)?;
+        let (backward, limit) = validate::read_request(&req, &self.limits)?;
         let group = shard_of(&req.conversation_id, self.node.shards());
-        let r = self.node.read(group, req.conversation_id, req.from_seq, limit, req.allow_stale, deadline).await?;
-        Ok(Response::new(pb::ReadResponse {
-            envelopes: r.envelopes.into_iter().map(convert::stored_to_pb).collect(),
-            last_seq: r.last_seq,
-            ..Default::default()
-        }))
+        let start = if backward { req.before_seq } else { req.from_seq };
+        let op = ReadOp::Page { conversation_id: req.conversation_id, backward, start, limit };
+        match self.node.read(group, op, req.allow_stale, deadline).await? {
+            ReadAnswer::Page(p) => Ok(Response::new(p)),
+            other => Err(BrokerError::Internal(format!("read answered {other:?}")).into()),
+        }
     }
 
     type SubscribeStream = SubscribeStream;
@@ -146,89 +182,135 @@ impl Broker for BrokerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         validate::subscribe_request(&req, &self.limits)?;
-        let group = shard_of(&req.conversation_id, self.node.shards());
-        let node = self.node.clone();
-        let (tx, rx) = mpsc::channel(SUBSCRIBE_BUFFER);
-        tokio::spawn(async move {
-            let mut next = req.from_seq.max(1);
-            let mut applied = match node.store.watch_applied(group) {
-                Ok(w) => w,
-                Err(e) => {
-                    let _ = tx.send(Err(Status::from(BrokerError::from(e)))).await;
-                    return;
-                }
-            };
-            loop {
-                // Mark the current applied index seen *before* reading, so an apply that
-                // lands after the read wakes the wait below.
-                applied.borrow_and_update();
-                let page = match node.read_local(group, req.conversation_id.clone(), next, SUBSCRIBE_PAGE).await {
-                    Ok(p) => p.envelopes,
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(e))).await;
-                        return;
-                    }
-                };
-                let caught_up = page.len() < SUBSCRIBE_PAGE as usize;
-                for e in page {
-                    if e.seq != next {
-                        let _ = tx
-                            .send(Err(Status::internal(format!(
-                                "subscription expected seq {next}, the store returned {}",
-                                e.seq
-                            ))))
-                            .await;
-                        return;
-                    }
-                    next = e.seq + 1;
-                    if tx.send(Ok(convert::stored_to_pb(e))).await.is_err() {
-                        return; // the client went away
-                    }
-                }
-                if caught_up {
-                    tokio::select! {
-                        changed = applied.changed() => {
-                            if changed.is_err() {
-                                let _ = tx.send(Err(Status::unavailable("node is shutting down; resume from the next seq"))).await;
-                                return;
-                            }
-                        }
-                        _ = tx.closed() => return,
-                    }
-                }
+        let initial = vec![pb::ConversationFrom { conversation_id: req.conversation_id, from_seq: req.from_seq }];
+        let events = subscribe::start(self.node.clone(), self.limits.clone(), initial, None);
+        // One conversation: only its envelopes (stored and ephemeral) go out.
+        let stream = events.filter_map(|ev| async move {
+            match ev {
+                Ok(pb::SubscribeEvent { event: Some(pb::subscribe_event::Event::Envelope(e)) }) => Some(Ok(e)),
+                Ok(_) => None,
+                Err(s) => Some(Err(s)),
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
-    type SubscribeManyStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
+    type SubscribeManyStream = subscribe::EventStream;
 
     async fn subscribe_many(
         &self,
-        _request: Request<tonic::Streaming<pb::SubscribeControl>>,
+        request: Request<tonic::Streaming<pb::SubscribeControl>>,
     ) -> Result<Response<Self::SubscribeManyStream>, Status> {
-        Err(Status::unimplemented("work in progress"))
+        let mut control = request.into_inner();
+        let first = match control.next().await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return Err(e),
+            None => return Err(Status::invalid_argument("the stream closed before its first SubscribeControl")),
+        };
+        validate::subscribe_control(&first, 0, self.node.cfg.subscribe_max_conversations, &self.limits)?;
+        let rest: subscribe::ControlStream = Box::pin(control);
+        Ok(Response::new(subscribe::start(self.node.clone(), self.limits.clone(), first.add, Some(rest))))
     }
 
     async fn commit_cursor(
         &self,
-        _request: Request<pb::CommitCursorRequest>,
+        request: Request<pb::CommitCursorRequest>,
     ) -> Result<Response<pb::CommitCursorResponse>, Status> {
-        Err(Status::unimplemented("work in progress"))
+        let deadline = deadline_of(&request, &self.node.cfg);
+        let req = request.into_inner();
+        validate::commit_cursor_request(&req, &self.limits)?;
+        let conv = req.conversation_id.clone();
+        let op = WriteOp::CommitCursor { conversation_id: req.conversation_id, reader_id: req.reader_id.clone(), seq: req.seq };
+        match self.write_one(&conv, op, deadline).await? {
+            CommandResponse::Cursor { seq, updated_at_ms, last_seq } => Ok(Response::new(pb::CommitCursorResponse {
+                cursor: Some(pb::Cursor {
+                    reader_id: req.reader_id,
+                    seq,
+                    unread: last_seq.saturating_sub(seq),
+                    updated_at_ms,
+                }),
+                last_seq,
+            })),
+            other => Err(unexpected("CommitCursor", other)),
+        }
     }
 
     async fn get_cursors(
         &self,
-        _request: Request<pb::GetCursorsRequest>,
+        request: Request<pb::GetCursorsRequest>,
     ) -> Result<Response<pb::GetCursorsResponse>, Status> {
-        Err(Status::unimplemented("work in progress"))
+        let deadline = deadline_of(&request, &self.node.cfg);
+        let req = request.into_inner();
+        let limit = validate::get_cursors_request(&req, &self.limits)?;
+        let group = shard_of(&req.conversation_id, self.node.shards());
+        let reader_id = (!req.reader_id.is_empty()).then_some(req.reader_id);
+        let op = ReadOp::Cursors { conversation_id: req.conversation_id, reader_id, after: req.after_reader_id, limit };
+        match self.node.read(group, op, req.allow_stale, deadline).await? {
+            ReadAnswer::Cursors(c) => Ok(Response::new(c)),
+            other => Err(BrokerError::Internal(format!("GetCursors answered {other:?}")).into()),
+        }
     }
 
     async fn delete_conversation(
         &self,
-        _request: Request<pb::DeleteConversationRequest>,
+        request: Request<pb::DeleteConversationRequest>,
     ) -> Result<Response<pb::DeleteConversationResponse>, Status> {
-        Err(Status::unimplemented("work in progress"))
+        let deadline = deadline_of(&request, &self.node.cfg);
+        let req = request.into_inner();
+        validate::delete_conversation_request(&req, &self.limits)?;
+        let conv = req.conversation_id.clone();
+        let op = WriteOp::DeleteConversation { conversation_id: req.conversation_id, reset_seq: req.reset_seq };
+        match self.write_one(&conv, op, deadline).await? {
+            CommandResponse::Deleted { existed: false, .. } => {
+                Err(Status::not_found(format!("conversation_id `{conv}` has no envelopes, cursors or state")))
+            }
+            CommandResponse::Deleted { envelopes, cursors, next_seq, .. } => {
+                metrics::counter!("habar_erasures_total").increment(1);
+                Ok(Response::new(pb::DeleteConversationResponse {
+                    removed_envelopes: envelopes,
+                    removed_cursors: cursors,
+                    next_seq,
+                }))
+            }
+            other => Err(unexpected("DeleteConversation", other)),
+        }
+    }
+}
+
+/// `habar.v1.Admin`: operators' calls.
+pub struct AdminService {
+    node: Arc<Node>,
+    limits: validate::Limits,
+}
+
+impl AdminService {
+    pub fn new(node: Arc<Node>) -> Self {
+        let limits = validate::Limits::from_config(&node.cfg);
+        Self { node, limits }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn set_retention(
+        &self,
+        request: Request<pb::SetRetentionRequest>,
+    ) -> Result<Response<pb::SetRetentionResponse>, Status> {
+        let deadline = deadline_of(&request, &self.node.cfg);
+        let req = request.into_inner();
+        validate::set_retention_request(&req, &self.limits)?;
+        let group = shard_of(&req.conversation_id, self.node.shards());
+        let op = WriteOp::SetRetention {
+            conversation_id: req.conversation_id,
+            max_age_ms: req.max_age_ms,
+            max_count: req.max_count,
+        };
+        match self.node.write(group, op, deadline).await? {
+            CommandResponse::RetentionSet { removed } => {
+                Ok(Response::new(pb::SetRetentionResponse { removed_envelopes: removed }))
+            }
+            other => Err(unexpected("SetRetention", other)),
+        }
     }
 }
 

@@ -95,13 +95,99 @@ pub fn publish_request(req: pb::PublishRequest, limits: &Limits) -> Result<Vec<N
     Ok(out)
 }
 
-/// Validates a `Read`; returns the effective limit (0 → default, above max → max).
-pub fn read_request(req: &pb::ReadRequest, limits: &Limits) -> Result<u32, Status> {
+/// Readers' ids (devices, users) are 1..=256 bytes, like conversation ids.
+pub const MAX_READER_ID_BYTES: usize = 256;
+/// Cursors returned by one `GetCursors` with limit 0, and at most.
+pub const CURSORS_DEFAULT_LIMIT: u32 = 1000;
+pub const CURSORS_MAX_LIMIT: u32 = 10_000;
+
+/// Validates a `Read`; returns whether it reads backwards and the effective limit
+/// (0 → default, above max → max).
+pub fn read_request(req: &pb::ReadRequest, limits: &Limits) -> Result<(bool, u32), Status> {
     conversation_id(&"conversation_id", &req.conversation_id, limits)?;
-    Ok(match req.limit {
+    let backward = match pb::Direction::try_from(req.direction) {
+        Ok(pb::Direction::Forward) => false,
+        Ok(pb::Direction::Backward) => true,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "direction is {}; it must be FORWARD (0) or BACKWARD (1)",
+                req.direction
+            )))
+        }
+    };
+    if backward && req.from_seq != 0 {
+        return Err(Status::invalid_argument(
+            "from_seq is set on a BACKWARD read; backward reads page with before_seq (0 = from the newest)",
+        ));
+    }
+    if !backward && req.before_seq != 0 {
+        return Err(Status::invalid_argument(
+            "before_seq is set on a FORWARD read; forward reads page with from_seq",
+        ));
+    }
+    let limit = match req.limit {
         0 => limits.read_default_limit,
         l => l.min(limits.read_max_limit),
+    };
+    Ok((backward, limit))
+}
+
+fn reader_id(field: &str, id: &str, allow_empty: bool) -> Result<(), Status> {
+    if (!allow_empty && id.is_empty()) || id.len() > MAX_READER_ID_BYTES {
+        let min = if allow_empty { 0 } else { 1 };
+        return Err(Status::invalid_argument(format!(
+            "{field} is {} bytes; it must be {min}..={MAX_READER_ID_BYTES} bytes",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn commit_cursor_request(req: &pb::CommitCursorRequest, limits: &Limits) -> Result<(), Status> {
+    conversation_id(&"conversation_id", &req.conversation_id, limits)?;
+    reader_id("reader_id", &req.reader_id, false)
+}
+
+/// Validates a `GetCursors`; returns the effective limit.
+pub fn get_cursors_request(req: &pb::GetCursorsRequest, limits: &Limits) -> Result<u32, Status> {
+    conversation_id(&"conversation_id", &req.conversation_id, limits)?;
+    reader_id("reader_id", &req.reader_id, true)?;
+    reader_id("after_reader_id", &req.after_reader_id, true)?;
+    Ok(match req.limit {
+        0 => CURSORS_DEFAULT_LIMIT,
+        l => l.min(CURSORS_MAX_LIMIT),
     })
+}
+
+pub fn delete_conversation_request(req: &pb::DeleteConversationRequest, limits: &Limits) -> Result<(), Status> {
+    conversation_id(&"conversation_id", &req.conversation_id, limits)
+}
+
+pub fn set_retention_request(req: &pb::SetRetentionRequest, limits: &Limits) -> Result<(), Status> {
+    conversation_id(&"conversation_id", &req.conversation_id, limits)
+}
+
+/// Validates one `SubscribeControl` of a stream that has `current` conversations;
+/// `max` is the per-stream bound.
+pub fn subscribe_control(
+    ctrl: &pb::SubscribeControl,
+    current: usize,
+    max: usize,
+    limits: &Limits,
+) -> Result<(), Status> {
+    for (i, c) in ctrl.add.iter().enumerate() {
+        conversation_id(&format_args!("add[{i}].conversation_id"), &c.conversation_id, limits)?;
+    }
+    for (i, c) in ctrl.drop.iter().enumerate() {
+        conversation_id(&format_args!("drop[{i}]"), c, limits)?;
+    }
+    if current + ctrl.add.len() > max {
+        return Err(Status::invalid_argument(format!(
+            "the stream would have {} conversations; the limit is {max} (subscribe_max_conversations)",
+            current + ctrl.add.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Validates a `Subscribe` (it has no limit: the stream is paced by the client's flow control).
@@ -129,7 +215,7 @@ mod tests {
 
     /// The message of the INVALID_ARGUMENT a request fails with.
     fn err(envs: Vec<pb::Envelope>) -> String {
-        let s = publish_request(pb::PublishRequest { envelopes: envs }, &limits()).unwrap_err();
+        let s = publish_request(pb::PublishRequest { envelopes: envs, ephemeral: false }, &limits()).unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         s.message().to_string()
     }
@@ -210,7 +296,7 @@ mod tests {
             message_id: (0u8..16).collect::<Vec<_>>().into(),
             expires_at_ms: 42,
         };
-        let ok = publish_request(pb::PublishRequest { envelopes: vec![at_limit.clone(); 1000] }, &limits()).unwrap();
+        let ok = publish_request(pb::PublishRequest { envelopes: vec![at_limit.clone(); 1000], ephemeral: false }, &limits()).unwrap();
         assert_eq!(ok.len(), 1000);
         let e = &ok[999];
         assert_eq!(e.conversation_id, at_limit.conversation_id);
@@ -225,7 +311,7 @@ mod tests {
         let ct = bytes::Bytes::from(vec![9u8; 4096]);
         let ptr = ct.as_ptr();
         let ok = publish_request(
-            pb::PublishRequest { envelopes: vec![pb::Envelope { ciphertext: ct, ..env() }] },
+            pb::PublishRequest { envelopes: vec![pb::Envelope { ciphertext: ct, ..env() }], ephemeral: false },
             &limits(),
         )
         .unwrap();
@@ -235,10 +321,51 @@ mod tests {
     #[test]
     fn read_limit_is_clamped_to_default_and_max() {
         let r = |limit| pb::ReadRequest { conversation_id: "c".into(), limit, ..Default::default() };
-        assert_eq!(read_request(&r(0), &limits()).unwrap(), 100);
-        assert_eq!(read_request(&r(5), &limits()).unwrap(), 5);
-        assert_eq!(read_request(&r(1000), &limits()).unwrap(), 1000);
-        assert_eq!(read_request(&r(50_000), &limits()).unwrap(), 1000);
+        assert_eq!(read_request(&r(0), &limits()).unwrap(), (false, 100));
+        assert_eq!(read_request(&r(5), &limits()).unwrap(), (false, 5));
+        assert_eq!(read_request(&r(1000), &limits()).unwrap(), (false, 1000));
+        assert_eq!(read_request(&r(50_000), &limits()).unwrap(), (false, 1000));
+    }
+
+    #[test]
+    fn read_direction_and_its_paging_field_must_agree() {
+        let r = |direction, from_seq, before_seq| pb::ReadRequest {
+            conversation_id: "c".into(),
+            direction,
+            from_seq,
+            before_seq,
+            ..Default::default()
+        };
+        assert_eq!(read_request(&r(1, 0, 50), &limits()).unwrap(), (true, 100));
+        assert_names(read_request(&r(1, 5, 0), &limits()).unwrap_err().message(), &["from_seq", "BACKWARD"]);
+        assert_names(read_request(&r(0, 0, 5), &limits()).unwrap_err().message(), &["before_seq", "FORWARD"]);
+        assert_names(read_request(&r(7, 0, 0), &limits()).unwrap_err().message(), &["direction is 7"]);
+    }
+
+    #[test]
+    fn cursor_requests_name_the_bad_field() {
+        let c = pb::CommitCursorRequest { conversation_id: "c".into(), reader_id: String::new(), seq: 1 };
+        assert_names(commit_cursor_request(&c, &limits()).unwrap_err().message(), &["reader_id is 0 bytes", "1..=256"]);
+        let g = pb::GetCursorsRequest { conversation_id: "c".into(), after_reader_id: "r".repeat(300), ..Default::default() };
+        assert_names(get_cursors_request(&g, &limits()).unwrap_err().message(), &["after_reader_id is 300 bytes"]);
+        let g = pb::GetCursorsRequest { conversation_id: "c".into(), limit: 50_000, ..Default::default() };
+        assert_eq!(get_cursors_request(&g, &limits()).unwrap(), CURSORS_MAX_LIMIT);
+    }
+
+    #[test]
+    fn subscribe_control_names_the_entry_and_the_stream_bound() {
+        let add = |n: usize| pb::SubscribeControl {
+            add: (0..n).map(|i| pb::ConversationFrom { conversation_id: format!("c{i}"), from_seq: 0 }).collect(),
+            drop: vec![],
+        };
+        subscribe_control(&add(10), 0, 10, &limits()).unwrap();
+        assert_names(
+            subscribe_control(&add(3), 9, 10, &limits()).unwrap_err().message(),
+            &["12 conversations", "limit is 10", "subscribe_max_conversations"],
+        );
+        let mut bad = add(3);
+        bad.add[2].conversation_id = String::new();
+        assert_names(subscribe_control(&bad, 0, 10, &limits()).unwrap_err().message(), &["add[2].conversation_id"]);
     }
 
     #[test]

@@ -28,7 +28,7 @@ async fn concurrent_publishes_give_identical_dense_logs_on_every_node() {
                 let envs: Vec<pb::Envelope> = (0..4)
                     .map(|j| envelope(&format!("conv-{}", (t * 10 + k * 4 + j) % 200), t * 1000 + k * 10 + j))
                     .collect();
-                let r = c.publish(pb::PublishRequest { envelopes: envs.clone() }).await.unwrap().into_inner();
+                let r = c.publish(pb::PublishRequest { envelopes: envs.clone(), ephemeral: false }).await.unwrap().into_inner();
                 assert_eq!(r.appended.len(), envs.len(), "one result per envelope");
                 for (e, a) in envs.into_iter().zip(r.appended) {
                     assert_eq!(a.conversation_id, e.conversation_id, "results in request order");
@@ -94,12 +94,12 @@ async fn subscribe_delivers_everything_in_order_across_a_leader_change() {
         .into_inner();
     let mut pubc = broker(&ep).await;
     for i in 0..30 {
-        pubc.publish(pb::PublishRequest { envelopes: vec![envelope(conv, i)] }).await.unwrap();
+        pubc.publish(pb::PublishRequest { envelopes: vec![envelope(conv, i)], ephemeral: false }).await.unwrap();
     }
     let leader_pos = cluster.nodes.iter().position(|n| n.id == leader).unwrap();
     cluster.nodes[leader_pos].stop().await;
     for i in 30..60 {
-        let r = pubc.publish(pb::PublishRequest { envelopes: vec![envelope(conv, i)] }).await.unwrap().into_inner();
+        let r = pubc.publish(pb::PublishRequest { envelopes: vec![envelope(conv, i)], ephemeral: false }).await.unwrap().into_inner();
         assert_eq!(r.appended[0].seq, i + 1);
     }
     for i in 0..60u64 {
@@ -131,7 +131,7 @@ async fn bad_input_is_rejected_naming_the_field_and_appends_nothing() {
         ("envelopes", (0..1001).map(|i| envelope("bad-input", i)).collect()),
     ];
     for (field, envs) in cases {
-        let err = c.publish(pb::PublishRequest { envelopes: envs }).await.unwrap_err();
+        let err = c.publish(pb::PublishRequest { envelopes: envs, ephemeral: false }).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {}", err.message());
         assert!(err.message().contains(field), "message names `{field}`: {}", err.message());
     }
@@ -144,12 +144,12 @@ async fn bad_input_is_rejected_naming_the_field_and_appends_nothing() {
         assert!(err.message().contains(field), "{}", err.message());
     }
     let r = c
-        .read(pb::ReadRequest { conversation_id: "bad-input".into(), from_seq: 1, limit: 10, allow_stale: false })
+        .read(pb::ReadRequest { conversation_id: "bad-input".into(), from_seq: 1, limit: 10, allow_stale: false, ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.last_seq, 0, "nothing appended from rejected requests");
     // Still serving.
-    let ok = c.publish(pb::PublishRequest { envelopes: vec![good] }).await.unwrap().into_inner();
+    let ok = c.publish(pb::PublishRequest { envelopes: vec![good], ephemeral: false }).await.unwrap().into_inner();
     assert_eq!(ok.appended[0].seq, 1);
 }

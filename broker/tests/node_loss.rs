@@ -57,7 +57,7 @@ async fn sigkill_of_the_busiest_leader_loses_no_acknowledged_envelope() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let conv = format!("loss-{}", (p * 7 + k) % 24);
                 let e = envelope(&conv, p * 1_000_000 + k);
-                let mut req = tonic::Request::new(pb::PublishRequest { envelopes: vec![e.clone()] });
+                let mut req = tonic::Request::new(pb::PublishRequest { envelopes: vec![e.clone()], ephemeral: false });
                 req.set_timeout(Duration::from_secs(20));
                 match c.publish(req).await {
                     Ok(r) => {

@@ -6,6 +6,12 @@
 //!   kind META (1): rest empty                      -> applied log id + membership
 //!   kind CONV (2): rest = escaped conversation id  -> the conversation's last seq
 //!   kind ENV  (3): rest = escaped conversation id, seq u64 BE -> one envelope
+//!   kind DEDUPE (4): rest = escaped conversation id, message_id [16] -> seq, committed_at
+//!   kind DEDUPE_TIME (5): rest = entry time u64 BE, log index u64 BE
+//!                     -> the (conversation, message_id) pairs that entry added
+//!   kind EXPIRY (6): rest = expires_at_ms u64 BE, escaped conversation id, seq u64 BE -> empty
+//!   kind CURSOR (7): rest = escaped conversation id, escaped reader id -> seq, updated_at
+//!   kind RETENTION (8): rest = escaped conversation id -> empty (the limits are in CONV)
 //! ```
 //! The format version comes first, then the big-endian group id, so sled's order is the
 //! group's order and a group's data is one contiguous range. The generation changes when a
@@ -26,6 +32,11 @@ pub const VALUE_FORMAT_V1: u8 = 1;
 pub const KIND_META: u8 = 1;
 pub const KIND_CONV: u8 = 2;
 pub const KIND_ENV: u8 = 3;
+pub const KIND_DEDUPE: u8 = 4;
+pub const KIND_DEDUPE_TIME: u8 = 5;
+pub const KIND_EXPIRY: u8 = 6;
+pub const KIND_CURSOR: u8 = 7;
+pub const KIND_RETENTION: u8 = 8;
 
 /// `[ver][group][gen]`.
 pub const GEN_PREFIX_LEN: usize = 9;
@@ -109,12 +120,81 @@ pub fn env_key(group: GroupId, generation: u32, conversation: &[u8], seq: u64) -
     k
 }
 
+/// `[ver][group][gen][kind]`: the start of every key of one kind.
+pub fn kind_prefix(group: GroupId, generation: u32, kind: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(GEN_PREFIX_LEN + 1 + 16);
+    k.extend_from_slice(&gen_prefix(group, generation));
+    k.push(kind);
+    k
+}
+
+/// The start of every key of `kind` under one conversation (ENV, DEDUPE, CURSOR).
+pub fn conv_prefix(group: GroupId, generation: u32, kind: u8, conversation: &[u8]) -> Vec<u8> {
+    let mut k = kind_prefix(group, generation, kind);
+    push_escaped(&mut k, conversation);
+    k
+}
+
+pub fn dedupe_key(group: GroupId, generation: u32, conversation: &[u8], message_id: &[u8; 16]) -> Vec<u8> {
+    let mut k = conv_prefix(group, generation, KIND_DEDUPE, conversation);
+    k.extend_from_slice(message_id);
+    k
+}
+
+pub fn dedupe_time_key(group: GroupId, generation: u32, at_ms: u64, index: u64) -> Vec<u8> {
+    let mut k = kind_prefix(group, generation, KIND_DEDUPE_TIME);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+pub fn expiry_key(group: GroupId, generation: u32, at_ms: u64, conversation: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = kind_prefix(group, generation, KIND_EXPIRY);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    push_escaped(&mut k, conversation);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub fn cursor_key(group: GroupId, generation: u32, conversation: &[u8], reader: &[u8]) -> Vec<u8> {
+    let mut k = conv_prefix(group, generation, KIND_CURSOR, conversation);
+    push_escaped(&mut k, reader);
+    k
+}
+
+pub fn retention_key(group: GroupId, generation: u32, conversation: &[u8]) -> Vec<u8> {
+    conv_prefix(group, generation, KIND_RETENTION, conversation)
+}
+
+fn take_u64<'a>(b: &'a [u8], what: &str) -> Result<(u64, &'a [u8]), DecodeError> {
+    if b.len() < 8 {
+        return Err(DecodeError(format!("{what}: {} bytes where 8 were expected", b.len())));
+    }
+    let (h, t) = b.split_at(8);
+    let mut a = [0u8; 8];
+    a.copy_from_slice(h);
+    Ok((u64::from_be_bytes(a), t))
+}
+
+fn no_tail(tail: &[u8], what: &str) -> Result<(), DecodeError> {
+    if tail.is_empty() {
+        Ok(())
+    } else {
+        Err(DecodeError(format!("{} trailing bytes after a {what} key", tail.len())))
+    }
+}
+
 /// A decoded key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
     Meta { group: GroupId, generation: u32 },
     Conv { group: GroupId, generation: u32, conversation: Vec<u8> },
     Env { group: GroupId, generation: u32, conversation: Vec<u8>, seq: u64 },
+    Dedupe { conversation: Vec<u8>, message_id: [u8; 16] },
+    DedupeTime { at_ms: u64, index: u64 },
+    Expiry { at_ms: u64, conversation: Vec<u8>, seq: u64 },
+    Cursor { conversation: Vec<u8>, reader: Vec<u8> },
+    Retention { conversation: Vec<u8> },
 }
 
 pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
@@ -138,6 +218,37 @@ pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
             let seq: [u8; 8] =
                 tail.try_into().map_err(|_| DecodeError(format!("envelope key has {} seq bytes", tail.len())))?;
             Ok(Key::Env { group, generation, conversation, seq: u64::from_be_bytes(seq) })
+        }
+        KIND_DEDUPE => {
+            let (conversation, tail) = take_escaped(rest)?;
+            let message_id: [u8; 16] = tail
+                .try_into()
+                .map_err(|_| DecodeError(format!("dedupe key has {} message id bytes", tail.len())))?;
+            Ok(Key::Dedupe { conversation, message_id })
+        }
+        KIND_DEDUPE_TIME => {
+            let (at_ms, tail) = take_u64(rest, "dedupe time")?;
+            let (index, tail) = take_u64(tail, "dedupe index")?;
+            no_tail(tail, "dedupe time")?;
+            Ok(Key::DedupeTime { at_ms, index })
+        }
+        KIND_EXPIRY => {
+            let (at_ms, tail) = take_u64(rest, "expiry time")?;
+            let (conversation, tail) = take_escaped(tail)?;
+            let (seq, tail) = take_u64(tail, "expiry seq")?;
+            no_tail(tail, "expiry")?;
+            Ok(Key::Expiry { at_ms, conversation, seq })
+        }
+        KIND_CURSOR => {
+            let (conversation, tail) = take_escaped(rest)?;
+            let (reader, tail) = take_escaped(tail)?;
+            no_tail(tail, "cursor")?;
+            Ok(Key::Cursor { conversation, reader })
+        }
+        KIND_RETENTION => {
+            let (conversation, tail) = take_escaped(rest)?;
+            no_tail(tail, "retention")?;
+            Ok(Key::Retention { conversation })
         }
         other => Err(DecodeError(format!("unknown key kind {other}"))),
     }

@@ -25,6 +25,7 @@ use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use openraft::OptionalSend;
 use openraft::RaftSnapshotBuilder;
+use tokio::sync::broadcast;
 use tokio::sync::watch;
 
 use crate::error::hex;
@@ -39,10 +40,12 @@ use crate::snapshot::SnapshotWriter;
 use crate::types::Appended;
 use crate::types::Command;
 use crate::types::CommandResponse;
+use crate::types::CursorRecord;
 use crate::types::Entry;
 use crate::types::EntryPayload;
 use crate::types::GroupId;
 use crate::types::LogId;
+use crate::types::MaintainReport;
 use crate::types::NewEnvelope;
 use crate::types::Snapshot;
 use crate::types::SnapshotMeta;
@@ -57,10 +60,135 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 64 << 20;
 const INSTALL_BATCH_RECORDS: usize = 2048;
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
 
+/// Capacity of a group's change feed; a receiver that lags further re-reads everything.
+const CHANGE_FEED_CAPACITY: usize = 1024;
+/// Records a read may skip (removed or expired) beyond its limit before it stops early.
+const READ_SKIP_BUDGET: usize = 4096;
+
+/// What a group's apply changed, for subscriptions on this node.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// These conversations have new envelopes, up to the given last seq.
+    Appended(Arc<Vec<(String, u64)>>),
+    /// A snapshot was installed: anything may have changed.
+    All,
+}
+
 struct GroupRt {
     generation: AtomicU32,
     applied: watch::Sender<u64>,
+    changes: broadcast::Sender<Change>,
     current: Mutex<Option<(SnapshotMeta, SnapshotData)>>,
+}
+
+/// A conversation's own record: its last seq and retention limits (0 = none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ConvMeta {
+    last_seq: u64,
+    max_age_ms: u64,
+    max_count: u64,
+}
+
+impl ConvMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.last_seq.to_be_bytes());
+        b[8..16].copy_from_slice(&self.max_age_ms.to_be_bytes());
+        b[16..24].copy_from_slice(&self.max_count.to_be_bytes());
+        keys::encode_value(&b)
+    }
+
+    /// 8-byte bodies are the first layout (last seq only).
+    fn decode(key: &[u8], v: &[u8]) -> Result<ConvMeta, StoreError> {
+        let body = keys::decode_value(v).map_err(|e| corrupt_key(key, e))?;
+        let u = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&body[i..i + 8]);
+            u64::from_be_bytes(a)
+        };
+        match body.len() {
+            8 => Ok(ConvMeta { last_seq: u(0), ..ConvMeta::default() }),
+            24 => Ok(ConvMeta { last_seq: u(0), max_age_ms: u(8), max_count: u(16) }),
+            n => Err(corrupt_key(key, keys::DecodeError(format!("conversation record of {n} bytes")))),
+        }
+    }
+
+    fn has_retention(&self) -> bool {
+        self.max_age_ms > 0 || self.max_count > 0
+    }
+
+    /// Whether retention removes the envelope `seq` committed at `committed_at_ms`.
+    fn retention_removes(&self, seq: u64, committed_at_ms: u64, now_ms: u64) -> bool {
+        (self.max_count > 0 && seq.saturating_add(self.max_count) <= self.last_seq)
+            || (self.max_age_ms > 0 && committed_at_ms.saturating_add(self.max_age_ms) <= now_ms)
+    }
+}
+
+/// Two u64s (seq and a time) as a framed value: dedupe entries and cursors.
+fn encode_pair(a: u64, b: u64) -> Vec<u8> {
+    let mut v = [0u8; 16];
+    v[0..8].copy_from_slice(&a.to_be_bytes());
+    v[8..16].copy_from_slice(&b.to_be_bytes());
+    keys::encode_value(&v)
+}
+
+fn decode_pair(key: &[u8], v: &[u8]) -> Result<(u64, u64), StoreError> {
+    let body = keys::decode_value(v).map_err(|e| corrupt_key(key, e))?;
+    if body.len() != 16 {
+        return Err(corrupt_key(key, keys::DecodeError(format!("expected 16 bytes, got {}", body.len()))));
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&body[0..8]);
+    b.copy_from_slice(&body[8..16]);
+    Ok((u64::from_be_bytes(a), u64::from_be_bytes(b)))
+}
+
+/// Direction of a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forward,
+    Backward,
+}
+
+/// One page of a conversation, as `read_page` returns it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadPage {
+    /// In the read's direction.
+    pub envelopes: Vec<StoredEnvelope>,
+    pub last_seq: u64,
+    /// Lowest seq still held (0: none).
+    pub first_seq: u64,
+    /// Seqs removed on purpose (expired, retention, erasure) in the span read, as
+    /// `(from, to)` inclusive with `from <= to`, in the read's direction.
+    pub removed: Vec<(u64, u64)>,
+    /// Nothing further in this direction as of this read.
+    pub end: bool,
+    /// The first seq the next page in this direction starts at (forward: next from_seq;
+    /// backward: next before_seq).
+    pub next: u64,
+}
+
+/// Whether an envelope must no longer be delivered at `now_ms`.
+pub fn is_expired(e: &NewEnvelope, now_ms: u64) -> bool {
+    e.expires_at_ms != 0 && e.expires_at_ms <= now_ms
+}
+
+fn push_range(out: &mut Vec<(u64, u64)>, from: u64, to: u64, forward: bool) {
+    if from > to {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if forward && last.1 + 1 == from {
+            last.1 = to;
+            return;
+        }
+        if !forward && to + 1 == last.0 {
+            last.0 = from;
+            return;
+        }
+    }
+    out.push((from, to));
 }
 
 struct Inner {
@@ -70,6 +198,8 @@ struct Inner {
     heads: sled::Tree,
     snap_dir: PathBuf,
     groups: Mutex<HashMap<GroupId, Arc<GroupRt>>>,
+    /// Counts applied `DeleteConversation`s, so the node compacts after each.
+    erasures: watch::Sender<u64>,
     /// Newest snapshot file per group found at open, before the group's runtime exists.
     found_snapshots: Mutex<HashMap<GroupId, (SnapshotMeta, SnapshotData)>>,
 }
@@ -126,6 +256,14 @@ fn decode_envelope(key: &[u8], v: &[u8], conversation_id: &str, seq: u64) -> Res
         seq,
         committed_at_ms,
     })
+}
+
+/// The seq of an envelope key.
+fn env_seq(k: &[u8]) -> Result<u64, StoreError> {
+    match keys::decode_key(k).map_err(|e| corrupt_key(k, e))? {
+        keys::Key::Env { seq, .. } => Ok(seq),
+        other => Err(corrupt_key(k, keys::DecodeError(format!("expected an envelope key, got {other:?}")))),
+    }
 }
 
 type AppliedState = (Option<LogId>, StoredMembership);
@@ -187,6 +325,7 @@ impl StateStore {
                 heads,
                 snap_dir,
                 groups: Mutex::new(HashMap::new()),
+                erasures: watch::channel(0).0,
                 found_snapshots: Mutex::new(found),
             }),
         };
@@ -255,6 +394,7 @@ impl StateStore {
         let rt = Arc::new(GroupRt {
             generation: AtomicU32::new(generation),
             applied: watch::channel(applied).0,
+            changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             current: Mutex::new(current),
         });
         groups.insert(group, rt.clone());
@@ -279,7 +419,8 @@ impl StateStore {
         Ok(GroupStateMachine { store: self.clone(), group, rt })
     }
 
-    /// Envelopes of a conversation with `seq >= from_seq`, ascending, at most `limit`.
+    /// Envelopes of a conversation with `seq >= from_seq`, ascending, at most `limit`,
+    /// as stored (expired ones included): for checks and tools. Clients use `read_page`.
     pub fn read(
         &self,
         group: GroupId,
@@ -294,18 +435,100 @@ impl StateStore {
             let mut out = Vec::with_capacity(limit.min(1024));
             for item in self.inner.data.range(start..=end).take(limit) {
                 let (k, v) = item?;
-                let seq = match keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))? {
-                    keys::Key::Env { seq, .. } => seq,
-                    other => {
-                        return Err(corrupt_key(
-                            &k,
-                            keys::DecodeError(format!("expected an envelope key, got {other:?}")),
-                        ))
-                    }
-                };
-                out.push(decode_envelope(&k, &v, conversation_id, seq)?);
+                out.push(decode_envelope(&k, &v, conversation_id, env_seq(&k)?)?);
             }
             Ok(out)
+        })
+    }
+
+    /// One page of a conversation as a client sees it at `now_ms`: never an expired
+    /// envelope; the seqs it skips (removed or expired) reported as ranges, so that
+    /// envelopes and ranges cover the span read without holes.
+    /// Forward reads start at `start` (0 = 1); backward reads take seqs below `start`
+    /// (0 = from the newest), newest first.
+    pub fn read_page(
+        &self,
+        group: GroupId,
+        conversation_id: &str,
+        direction: Direction,
+        start: u64,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<ReadPage, StoreError> {
+        self.at_stable_generation(group, |generation| {
+            let conv = conversation_id.as_bytes();
+            let data = &self.inner.data;
+            let meta_key = keys::conv_key(group, generation, conv);
+            let last_seq = match data.get(&meta_key)? {
+                Some(v) => ConvMeta::decode(&meta_key, &v)?.last_seq,
+                None => 0,
+            };
+            let lo = keys::env_key(group, generation, conv, 1);
+            let hi = keys::env_key(group, generation, conv, u64::MAX);
+            let first_seq = match data.range(lo.clone()..=hi.clone()).next() {
+                Some(item) => env_seq(&item?.0)?,
+                None => 0,
+            };
+            let mut page = ReadPage { last_seq, first_seq, ..ReadPage::default() };
+            let forward = direction == Direction::Forward;
+            // `expected`: the next seq this read accounts for, in its direction.
+            let (mut expected, iter): (u64, Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>) =
+                if forward {
+                    let from = start.max(1);
+                    (from, Box::new(data.range(keys::env_key(group, generation, conv, from)..=hi)))
+                } else {
+                    let below = if start == 0 || start > last_seq { last_seq.saturating_add(1) } else { start };
+                    if below <= 1 {
+                        page.end = true;
+                        page.next = below;
+                        return Ok(page);
+                    }
+                    (below - 1, Box::new(data.range(lo..=keys::env_key(group, generation, conv, below - 1)).rev()))
+                };
+            let mut skipped = 0usize;
+            let mut exhausted = true;
+            for item in iter {
+                if page.envelopes.len() >= limit || skipped >= READ_SKIP_BUDGET {
+                    exhausted = false;
+                    break;
+                }
+                let (k, v) = item?;
+                let seq = env_seq(&k)?;
+                if forward {
+                    if seq > last_seq {
+                        break;
+                    }
+                    push_range(&mut page.removed, expected, seq - 1, true);
+                } else {
+                    push_range(&mut page.removed, seq + 1, expected, false);
+                }
+                let e = decode_envelope(&k, &v, conversation_id, seq)?;
+                if is_expired(&e.envelope, now_ms) {
+                    push_range(&mut page.removed, seq, seq, forward);
+                    skipped += 1;
+                } else {
+                    page.envelopes.push(e);
+                }
+                expected = if forward { seq + 1 } else { seq - 1 };
+            }
+            if exhausted {
+                // Nothing more is held in this direction: the rest of the span was removed.
+                if forward {
+                    push_range(&mut page.removed, expected, last_seq, true);
+                    expected = expected.max(last_seq + 1);
+                } else {
+                    push_range(&mut page.removed, 1, expected, false);
+                    expected = 0;
+                }
+            }
+            if forward {
+                page.end = expected > last_seq;
+                page.next = expected;
+            } else {
+                page.end = expected == 0;
+                page.next = expected + 1;
+            }
+            Ok(page)
         })
     }
 
@@ -314,9 +537,110 @@ impl StateStore {
         self.at_stable_generation(group, |generation| {
             let k = keys::conv_key(group, generation, conversation_id.as_bytes());
             match self.inner.data.get(&k)? {
-                Some(v) => decode_u64(&k, &v),
+                Some(v) => Ok(ConvMeta::decode(&k, &v)?.last_seq),
                 None => Ok(0),
             }
+        })
+    }
+
+    /// A conversation's cursors in reader order after `after` (all readers, or only
+    /// `reader`), at most `limit`; `true` when no reader follows; and its last seq.
+    pub fn cursors(
+        &self,
+        group: GroupId,
+        conversation_id: &str,
+        reader: Option<&str>,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<CursorRecord>, bool, u64), StoreError> {
+        self.at_stable_generation(group, |generation| {
+            let conv = conversation_id.as_bytes();
+            let data = &self.inner.data;
+            let meta_key = keys::conv_key(group, generation, conv);
+            let last_seq = match data.get(&meta_key)? {
+                Some(v) => ConvMeta::decode(&meta_key, &v)?.last_seq,
+                None => 0,
+            };
+            if let Some(r) = reader {
+                let k = keys::cursor_key(group, generation, conv, r.as_bytes());
+                let (seq, updated_at_ms) = match data.get(&k)? {
+                    Some(v) => decode_pair(&k, &v)?,
+                    None => (0, 0),
+                };
+                return Ok((vec![CursorRecord { reader_id: r.to_string(), seq, updated_at_ms }], true, last_seq));
+            }
+            let prefix = keys::conv_prefix(group, generation, keys::KIND_CURSOR, conv);
+            let mut out = Vec::with_capacity(limit.min(1024));
+            let mut end = true;
+            for item in data.scan_prefix(&prefix) {
+                let (k, v) = item?;
+                let reader_id = match keys::decode_key(&k) {
+                    Ok(keys::Key::Cursor { reader, .. }) => reader,
+                    Ok(other) => return Err(corrupt_key(&k, keys::DecodeError(format!("not a cursor: {other:?}")))),
+                    Err(e) => return Err(corrupt_key(&k, e)),
+                };
+                if !after.is_empty() && reader_id.as_slice() <= after.as_bytes() {
+                    continue;
+                }
+                if out.len() >= limit {
+                    end = false;
+                    break;
+                }
+                let (seq, updated_at_ms) = decode_pair(&k, &v)?;
+                let reader_id = String::from_utf8(reader_id)
+                    .map_err(|_| corrupt_key(&k, keys::DecodeError("reader id is not UTF-8".into())))?;
+                out.push(CursorRecord { reader_id, seq, updated_at_ms });
+            }
+            Ok((out, end, last_seq))
+        })
+    }
+
+    /// Whether a `Maintain` at `now_ms` would remove anything (the leader asks before it
+    /// proposes one, so an idle cluster writes no housekeeping entries).
+    pub fn needs_maintenance(&self, group: GroupId, now_ms: u64, dedupe_window_ms: u64) -> Result<bool, StoreError> {
+        self.at_stable_generation(group, |generation| {
+            let data = &self.inner.data;
+            let first_time = |kind: u8| -> Result<Option<u64>, StoreError> {
+                let prefix = keys::kind_prefix(group, generation, kind);
+                match data.scan_prefix(&prefix).next() {
+                    Some(item) => {
+                        let (k, _) = item?;
+                        match keys::decode_key(&k) {
+                            Ok(keys::Key::Expiry { at_ms, .. }) | Ok(keys::Key::DedupeTime { at_ms, .. }) => {
+                                Ok(Some(at_ms))
+                            }
+                            Ok(other) => Err(corrupt_key(&k, keys::DecodeError(format!("unexpected key {other:?}")))),
+                            Err(e) => Err(corrupt_key(&k, e)),
+                        }
+                    }
+                    None => Ok(None),
+                }
+            };
+            if first_time(keys::KIND_EXPIRY)?.is_some_and(|t| t <= now_ms) {
+                return Ok(true);
+            }
+            if first_time(keys::KIND_DEDUPE_TIME)?.is_some_and(|t| t.saturating_add(dedupe_window_ms) < now_ms) {
+                return Ok(true);
+            }
+            for item in data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_RETENTION)) {
+                let (k, _) = item?;
+                let conv = match keys::decode_key(&k) {
+                    Ok(keys::Key::Retention { conversation }) => conversation,
+                    _ => return Err(corrupt_key(&k, keys::DecodeError("bad retention key".into()))),
+                };
+                let mk = keys::conv_key(group, generation, &conv);
+                let Some(mv) = data.get(&mk)? else { continue };
+                let meta = ConvMeta::decode(&mk, &mv)?;
+                let prefix = keys::conv_prefix(group, generation, keys::KIND_ENV, &conv);
+                if let Some(item) = data.scan_prefix(&prefix).next() {
+                    let (ek, ev) = item?;
+                    let e = decode_envelope(&ek, &ev, "", env_seq(&ek)?)?;
+                    if meta.retention_removes(e.seq, e.committed_at_ms, now_ms) {
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
         })
     }
 
@@ -353,6 +677,16 @@ impl StateStore {
         Ok(self.rt(group)?.applied.subscribe())
     }
 
+    /// The group's change feed: which conversations each apply extended.
+    pub fn subscribe_changes(&self, group: GroupId) -> Result<broadcast::Receiver<Change>, StoreError> {
+        Ok(self.rt(group)?.changes.subscribe())
+    }
+
+    /// Moves each time a `DeleteConversation` was applied on this node (any group).
+    pub fn watch_erasures(&self) -> watch::Receiver<u64> {
+        self.inner.erasures.subscribe()
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.db.flush()?;
         Ok(())
@@ -380,59 +714,360 @@ impl StateStore {
         self.inner.data.scan_prefix(keys::group_prefix(group)).count()
     }
 
-    /// Applies a batch of entries of one group in one atomic sled batch.
+    /// Applies a batch of entries of one group. Appends and cursor commits go into one
+    /// atomic sled batch together with the applied log id; the rarer commands that scan
+    /// (maintenance, erasure, retention) are each applied in a batch of their own, after
+    /// what precedes them is written, so every read they do sees the entries before them.
     fn apply_blocking(
         &self,
         group: GroupId,
         generation: u32,
         entries: &[Entry],
-    ) -> Result<Vec<CommandResponse>, StoreError> {
-        let data = &self.inner.data;
-        let (mut applied, mut membership) = self.applied_state_at(group, generation)?;
-        let mut last_seqs: HashMap<&str, u64> = HashMap::new();
-        let mut batch = sled::Batch::default();
+    ) -> Result<(Vec<CommandResponse>, Vec<(String, u64)>, u64), StoreError> {
+        let (applied, membership) = self.applied_state_at(group, generation)?;
+        let mut run = Run { group, generation, applied, membership, ..Run::default() };
+        let mut changed: HashMap<String, u64> = HashMap::new();
+        let mut erasures = 0u64;
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
-            applied = Some(entry.log_id);
-            let mut resp = CommandResponse::default();
-            match &entry.payload {
-                EntryPayload::Blank => {}
-                EntryPayload::Membership(m) => membership = StoredMembership::new(Some(entry.log_id), m.clone()),
+            let resp = match &entry.payload {
+                EntryPayload::Blank => CommandResponse::Empty,
+                EntryPayload::Membership(m) => {
+                    run.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    CommandResponse::Empty
+                }
                 EntryPayload::Normal(Command::Append { now_ms, envelopes }) => {
-                    resp.appended.reserve(envelopes.len());
-                    for e in envelopes {
-                        let conv = e.conversation_id.as_str();
-                        let last = match last_seqs.get(conv) {
-                            Some(s) => *s,
-                            None => {
-                                let k = keys::conv_key(group, generation, conv.as_bytes());
-                                match data.get(&k)? {
-                                    Some(v) => decode_u64(&k, &v)?,
-                                    None => 0,
-                                }
-                            }
-                        };
-                        // Idempotency (a later issue) will look up `message_id` here and answer
-                        // `duplicate = true` with the original seq instead of appending.
-                        let seq = last + 1;
-                        batch.insert(
-                            keys::env_key(group, generation, conv.as_bytes(), seq),
-                            encode_envelope(e, *now_ms),
-                        );
-                        last_seqs.insert(conv, seq);
-                        resp.appended.push(Appended { seq, committed_at_ms: *now_ms, duplicate: false });
+                    self.apply_append(&mut run, entry.log_id.index, *now_ms, envelopes)?
+                }
+                EntryPayload::Normal(Command::CommitCursor { now_ms, conversation_id, reader_id, seq }) => {
+                    self.apply_cursor(&mut run, *now_ms, conversation_id, reader_id, *seq)?
+                }
+                EntryPayload::Normal(cmd) => {
+                    self.write_run(&mut run, &mut changed)?;
+                    let resp = match cmd {
+                        Command::Maintain { now_ms, dedupe_window_ms, max_removals } => {
+                            self.apply_maintain(&mut run, *now_ms, *dedupe_window_ms, *max_removals)?
+                        }
+                        Command::DeleteConversation { conversation_id, reset_seq, .. } => {
+                            erasures += 1;
+                            self.apply_delete(&mut run, conversation_id, *reset_seq)?
+                        }
+                        Command::SetRetention { now_ms, conversation_id, max_age_ms, max_count } => {
+                            self.apply_retention(&mut run, *now_ms, conversation_id, *max_age_ms, *max_count)?
+                        }
+                        Command::Append { .. } | Command::CommitCursor { .. } => CommandResponse::Empty,
+                    };
+                    run.applied = Some(entry.log_id);
+                    self.write_run(&mut run, &mut changed)?;
+                    responses.push(resp);
+                    continue;
+                }
+            };
+            run.applied = Some(entry.log_id);
+            responses.push(resp);
+        }
+        self.write_run(&mut run, &mut changed)?;
+        Ok((responses, changed.into_iter().collect(), erasures))
+    }
+
+    /// The conversation's record as this run sees it (loaded once).
+    fn run_conv<'r>(&self, run: &'r mut Run, conv: &str) -> Result<&'r mut (ConvMeta, bool), StoreError> {
+        if !run.convs.contains_key(conv) {
+            let k = keys::conv_key(run.group, run.generation, conv.as_bytes());
+            let meta = match self.inner.data.get(&k)? {
+                Some(v) => ConvMeta::decode(&k, &v)?,
+                None => ConvMeta::default(),
+            };
+            run.convs.insert(conv.to_string(), (meta, false));
+        }
+        run.convs.get_mut(conv).ok_or_else(|| StoreError::Encode("conversation cache".into()))
+    }
+
+    fn apply_append(
+        &self,
+        run: &mut Run,
+        index: u64,
+        now_ms: u64,
+        envelopes: &[NewEnvelope],
+    ) -> Result<CommandResponse, StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let mut appended = Vec::with_capacity(envelopes.len());
+        let mut added: Vec<(&str, [u8; MESSAGE_ID_LEN])> = Vec::new();
+        for e in envelopes {
+            let conv = e.conversation_id.as_str();
+            let dedupe_key = keys::dedupe_key(group, generation, conv.as_bytes(), &e.message_id);
+            let seen = match run.dedupe.get(&dedupe_key) {
+                Some(p) => Some(*p),
+                None => match self.inner.data.get(&dedupe_key)? {
+                    Some(v) => Some(decode_pair(&dedupe_key, &v)?),
+                    None => None,
+                },
+            };
+            if let Some((seq, committed_at_ms)) = seen {
+                appended.push(Appended { seq, committed_at_ms, duplicate: true });
+                continue;
+            }
+            let entry = self.run_conv(run, conv)?;
+            entry.0.last_seq += 1;
+            entry.1 = true;
+            let meta = entry.0;
+            let seq = meta.last_seq;
+            run.batch.insert(keys::env_key(group, generation, conv.as_bytes(), seq), encode_envelope(e, now_ms));
+            run.batch.insert(dedupe_key.clone(), encode_pair(seq, now_ms));
+            run.dedupe.insert(dedupe_key, (seq, now_ms));
+            if e.expires_at_ms != 0 {
+                run.batch.insert(
+                    keys::expiry_key(group, generation, e.expires_at_ms, conv.as_bytes(), seq),
+                    keys::encode_value(&[]),
+                );
+            }
+            if meta.max_count > 0 && seq > meta.max_count {
+                // Count retention at append: the envelope max_count below goes (a key that
+                // is already gone is a no-op; its expiry entry is checked when it fires).
+                run.batch.remove(keys::env_key(group, generation, conv.as_bytes(), seq - meta.max_count));
+            }
+            added.push((conv, e.message_id));
+            appended.push(Appended { seq, committed_at_ms: now_ms, duplicate: false });
+        }
+        if !added.is_empty() {
+            let body = postcard::to_allocvec(&added).map_err(|e| StoreError::Encode(e.to_string()))?;
+            run.batch.insert(keys::dedupe_time_key(group, generation, now_ms, index), keys::encode_value(&body));
+        }
+        Ok(CommandResponse::Appended(appended))
+    }
+
+    fn apply_cursor(
+        &self,
+        run: &mut Run,
+        now_ms: u64,
+        conv: &str,
+        reader: &str,
+        seq: u64,
+    ) -> Result<CommandResponse, StoreError> {
+        let last_seq = self.run_conv(run, conv)?.0.last_seq;
+        let key = keys::cursor_key(run.group, run.generation, conv.as_bytes(), reader.as_bytes());
+        let (cur, cur_at) = match run.cursors.get(&key) {
+            Some(c) => *c,
+            None => match self.inner.data.get(&key)? {
+                Some(v) => decode_pair(&key, &v)?,
+                None => (0, 0),
+            },
+        };
+        let want = seq.min(last_seq);
+        if want > cur {
+            run.batch.insert(key.clone(), encode_pair(want, now_ms));
+            run.cursors.insert(key, (want, now_ms));
+            return Ok(CommandResponse::Cursor { seq: want, updated_at_ms: now_ms, last_seq });
+        }
+        Ok(CommandResponse::Cursor { seq: cur, updated_at_ms: cur_at, last_seq })
+    }
+
+    /// Removes one envelope (by its key and decoded value) and its expiry entry.
+    fn remove_envelope(batch: &mut sled::Batch, group: GroupId, generation: u32, conv: &[u8], e: &StoredEnvelope) {
+        batch.remove(keys::env_key(group, generation, conv, e.seq));
+        if e.envelope.expires_at_ms != 0 {
+            batch.remove(keys::expiry_key(group, generation, e.envelope.expires_at_ms, conv, e.seq));
+        }
+    }
+
+    fn apply_maintain(
+        &self,
+        run: &mut Run,
+        now_ms: u64,
+        dedupe_window_ms: u64,
+        max_removals: u32,
+    ) -> Result<CommandResponse, StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let data = &self.inner.data;
+        let mut budget = max_removals.max(1) as u64;
+        let mut report = MaintainReport::default();
+
+        // 1. Expiry: every envelope with expires_at_ms <= now_ms.
+        let mut end = keys::kind_prefix(group, generation, keys::KIND_EXPIRY);
+        end.extend_from_slice(&now_ms.saturating_add(1).to_be_bytes());
+        for item in data.range(keys::kind_prefix(group, generation, keys::KIND_EXPIRY)..end) {
+            if budget == 0 {
+                report.more = true;
+                break;
+            }
+            let (k, _) = item?;
+            let keys::Key::Expiry { at_ms, conversation, seq } = keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))?
+            else {
+                return Err(corrupt_key(&k, keys::DecodeError("not an expiry key".into())));
+            };
+            run.batch.remove(k.clone());
+            let ek = keys::env_key(group, generation, &conversation, seq);
+            if let Some(v) = data.get(&ek)? {
+                // Only the envelope this entry was written for (a reset conversation can
+                // reuse the seq).
+                if decode_envelope(&ek, &v, "", seq)?.envelope.expires_at_ms == at_ms {
+                    run.batch.remove(ek);
+                    report.expired += 1;
+                }
+            }
+            budget -= 1;
+        }
+
+        // 2. Retention of the conversations that have any.
+        let mut retention_keys = Vec::new();
+        for item in data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_RETENTION)) {
+            let (k, _) = item?;
+            match keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))? {
+                keys::Key::Retention { conversation } => retention_keys.push(conversation),
+                other => return Err(corrupt_key(&k, keys::DecodeError(format!("not a retention key: {other:?}")))),
+            }
+        }
+        for conv in retention_keys {
+            if budget == 0 {
+                report.more = true;
+                break;
+            }
+            let mk = keys::conv_key(group, generation, &conv);
+            let Some(mv) = data.get(&mk)? else { continue };
+            let meta = ConvMeta::decode(&mk, &mv)?;
+            let (n, more) = self.enforce_retention(run, &conv, &meta, now_ms, budget)?;
+            report.retention_removed += n;
+            budget -= n.min(budget);
+            report.more |= more;
+        }
+
+        // 3. Dedupe entries older than the window.
+        let cutoff = now_ms.saturating_sub(dedupe_window_ms);
+        let mut end = keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME);
+        end.extend_from_slice(&cutoff.to_be_bytes());
+        for item in data.range(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME)..end) {
+            if budget == 0 {
+                report.more = true;
+                break;
+            }
+            let (k, v) = item?;
+            let body = keys::decode_value(&v).map_err(|e| corrupt_key(&k, e))?;
+            let added: Vec<(String, [u8; MESSAGE_ID_LEN])> = postcard::from_bytes(body)
+                .map_err(|e| corrupt_key(&k, keys::DecodeError(format!("dedupe time entry: {e}"))))?;
+            for (conv, id) in added {
+                let dk = keys::dedupe_key(group, generation, conv.as_bytes(), &id);
+                if let Some(dv) = data.get(&dk)? {
+                    // Only if it is this old entry (an erased and reset conversation can
+                    // have a newer one under the same key).
+                    if decode_pair(&dk, &dv)?.1 < cutoff {
+                        run.batch.remove(dk);
+                        report.dedupe_trimmed += 1;
                     }
                 }
             }
-            responses.push(resp);
+            run.batch.remove(k);
+            budget = budget.saturating_sub(1);
         }
-        for (conv, seq) in last_seqs {
-            batch.insert(keys::conv_key(group, generation, conv.as_bytes()), keys::encode_value(&seq.to_be_bytes()));
+        Ok(CommandResponse::Maintained(report))
+    }
+
+    /// Removes the conversation's oldest envelopes that its retention no longer allows,
+    /// at most `budget`; returns how many and whether it stopped at the budget.
+    fn enforce_retention(
+        &self,
+        run: &mut Run,
+        conv: &[u8],
+        meta: &ConvMeta,
+        now_ms: u64,
+        budget: u64,
+    ) -> Result<(u64, bool), StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let mut n = 0;
+        for item in self.inner.data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
+            let (k, v) = item?;
+            let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
+            if !meta.retention_removes(e.seq, e.committed_at_ms, now_ms) {
+                return Ok((n, false));
+            }
+            if n >= budget {
+                return Ok((n, true));
+            }
+            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
+            n += 1;
         }
-        let state = postcard::to_allocvec(&(applied, membership)).map_err(|e| StoreError::Encode(e.to_string()))?;
-        batch.insert(keys::meta_key(group, generation), keys::encode_value(&state));
-        data.apply_batch(batch)?;
-        Ok(responses)
+        Ok((n, false))
+    }
+
+    fn apply_delete(&self, run: &mut Run, conversation_id: &str, reset_seq: bool) -> Result<CommandResponse, StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let data = &self.inner.data;
+        let conv = conversation_id.as_bytes();
+        let mk = keys::conv_key(group, generation, conv);
+        let meta = match data.get(&mk)? {
+            Some(v) => Some(ConvMeta::decode(&mk, &v)?),
+            None => None,
+        };
+        let mut envelopes = 0;
+        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
+            let (k, v) = item?;
+            let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
+            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
+            envelopes += 1;
+        }
+        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_DEDUPE, conv)) {
+            run.batch.remove(item?.0);
+        }
+        let mut cursors = 0;
+        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_CURSOR, conv)) {
+            run.batch.remove(item?.0);
+            cursors += 1;
+        }
+        let existed = meta.is_some() || envelopes > 0 || cursors > 0;
+        let next_seq = if reset_seq {
+            run.batch.remove(mk);
+            run.batch.remove(keys::retention_key(group, generation, conv));
+            1
+        } else {
+            meta.map_or(1, |m| m.last_seq + 1)
+        };
+        Ok(CommandResponse::Deleted { existed, envelopes, cursors, next_seq })
+    }
+
+    fn apply_retention(
+        &self,
+        run: &mut Run,
+        now_ms: u64,
+        conversation_id: &str,
+        max_age_ms: u64,
+        max_count: u64,
+    ) -> Result<CommandResponse, StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let conv = conversation_id.as_bytes();
+        let mk = keys::conv_key(group, generation, conv);
+        let mut meta = match self.inner.data.get(&mk)? {
+            Some(v) => ConvMeta::decode(&mk, &v)?,
+            None => ConvMeta::default(),
+        };
+        meta.max_age_ms = max_age_ms;
+        meta.max_count = max_count;
+        run.batch.insert(mk, meta.encode());
+        let rk = keys::retention_key(group, generation, conv);
+        if meta.has_retention() {
+            run.batch.insert(rk, keys::encode_value(&[]));
+        } else {
+            run.batch.remove(rk);
+        }
+        let (removed, _) = self.enforce_retention(run, conv, &meta, now_ms, u64::MAX)?;
+        Ok(CommandResponse::RetentionSet { removed })
+    }
+
+    /// Writes what the run holds (data, conversation records, applied state) in one
+    /// atomic sled batch, and starts a fresh one.
+    fn write_run(&self, run: &mut Run, changed: &mut HashMap<String, u64>) -> Result<(), StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        for (conv, (meta, dirty)) in run.convs.drain() {
+            if dirty {
+                run.batch.insert(keys::conv_key(group, generation, conv.as_bytes()), meta.encode());
+                changed.insert(conv, meta.last_seq);
+            }
+        }
+        let state =
+            postcard::to_allocvec(&(run.applied, &run.membership)).map_err(|e| StoreError::Encode(e.to_string()))?;
+        run.batch.insert(keys::meta_key(group, generation), keys::encode_value(&state));
+        self.inner.data.apply_batch(std::mem::take(&mut run.batch))?;
+        run.dedupe.clear();
+        run.cursors.clear();
+        Ok(())
     }
 
     /// Writes the group's current data to a new snapshot file (sled flushed first).
@@ -561,6 +1196,21 @@ impl StateStore {
     }
 }
 
+/// What one apply call has read and written but not yet handed to sled.
+#[derive(Default)]
+struct Run {
+    group: GroupId,
+    generation: u32,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    batch: sled::Batch,
+    /// Conversation records read or changed (dirty: changed).
+    convs: HashMap<String, (ConvMeta, bool)>,
+    /// Dedupe entries added in this run (sled does not see the batch until it is written).
+    dedupe: HashMap<Vec<u8>, (u64, u64)>,
+    cursors: HashMap<Vec<u8>, (u64, u64)>,
+}
+
 /// One group's state machine: what openraft drives. Cheap to clone.
 #[derive(Clone)]
 pub struct GroupStateMachine {
@@ -628,7 +1278,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             return Ok(());
         }
         let last = batch.last().map_or(0, |e| e.log_id.index);
-        let responses =
+        let (responses, changed, erasures) =
             self.blocking(move |s, g, rt| s.apply_blocking(g, rt.generation.load(Ordering::Acquire), &batch)).await?;
         for (r, resp) in responders.into_iter().zip(responses) {
             if let Some(r) = r {
@@ -636,6 +1286,13 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             }
         }
         self.rt.applied.send_replace(last);
+        if !changed.is_empty() {
+            // No receiver is fine: nobody subscribes on this node.
+            let _ = self.rt.changes.send(Change::Appended(Arc::new(changed)));
+        }
+        if erasures > 0 {
+            self.store.inner.erasures.send_modify(|n| *n += erasures);
+        }
         Ok(())
     }
 
@@ -660,6 +1317,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let m = meta.clone();
         self.blocking(move |s, g, rt| s.install_blocking(g, &rt, &m, &snapshot)).await?;
         self.rt.applied.send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        let _ = self.rt.changes.send(Change::All);
         Ok(())
     }
 

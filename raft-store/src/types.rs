@@ -95,27 +95,77 @@ pub struct StoredEnvelope {
 /// The application command carried by one Raft log entry.
 ///
 /// `now_ms` is the proposing leader's clock when it built the entry: every replica uses
-/// this value, never its own clock, so apply is deterministic.
+/// this value, never its own clock, so apply is deterministic. Variants are only ever
+/// added at the end (postcard encodes the variant's position).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Append envelopes (of conversations of this group) in order.
+    /// Append envelopes (of conversations of this group) in order. An envelope whose
+    /// (conversation, message_id) is in the dedupe state is answered with its original
+    /// seq and not appended.
     Append { now_ms: u64, envelopes: Vec<NewEnvelope> },
+    /// Moves a reader's cursor forward (never backwards; clamped to the last seq).
+    CommitCursor { now_ms: u64, conversation_id: String, reader_id: String, seq: u64 },
+    /// Housekeeping the leader proposes on a timer: deletes envelopes past `expires_at_ms
+    /// <= now_ms`, envelopes beyond their conversation's retention, and dedupe entries
+    /// older than `now_ms - dedupe_window_ms`; at most `max_removals` keys per command.
+    Maintain { now_ms: u64, dedupe_window_ms: u64, max_removals: u32 },
+    /// Erasure: removes the conversation's envelopes, cursors and dedupe entries.
+    /// `reset_seq`: the next envelope of this id gets seq 1; else seqs continue.
+    DeleteConversation { now_ms: u64, conversation_id: String, reset_seq: bool },
+    /// Replaces a conversation's retention (0 = no limit) and enforces it at once.
+    SetRetention { now_ms: u64, conversation_id: String, max_age_ms: u64, max_count: u64 },
+}
+
+impl Command {
+    /// The leader time the command carries.
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Command::Append { now_ms, .. }
+            | Command::CommitCursor { now_ms, .. }
+            | Command::Maintain { now_ms, .. }
+            | Command::DeleteConversation { now_ms, .. }
+            | Command::SetRetention { now_ms, .. } => *now_ms,
+        }
+    }
 }
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Command::Append { now_ms, envelopes } => {
-                write!(f, "Append(now_ms={now_ms}, n={})", envelopes.len())
+            Command::Append { now_ms, envelopes } => write!(f, "Append(now_ms={now_ms}, n={})", envelopes.len()),
+            Command::CommitCursor { now_ms, seq, .. } => write!(f, "CommitCursor(now_ms={now_ms}, seq={seq})"),
+            Command::Maintain { now_ms, .. } => write!(f, "Maintain(now_ms={now_ms})"),
+            Command::DeleteConversation { now_ms, reset_seq, .. } => {
+                write!(f, "DeleteConversation(now_ms={now_ms}, reset_seq={reset_seq})")
+            }
+            Command::SetRetention { now_ms, max_age_ms, max_count, .. } => {
+                write!(f, "SetRetention(now_ms={now_ms}, max_age_ms={max_age_ms}, max_count={max_count})")
             }
         }
     }
 }
 
-/// What applying one [`Command`] produced, in the command's order.
+/// What applying one [`Command`] produced. Blank and membership entries answer `Empty`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommandResponse {
-    pub appended: Vec<Appended>,
+pub enum CommandResponse {
+    #[default]
+    Empty,
+    /// One per envelope of an `Append`, in the command's order.
+    Appended(Vec<Appended>),
+    /// The stored cursor after a `CommitCursor`.
+    Cursor { seq: u64, updated_at_ms: u64, last_seq: u64 },
+    Maintained(MaintainReport),
+    Deleted { existed: bool, envelopes: u64, cursors: u64, next_seq: u64 },
+    RetentionSet { removed: u64 },
+}
+
+/// What one `Maintain` removed; `more`: it stopped at `max_removals` with work left.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaintainReport {
+    pub expired: u64,
+    pub retention_removed: u64,
+    pub dedupe_trimmed: u64,
+    pub more: bool,
 }
 
 /// The outcome of one envelope of an `Append`.
@@ -124,4 +174,12 @@ pub struct Appended {
     pub seq: u64,
     pub committed_at_ms: u64,
     pub duplicate: bool,
+}
+
+/// A reader's position in a conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorRecord {
+    pub reader_id: String,
+    pub seq: u64,
+    pub updated_at_ms: u64,
 }

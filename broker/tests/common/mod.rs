@@ -136,6 +136,7 @@ pub async fn read_all(client: &mut BrokerClient<Channel>, conversation: &str, st
                 from_seq: from,
                 limit: 1000,
                 allow_stale: stale,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -232,7 +232,10 @@ impl TestCluster {
             let leader = self.wait_leader(group, among).await;
             let cmd = Command::Append { now_ms: 1_700_000_000_000, envelopes: vec![env.clone()] };
             match self.node(leader).raft(group).client_write(cmd).await {
-                Ok(resp) => return resp.data.appended[0],
+                Ok(resp) => match resp.data {
+                    habar_raft_store::types::CommandResponse::Appended(a) if a.len() == 1 => return a[0],
+                    other => panic!("group {group}: append answered {other:?}"),
+                },
                 Err(e) => {
                     assert!(start.elapsed() < PATIENCE, "group {group}: append keeps failing: {e}");
                     tokio::time::sleep(Duration::from_millis(20)).await;

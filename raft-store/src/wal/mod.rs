@@ -379,7 +379,7 @@ impl Wal {
         let sh = self.shared();
         let mut st = sh.lock();
         st.check_poisoned()?;
-        self.maybe_rotate(&mut st)?;
+        self.maybe_rotate(&mut st, false)?;
         let base = st.active_len;
         let seg = st.active_seq;
         let mut buf = std::mem::take(&mut st.buf);
@@ -460,7 +460,7 @@ impl Wal {
         let sh = self.shared();
         let mut st = sh.lock();
         st.check_poisoned()?;
-        self.maybe_rotate(&mut st)?;
+        self.maybe_rotate(&mut st, false)?;
         let mut buf = Vec::with_capacity(record::FRAME_LEN + record::BODY_PREFIX_LEN + body.len());
         record::push_record(&mut buf, kind, group, |b| b.extend_from_slice(body));
         let lsn = self.write_locked(&mut st, &buf)?;
@@ -528,9 +528,9 @@ impl Wal {
 
     /// Starts a new segment once the active one is full. The new segment begins with a
     /// checkpoint of every group's meta, so older segments can later be deleted.
-    fn maybe_rotate(&self, st: &mut State) -> Result<(), WalError> {
+    fn maybe_rotate(&self, st: &mut State, force: bool) -> Result<(), WalError> {
         let sh = self.shared();
-        if st.active_len < sh.cfg.segment_bytes {
+        if !force && st.active_len < sh.cfg.segment_bytes {
             return Ok(());
         }
         let seq = st.active_seq + 1;
@@ -557,6 +557,20 @@ impl Wal {
         st.dir_dirty = true;
         metrics::counter!("habar_wal_segments_created_total").increment(1);
         Ok(())
+    }
+
+    /// Starts a new segment now, whatever the active one's size: after an erasure, so the
+    /// segment that holds the erased bytes can be deleted once every group purged past it.
+    pub fn roll(&self) -> Result<(), WalError> {
+        let sh = self.shared();
+        let mut st = sh.lock();
+        if let Some(reason) = &st.poisoned {
+            return Err(WalError::Io {
+                path: segment_path(&sh.cfg.dir, st.active_seq),
+                source: io::Error::other(format!("WAL failed: {reason}")),
+            });
+        }
+        self.maybe_rotate(&mut st, true)
     }
 
     /// Deletes segments in which, and before which, no group has a live entry. Call after
