@@ -33,7 +33,10 @@ pub enum ForwardRequest {
     Write(WriteOp),
     Read(ReadOp),
     /// Ephemeral envelopes for this node's live subscribers (best effort, never stored).
-    Signal { now_ms: u64, envelopes: Vec<NewEnvelope> },
+    Signal {
+        now_ms: u64,
+        envelopes: Vec<NewEnvelope>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,14 +112,12 @@ impl ForwarderService {
     async fn handle(&self, group: GroupId, req: ForwardRequest, deadline: Instant) -> ForwardResponse {
         let res = match req {
             ForwardRequest::Write(op) => self.node.local_write(group, op, deadline).await.map(ForwardResponse::Written),
-            ForwardRequest::Read(op) => {
-                self.node.linearizable_local_read(group, op, deadline).await.map(|r| {
-                    ForwardResponse::Read(match r {
-                        ReadAnswer::Page(p) => p.encode_to_vec(),
-                        ReadAnswer::Cursors(c) => c.encode_to_vec(),
-                    })
+            ForwardRequest::Read(op) => self.node.linearizable_local_read(group, op, deadline).await.map(|r| {
+                ForwardResponse::Read(match r {
+                    ReadAnswer::Page(p) => p.encode_to_vec(),
+                    ReadAnswer::Cursors(c) => c.encode_to_vec(),
                 })
-            }
+            }),
             ForwardRequest::Signal { now_ms, envelopes } => {
                 self.node.deliver_signals(now_ms, envelopes);
                 Ok(ForwardResponse::Delivered)

@@ -14,13 +14,13 @@ use std::time::UNIX_EPOCH;
 use tokio::sync::broadcast;
 
 use habar_proto::v1 as pb;
+use habar_raft_store::sm::Direction;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::CommandResponse;
 use habar_raft_store::types::GroupId;
 use habar_raft_store::types::NewEnvelope;
 use habar_raft_store::types::NodeId;
 use habar_raft_store::types::TypeConfig;
-use habar_raft_store::sm::Direction;
 use habar_raft_store::GroupStateMachine;
 use habar_raft_store::StateStore;
 use habar_raft_store::Wal;

@@ -25,8 +25,8 @@ use crate::node::Node;
 use crate::node::ReadAnswer;
 use crate::node::ReadOp;
 use crate::node::WriteOp;
-use crate::subscribe;
 use crate::shard::shard_of;
+use crate::subscribe;
 use crate::validate;
 
 /// The call's deadline: the client's `grpc-timeout` if it sent one, else the node's
@@ -77,7 +77,11 @@ type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::StoredEnvelope, Stat
 impl BrokerService {
     /// Publishes validated envelopes: grouped by shard, one Raft entry per shard part, all
     /// shard parts in parallel; results in request order.
-    async fn publish_stored(&self, envelopes: Vec<NewEnvelope>, deadline: Instant) -> Result<Vec<pb::Appended>, Status> {
+    async fn publish_stored(
+        &self,
+        envelopes: Vec<NewEnvelope>,
+        deadline: Instant,
+    ) -> Result<Vec<pb::Appended>, Status> {
         let n = envelopes.len();
         let shards = self.node.shards();
         let conversation_ids: Vec<String> = envelopes.iter().map(|e| e.conversation_id.clone()).collect();
@@ -90,9 +94,11 @@ impl BrokerService {
             s.1.push(e);
         }
         let node = &self.node;
-        let results = futures::future::join_all(by_shard.into_iter().map(|(g, (idx, envs))| async move {
-            (g, idx, node.write(g, WriteOp::Append(envs), deadline).await)
-        }))
+        let results = futures::future::join_all(
+            by_shard
+                .into_iter()
+                .map(|(g, (idx, envs))| async move { (g, idx, node.write(g, WriteOp::Append(envs), deadline).await) }),
+        )
         .await;
 
         let mut appended: Vec<Option<pb::Appended>> = vec![None; n];
@@ -123,7 +129,12 @@ impl BrokerService {
         Ok(appended)
     }
 
-    async fn write_one(&self, conversation_id: &str, op: WriteOp, deadline: Instant) -> Result<CommandResponse, Status> {
+    async fn write_one(
+        &self,
+        conversation_id: &str,
+        op: WriteOp,
+        deadline: Instant,
+    ) -> Result<CommandResponse, Status> {
         let group = shard_of(conversation_id, self.node.shards());
         Ok(self.node.write(group, op, deadline).await?)
     }
@@ -220,7 +231,11 @@ impl Broker for BrokerService {
         let req = request.into_inner();
         validate::commit_cursor_request(&req, &self.limits)?;
         let conv = req.conversation_id.clone();
-        let op = WriteOp::CommitCursor { conversation_id: req.conversation_id, reader_id: req.reader_id.clone(), seq: req.seq };
+        let op = WriteOp::CommitCursor {
+            conversation_id: req.conversation_id,
+            reader_id: req.reader_id.clone(),
+            seq: req.seq,
+        };
         match self.write_one(&conv, op, deadline).await? {
             CommandResponse::Cursor { seq, updated_at_ms, last_seq } => Ok(Response::new(pb::CommitCursorResponse {
                 cursor: Some(pb::Cursor {

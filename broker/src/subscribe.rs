@@ -248,10 +248,11 @@ impl Sub {
         let store = self.node.store.clone();
         let now = self.node.now_ms();
         let name = conv.clone();
-        let page = tokio::task::spawn_blocking(move || store.read_page(group, &name, Direction::Forward, next, PAGE, now))
-            .await
-            .map_err(|e| End::Status(Status::internal(format!("subscription read task failed: {e}"))))?
-            .map_err(|e| End::Status(Status::internal(format!("subscription read failed: {e}"))))?;
+        let page =
+            tokio::task::spawn_blocking(move || store.read_page(group, &name, Direction::Forward, next, PAGE, now))
+                .await
+                .map_err(|e| End::Status(Status::internal(format!("subscription read task failed: {e}"))))?
+                .map_err(|e| End::Status(Status::internal(format!("subscription read failed: {e}"))))?;
         // Interleave removed ranges and envelopes in seq order.
         let mut removed = page.removed.into_iter().peekable();
         let mut sent = false;

@@ -121,9 +121,7 @@ pub fn read_request(req: &pb::ReadRequest, limits: &Limits) -> Result<(bool, u32
         ));
     }
     if !backward && req.before_seq != 0 {
-        return Err(Status::invalid_argument(
-            "before_seq is set on a FORWARD read; forward reads page with from_seq",
-        ));
+        return Err(Status::invalid_argument("before_seq is set on a FORWARD read; forward reads page with from_seq"));
     }
     let limit = match req.limit {
         0 => limits.read_default_limit,
@@ -296,7 +294,11 @@ mod tests {
             message_id: (0u8..16).collect::<Vec<_>>().into(),
             expires_at_ms: 42,
         };
-        let ok = publish_request(pb::PublishRequest { envelopes: vec![at_limit.clone(); 1000], ephemeral: false }, &limits()).unwrap();
+        let ok = publish_request(
+            pb::PublishRequest { envelopes: vec![at_limit.clone(); 1000], ephemeral: false },
+            &limits(),
+        )
+        .unwrap();
         assert_eq!(ok.len(), 1000);
         let e = &ok[999];
         assert_eq!(e.conversation_id, at_limit.conversation_id);
@@ -346,7 +348,11 @@ mod tests {
     fn cursor_requests_name_the_bad_field() {
         let c = pb::CommitCursorRequest { conversation_id: "c".into(), reader_id: String::new(), seq: 1 };
         assert_names(commit_cursor_request(&c, &limits()).unwrap_err().message(), &["reader_id is 0 bytes", "1..=256"]);
-        let g = pb::GetCursorsRequest { conversation_id: "c".into(), after_reader_id: "r".repeat(300), ..Default::default() };
+        let g = pb::GetCursorsRequest {
+            conversation_id: "c".into(),
+            after_reader_id: "r".repeat(300),
+            ..Default::default()
+        };
         assert_names(get_cursors_request(&g, &limits()).unwrap_err().message(), &["after_reader_id is 300 bytes"]);
         let g = pb::GetCursorsRequest { conversation_id: "c".into(), limit: 50_000, ..Default::default() };
         assert_eq!(get_cursors_request(&g, &limits()).unwrap(), CURSORS_MAX_LIMIT);

@@ -28,7 +28,11 @@ async fn concurrent_publishes_give_identical_dense_logs_on_every_node() {
                 let envs: Vec<pb::Envelope> = (0..4)
                     .map(|j| envelope(&format!("conv-{}", (t * 10 + k * 4 + j) % 200), t * 1000 + k * 10 + j))
                     .collect();
-                let r = c.publish(pb::PublishRequest { envelopes: envs.clone(), ephemeral: false }).await.unwrap().into_inner();
+                let r = c
+                    .publish(pb::PublishRequest { envelopes: envs.clone(), ephemeral: false })
+                    .await
+                    .unwrap()
+                    .into_inner();
                 assert_eq!(r.appended.len(), envs.len(), "one result per envelope");
                 for (e, a) in envs.into_iter().zip(r.appended) {
                     assert_eq!(a.conversation_id, e.conversation_id, "results in request order");
@@ -99,7 +103,11 @@ async fn subscribe_delivers_everything_in_order_across_a_leader_change() {
     let leader_pos = cluster.nodes.iter().position(|n| n.id == leader).unwrap();
     cluster.nodes[leader_pos].stop().await;
     for i in 30..60 {
-        let r = pubc.publish(pb::PublishRequest { envelopes: vec![envelope(conv, i)], ephemeral: false }).await.unwrap().into_inner();
+        let r = pubc
+            .publish(pb::PublishRequest { envelopes: vec![envelope(conv, i)], ephemeral: false })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.appended[0].seq, i + 1);
     }
     for i in 0..60u64 {
@@ -144,7 +152,13 @@ async fn bad_input_is_rejected_naming_the_field_and_appends_nothing() {
         assert!(err.message().contains(field), "{}", err.message());
     }
     let r = c
-        .read(pb::ReadRequest { conversation_id: "bad-input".into(), from_seq: 1, limit: 10, allow_stale: false, ..Default::default() })
+        .read(pb::ReadRequest {
+            conversation_id: "bad-input".into(),
+            from_seq: 1,
+            limit: 10,
+            allow_stale: false,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -221,9 +221,8 @@ pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
         }
         KIND_DEDUPE => {
             let (conversation, tail) = take_escaped(rest)?;
-            let message_id: [u8; 16] = tail
-                .try_into()
-                .map_err(|_| DecodeError(format!("dedupe key has {} message id bytes", tail.len())))?;
+            let message_id: [u8; 16] =
+                tail.try_into().map_err(|_| DecodeError(format!("dedupe key has {} message id bytes", tail.len())))?;
             Ok(Key::Dedupe { conversation, message_id })
         }
         KIND_DEDUPE_TIME => {

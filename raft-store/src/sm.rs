@@ -891,7 +891,8 @@ impl StateStore {
                 break;
             }
             let (k, _) = item?;
-            let keys::Key::Expiry { at_ms, conversation, seq } = keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))?
+            let keys::Key::Expiry { at_ms, conversation, seq } =
+                keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))?
             else {
                 return Err(corrupt_key(&k, keys::DecodeError("not an expiry key".into())));
             };
@@ -988,7 +989,12 @@ impl StateStore {
         Ok((n, false))
     }
 
-    fn apply_delete(&self, run: &mut Run, conversation_id: &str, reset_seq: bool) -> Result<CommandResponse, StoreError> {
+    fn apply_delete(
+        &self,
+        run: &mut Run,
+        conversation_id: &str,
+        reset_seq: bool,
+    ) -> Result<CommandResponse, StoreError> {
         let (group, generation) = (run.group, run.generation);
         let data = &self.inner.data;
         let conv = conversation_id.as_bytes();

@@ -153,10 +153,21 @@ pub enum CommandResponse {
     /// One per envelope of an `Append`, in the command's order.
     Appended(Vec<Appended>),
     /// The stored cursor after a `CommitCursor`.
-    Cursor { seq: u64, updated_at_ms: u64, last_seq: u64 },
+    Cursor {
+        seq: u64,
+        updated_at_ms: u64,
+        last_seq: u64,
+    },
     Maintained(MaintainReport),
-    Deleted { existed: bool, envelopes: u64, cursors: u64, next_seq: u64 },
-    RetentionSet { removed: u64 },
+    Deleted {
+        existed: bool,
+        envelopes: u64,
+        cursors: u64,
+        next_seq: u64,
+    },
+    RetentionSet {
+        removed: u64,
+    },
 }
 
 /// What one `Maintain` removed; `more`: it stopped at `max_removals` with work left.

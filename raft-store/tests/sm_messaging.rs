@@ -24,9 +24,9 @@ const WINDOW: u64 = 300;
 #[derive(Debug, Clone)]
 enum Op {
     Append(Vec<(u8, u8, u64)>), // (conversation, message id, expires in ms (0 = never))
-                                // Times move in steps of 50 ms, so expiry, retention and the
-                                // dedupe window often fall exactly on a boundary.
-    Cursor(u8, u8, u64),        // (conversation, reader, seq)
+    // Times move in steps of 50 ms, so expiry, retention and the
+    // dedupe window often fall exactly on a boundary.
+    Cursor(u8, u8, u64), // (conversation, reader, seq)
     Maintain,
     Delete(u8, bool),
     Retention(u8, u64, u64),
@@ -69,9 +69,7 @@ struct MConv {
 impl MConv {
     fn retain(&mut self, now: u64) {
         let (last, age, count) = (self.last_seq, self.max_age, self.max_count);
-        self.envs.retain(|seq, (_, at, _)| {
-            !((count > 0 && seq + count <= last) || (age > 0 && *at + age <= now))
-        });
+        self.envs.retain(|seq, (_, at, _)| !((count > 0 && seq + count <= last) || (age > 0 && *at + age <= now)));
     }
 }
 
@@ -156,7 +154,9 @@ fn command(now: u64, op: &Op) -> Option<Command> {
             Command::CommitCursor { now_ms: now, conversation_id: conv(*c), reader_id: format!("reader-{r}"), seq: *s }
         }
         Op::Maintain => Command::Maintain { now_ms: now, dedupe_window_ms: WINDOW, max_removals: 1_000_000 },
-        Op::Delete(c, reset) => Command::DeleteConversation { now_ms: now, conversation_id: conv(*c), reset_seq: *reset },
+        Op::Delete(c, reset) => {
+            Command::DeleteConversation { now_ms: now, conversation_id: conv(*c), reset_seq: *reset }
+        }
         Op::Retention(c, age, count) => {
             Command::SetRetention { now_ms: now, conversation_id: conv(*c), max_age_ms: *age, max_count: *count }
         }

@@ -55,6 +55,11 @@ pub struct InProcCluster {
 /// Starts `n` nodes in this process, each on its own loopback port, and waits until
 /// every shard has a leader.
 pub async fn start_cluster(n: u64, shards: u32) -> InProcCluster {
+    start_cluster_with(n, shards, |_| {}).await
+}
+
+/// Like [`start_cluster`], with `tweak` applied to every node's configuration.
+pub async fn start_cluster_with(n: u64, shards: u32, tweak: impl Fn(&mut NodeConfig)) -> InProcCluster {
     let dir = tempfile::tempdir().unwrap();
     let mut listeners = Vec::new();
     let mut initial = BTreeMap::new();
@@ -68,6 +73,7 @@ pub async fn start_cluster(n: u64, shards: u32) -> InProcCluster {
         let addr = listener.local_addr().unwrap();
         let mut cfg = NodeConfig::for_test(id, addr, dir.path().join(format!("n{id}")), initial.clone());
         cfg.shards = shards;
+        tweak(&mut cfg);
         let node = habar_broker::server::start_node(cfg).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(habar_broker::server::serve_node(node.clone(), listener, async move {
