@@ -300,6 +300,25 @@ mod tests {
             prop_assert_eq!(ca.cmp(&cb), (a.0, &a.1).cmp(&(b.0, &b.1)));
         }
 
+        /// Property: every key kind decodes back to what was encoded, whatever bytes the
+        /// ids hold.
+        #[test]
+        fn every_key_kind_round_trips(
+            conv in proptest::collection::vec(prop_oneof![Just(0u8), Just(0xFFu8), Just(1u8), any::<u8>()], 0..12),
+            reader in proptest::collection::vec(prop_oneof![Just(0u8), Just(0xFFu8), any::<u8>()], 0..12),
+            id in any::<[u8; 16]>(),
+            t in any::<u64>(),
+            n in any::<u64>(),
+        ) {
+            prop_assert_eq!(decode_key(&dedupe_key(3, 1, &conv, &id)).unwrap(), Key::Dedupe { conversation: conv.clone(), message_id: id });
+            prop_assert_eq!(decode_key(&dedupe_time_key(3, 1, t, n)).unwrap(), Key::DedupeTime { at_ms: t, index: n });
+            prop_assert_eq!(decode_key(&expiry_key(3, 1, t, &conv, n)).unwrap(), Key::Expiry { at_ms: t, conversation: conv.clone(), seq: n });
+            prop_assert_eq!(decode_key(&cursor_key(3, 1, &conv, &reader)).unwrap(), Key::Cursor { conversation: conv.clone(), reader: reader.clone() });
+            prop_assert_eq!(decode_key(&retention_key(3, 1, &conv)).unwrap(), Key::Retention { conversation: conv.clone() });
+            // Expiry keys sort by time first: housekeeping scans a prefix range.
+            prop_assert!(expiry_key(3, 1, t, &conv, n) < expiry_key(3, 1, t.saturating_add(1).max(t), &[0xFF; 13], 0) || t == u64::MAX);
+        }
+
         #[test]
         fn decoding_garbage_never_panics(k in proptest::collection::vec(any::<u8>(), 0..40)) {
             let _ = decode_key(&k);
