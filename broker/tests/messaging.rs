@@ -545,9 +545,9 @@ async fn a_slow_subscriber_is_cut_off_with_a_resume_position_and_loses_nothing_w
 
     let (_ctl, mut events) = open_many(&ep, adds([(conv.to_string(), from)])).await;
     while (seqs.len() as u64) < total {
-        match tokio::time::timeout(Duration::from_secs(20), events.next()).await.unwrap().unwrap().unwrap().event {
-            Some(pb::subscribe_event::Event::Envelope(e)) => seqs.push(e.seq),
-            _ => {}
+        let ev = tokio::time::timeout(Duration::from_secs(20), events.next()).await.unwrap().unwrap().unwrap();
+        if let Some(pb::subscribe_event::Event::Envelope(e)) = ev.event {
+            seqs.push(e.seq);
         }
     }
     assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "nothing lost, nothing repeated");

@@ -268,6 +268,13 @@ fn env_seq(k: &[u8]) -> Result<u64, StoreError> {
 
 type AppliedState = (Option<LogId>, StoredMembership);
 
+/// One sled record as an iterator yields it.
+type KvResult = sled::Result<(sled::IVec, sled::IVec)>;
+
+/// What one apply call produced: responses, conversations extended (with their new last
+/// seq), and how many erasures it applied.
+type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
+
 /// Crash-test hook: when the environment variable `HABAR_TEST_CRASH_IN_INSTALL` names this
 /// point of a snapshot install, the process flushes sled (so what was written so far is on
 /// disk, the worst case for atomicity) and aborts. Read once; unset in production.
@@ -472,7 +479,7 @@ impl StateStore {
             let mut page = ReadPage { last_seq, first_seq, ..ReadPage::default() };
             let forward = direction == Direction::Forward;
             // `expected`: the next seq this read accounts for, in its direction.
-            let (mut expected, iter): (u64, Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>>) =
+            let (mut expected, iter): (u64, Box<dyn Iterator<Item = KvResult>>) =
                 if forward {
                     let from = start.max(1);
                     (from, Box::new(data.range(keys::env_key(group, generation, conv, from)..=hi)))
@@ -723,7 +730,7 @@ impl StateStore {
         group: GroupId,
         generation: u32,
         entries: &[Entry],
-    ) -> Result<(Vec<CommandResponse>, Vec<(String, u64)>, u64), StoreError> {
+    ) -> Result<Applied, StoreError> {
         let (applied, membership) = self.applied_state_at(group, generation)?;
         let mut run = Run { group, generation, applied, membership, ..Run::default() };
         let mut changed: HashMap<String, u64> = HashMap::new();
