@@ -1,0 +1,95 @@
+//! The end-of-run table.
+
+use std::fmt::Write;
+
+use crate::run::Report;
+use crate::scenario::Mode;
+use crate::stats::Summary;
+
+fn row(out: &mut String, name: &str, s: &Summary) {
+    let _ = writeln!(
+        out,
+        "{name:<9} {:>11} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2}",
+        s.count, s.per_sec, s.p50_ms, s.p90_ms, s.p99_ms, s.p999_ms, s.max_ms
+    );
+}
+
+/// The human-readable summary of a run.
+pub fn table(r: &Report) -> String {
+    let s = &r.scenario;
+    let mut out = String::new();
+    let how = match s.mode {
+        Mode::Closed => format!("closed loop, {} publishers x {} in flight", s.publishers, s.in_flight),
+        Mode::Open if s.phases.is_empty() => format!("open loop at {}/s", s.rate),
+        Mode::Open => format!("open loop, {} phases", s.phases.len()),
+        Mode::Ramp => format!("ramp from {}/s by {}/s, p99 bound {} ms", s.ramp_start, s.ramp_step, s.slo_p99_ms),
+    };
+    let _ = writeln!(
+        out,
+        "scenario {} ({how}); {} conversations ({:?}), {}..{} B ciphertext, {} per publish",
+        s.name, s.conversations, s.popularity, s.ciphertext_min_bytes, s.ciphertext_max_bytes, s.envelopes_per_publish
+    );
+    let _ = writeln!(
+        out,
+        "measured {:.1} s after {:.1} s warm-up on {} CPUs ({})",
+        r.measured_secs, s.warmup_secs, r.machine.cpus, r.machine.cpu_model
+    );
+    let _ = writeln!(
+        out,
+        "{:<9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}",
+        "", "count", "per s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+    );
+    row(&mut out, "publish", &r.publish);
+    if r.read.count > 0 {
+        row(&mut out, "read", &r.read);
+    }
+    if r.end_to_end.count > 0 {
+        row(&mut out, "e2e", &r.end_to_end);
+    }
+    if r.client_publish_requests > 0 && r.publish.count > 0 {
+        let _ = writeln!(
+            out,
+            "client batching: {} publish requests ({:.1} envelopes per request)",
+            r.client_publish_requests,
+            r.publish.count as f64 / r.client_publish_requests as f64
+        );
+    }
+    if r.errors.is_empty() {
+        let _ = writeln!(out, "errors: none");
+    } else {
+        let list: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "errors: {}", list.join(", "));
+    }
+    if let Some(ramp) = &r.ramp {
+        for st in &ramp.steps {
+            let _ = writeln!(
+                out,
+                "ramp {:>9.0}/s: p99 {:>8.2} ms, {} errors, {}",
+                st.rate,
+                st.p99_ms,
+                st.errors,
+                if st.held { "held" } else { "missed" }
+            );
+        }
+        let _ = writeln!(out, "capacity at p99 <= {} ms: {:.0} envelopes/s", ramp.slo_p99_ms, ramp.capacity);
+    }
+    if !r.peak_rss.is_empty() {
+        let list: Vec<String> = r.peak_rss.iter().map(|(id, b)| format!("n{id} {} MiB", b >> 20)).collect();
+        let _ = writeln!(out, "peak RSS per node: {}", list.join(", "));
+    }
+    if let Some(v) = &r.verify {
+        let _ = writeln!(
+            out,
+            "verify: {} acknowledged in {} conversations: {} lost, {} duplicated, {} out of order, {} gaps ({} unacknowledged present): {}",
+            v.acknowledged,
+            v.conversations,
+            v.lost,
+            v.duplicated,
+            v.out_of_order,
+            v.gaps,
+            v.unacknowledged_present,
+            if v.ok() { "OK" } else { "FAILED" }
+        );
+    }
+    out
+}

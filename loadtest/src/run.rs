@@ -1,0 +1,417 @@
+//! One run: offers a scenario's load through `habar-client`, measures it, and (with
+//! `--verify`) reads back every acknowledged envelope.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use futures::StreamExt;
+use habar_client::pb;
+use habar_client::Client;
+use habar_client::ClientError;
+use habar_client::Event;
+use rand::rngs::StdRng;
+use rand::Rng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::openloop;
+use crate::openloop::Schedule;
+use crate::scenario::Mode;
+use crate::scenario::Phase;
+use crate::scenario::Scenario;
+use crate::stats::Kind;
+use crate::stats::Point;
+use crate::stats::Recorder;
+use crate::stats::Summary;
+use crate::verify;
+use crate::verify::Ledger;
+use crate::verify::VerifyReport;
+use crate::workload::unix_nanos;
+use crate::workload::Workload;
+
+/// Conversations verified in parallel.
+const VERIFY_PARALLEL: usize = 32;
+
+/// Everything a run measured: printed as a table, written with `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub machine: Machine,
+    pub endpoints: Vec<String>,
+    pub measured_secs: f64,
+    pub publish: Summary,
+    pub read: Summary,
+    pub end_to_end: Summary,
+    /// Failed operations by gRPC code (or `client_overload` in open loop).
+    pub errors: BTreeMap<String, u64>,
+    pub points: Vec<Point>,
+    pub ramp: Option<RampReport>,
+    pub verify: Option<VerifyReport>,
+    /// Peak RSS per spawned node (id, bytes).
+    pub peak_rss: Vec<(u64, u64)>,
+    /// Publish requests the client sent (batching: envelopes / requests).
+    pub client_publish_requests: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+}
+
+impl Machine {
+    pub fn here() -> Self {
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.to_string()))
+            .and_then(|l| l.split_once(':').map(|(_, m)| m.trim().to_string()))
+            .unwrap_or_else(|| "unknown".into());
+        Machine { cpus: std::thread::available_parallelism().map_or(1, |n| n.get()), cpu_model }
+    }
+}
+
+/// One ramp step: its rate and the p99 it measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct RampStep {
+    pub rate: f64,
+    pub acknowledged: u64,
+    pub p99_ms: f64,
+    pub errors: u64,
+    pub held: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RampReport {
+    pub slo_p99_ms: f64,
+    pub steps: Vec<RampStep>,
+    /// The highest rate whose step held the p99 bound without errors (the capacity).
+    pub capacity: f64,
+}
+
+/// What the operations share.
+struct Ctx {
+    client: Client,
+    workload: Workload,
+    scenario: Scenario,
+    recorder: Arc<Recorder>,
+    ledger: Option<Ledger>,
+    counter: AtomicU64,
+    /// Envelopes handed out (for `count`).
+    issued: AtomicU64,
+}
+
+fn code_of(e: &ClientError) -> String {
+    match e {
+        ClientError::InvalidArgument(_) => "INVALID_ARGUMENT".into(),
+        ClientError::NotFound(_) => "NOT_FOUND".into(),
+        ClientError::ResourceExhausted { .. } => "RESOURCE_EXHAUSTED".into(),
+        ClientError::Unavailable(_) => "UNAVAILABLE".into(),
+        ClientError::DeadlineExceeded => "DEADLINE_EXCEEDED".into(),
+        ClientError::Connect(_) => "CONNECT".into(),
+        ClientError::Internal(_) => "INTERNAL".into(),
+        ClientError::Closed => "CLOSED".into(),
+        ClientError::Other(s) => format!("{:?}", s.code()).to_uppercase(),
+    }
+}
+
+impl Ctx {
+    /// One operation: a publish of `envelopes_per_publish` envelopes, or a read. Returns
+    /// how many operations it was (envelopes for a publish) and its kind, or an error code.
+    async fn op(self: &Arc<Self>, seed: u64) -> (Kind, Result<u64, String>) {
+        let mut rng = StdRng::seed_from_u64(self.scenario.seed ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if self.scenario.read_share > 0.0 && rng.gen_bool(self.scenario.read_share) {
+            let conv = self.workload.conversation(&mut rng);
+            let req = pb::ReadRequest {
+                conversation_id: self.workload.name(conv),
+                direction: pb::Direction::Backward as i32,
+                limit: 50,
+                ..Default::default()
+            };
+            return (Kind::Read, self.client.read(req).await.map(|_| 1).map_err(|e| code_of(&e)));
+        }
+        let k = self.scenario.envelopes_per_publish;
+        self.issued.fetch_add(k as u64, Ordering::Relaxed);
+        let mut envs = Vec::with_capacity(k);
+        let mut meta = Vec::with_capacity(k);
+        for _ in 0..k {
+            let conv = self.workload.conversation(&mut rng);
+            let counter = self.counter.fetch_add(1, Ordering::Relaxed);
+            envs.push(pb::Envelope {
+                conversation_id: self.workload.name(conv),
+                message_id: verify::message_id(self.workload.run_id, counter).to_vec().into(),
+                sender: String::new(),
+                ciphertext: self.workload.ciphertext(&mut rng),
+                expires_at_ms: 0,
+            });
+            meta.push((conv, counter));
+        }
+        let res = if k == 1 {
+            match envs.pop() {
+                Some(e) => self.client.publish(e).await.map(|a| vec![a]),
+                None => Ok(Vec::new()),
+            }
+        } else {
+            self.client.publish_batch(envs).await
+        };
+        match res {
+            Ok(acks) => {
+                if let Some(l) = &self.ledger {
+                    for ((conv, counter), a) in meta.iter().zip(&acks) {
+                        l.ack(*conv, a.seq, *counter);
+                    }
+                }
+                (Kind::Publish, Ok(acks.len() as u64))
+            }
+            Err(e) => (Kind::Publish, Err(code_of(&e))),
+        }
+    }
+
+    fn done_by_count(&self) -> bool {
+        self.scenario.count > 0 && self.issued.load(Ordering::Relaxed) >= self.scenario.count
+    }
+}
+
+/// Runs `scenario` against `client`. `progress` prints a line a second to stderr.
+pub async fn run(
+    scenario: Scenario,
+    client: Client,
+    endpoints: Vec<String>,
+    verify_after: bool,
+    progress: bool,
+) -> anyhow::Result<Report> {
+    let run_id: u64 = rand::thread_rng().gen();
+    let workload = Workload::new(&scenario, run_id)?;
+    let start = Instant::now();
+    let recorder = Arc::new(Recorder::starting_at(start, Duration::from_secs_f64(scenario.warmup_secs)));
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        workload,
+        scenario: scenario.clone(),
+        recorder: recorder.clone(),
+        ledger: verify_after.then(Ledger::default),
+        counter: AtomicU64::new(0),
+        issued: AtomicU64::new(0),
+    });
+    let requests_before = client.stats().publish_requests;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let subscribers = start_subscribers(&ctx, stop.clone()).await?;
+
+    let ticker = progress.then(|| {
+        let rec = recorder.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            t.tick().await;
+            loop {
+                t.tick().await;
+                eprintln!("{}", rec.progress());
+            }
+        })
+    });
+
+    let total = Duration::from_secs_f64(scenario.total_secs());
+    let mut ramp = None;
+    match scenario.mode {
+        Mode::Closed => closed_loop(&ctx, start, total).await,
+        Mode::Open => {
+            let phases = if scenario.phases.is_empty() {
+                vec![Phase { secs: scenario.duration_secs, rate: scenario.rate }]
+            } else {
+                scenario.phases.clone()
+            };
+            open_loop(&ctx, &Schedule::new(phases), start).await;
+        }
+        Mode::Ramp => ramp = Some(ramp_up(&ctx, start).await),
+    }
+    let measured_secs = (start.elapsed().as_secs_f64() - scenario.warmup_secs).max(0.001);
+    // Let subscribers receive what was acknowledged last.
+    tokio::time::sleep(Duration::from_millis(if scenario.subscribers > 0 { 500 } else { 0 })).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in subscribers {
+        s.abort();
+    }
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    let (sums, errors, points) = recorder.finish(measured_secs);
+    let verify = match &ctx.ledger {
+        Some(l) => Some(verify_run(&ctx, l.take()).await?),
+        None => None,
+    };
+    Ok(Report {
+        scenario,
+        machine: Machine::here(),
+        endpoints,
+        measured_secs,
+        publish: sums.get(&Kind::Publish).cloned().unwrap_or_default(),
+        read: sums.get(&Kind::Read).cloned().unwrap_or_default(),
+        end_to_end: sums.get(&Kind::EndToEnd).cloned().unwrap_or_default(),
+        errors,
+        points,
+        ramp,
+        verify,
+        peak_rss: Vec::new(),
+        client_publish_requests: client.stats().publish_requests - requests_before,
+    })
+}
+
+async fn closed_loop(ctx: &Arc<Ctx>, start: Instant, total: Duration) {
+    let s = &ctx.scenario;
+    let mut workers = tokio::task::JoinSet::new();
+    let seeds = Arc::new(AtomicU64::new(0));
+    for _ in 0..s.publishers * s.in_flight {
+        let ctx = ctx.clone();
+        let seeds = seeds.clone();
+        workers.spawn(async move {
+            while start.elapsed() < total && !ctx.done_by_count() {
+                let t = Instant::now();
+                let (kind, r) = ctx.op(seeds.fetch_add(1, Ordering::Relaxed)).await;
+                let done = Instant::now();
+                match r {
+                    Ok(n) => ctx.recorder.record_n(kind, done - t, n, done),
+                    Err(code) => {
+                        ctx.recorder.error(&code);
+                        // Do not spin on a cluster that refuses everything.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+}
+
+async fn open_loop(ctx: &Arc<Ctx>, schedule: &Schedule, start: Instant) -> openloop::OpenStats {
+    let c = ctx.clone();
+    openloop::run(schedule, start, ctx.scenario.max_outstanding, ctx.recorder.clone(), move |i| {
+        let c = c.clone();
+        async move {
+            let (kind, r) = c.op(i).await;
+            r.map(|n| (kind, n))
+        }
+    })
+    .await
+}
+
+async fn ramp_up(ctx: &Arc<Ctx>, start: Instant) -> RampReport {
+    let s = &ctx.scenario;
+    let mut steps = Vec::new();
+    let mut capacity = 0.0;
+    let mut rate = s.ramp_start;
+    let deadline = start + Duration::from_secs_f64(s.duration_secs.max(s.ramp_step_secs));
+    while Instant::now() + Duration::from_secs_f64(s.ramp_step_secs) <= deadline + Duration::from_secs(1) {
+        let step_start = Instant::now();
+        let from = step_start.duration_since(start).as_secs() as usize + 1; // skip the partial second
+        let errors_before: u64 = ctx.recorder.finish(1.0).2.iter().map(|p| p.errors).sum();
+        let stats = open_loop(ctx, &Schedule::constant(rate, s.ramp_step_secs), step_start).await;
+        let to = start.elapsed().as_secs() as usize;
+        let (n, p99) = ctx.recorder.p99_between(Kind::Publish, from, to.max(from + 1));
+        let errors = ctx.recorder.finish(1.0).2.iter().map(|p| p.errors).sum::<u64>() - errors_before;
+        let held = p99 <= s.slo_p99_ms && errors == 0 && stats.overload == 0;
+        steps.push(RampStep { rate, acknowledged: n, p99_ms: p99, errors, held });
+        eprintln!("ramp: {rate:.0}/s -> p99 {p99:.2} ms, {errors} errors: {}", if held { "held" } else { "missed" });
+        if !held {
+            break;
+        }
+        capacity = rate;
+        rate += s.ramp_step;
+    }
+    RampReport { slo_p99_ms: s.slo_p99_ms, steps, capacity }
+}
+
+/// Starts the live subscribers; returns once each has caught up with its conversations.
+async fn start_subscribers(ctx: &Arc<Ctx>, stop: Arc<AtomicBool>) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let s = &ctx.scenario;
+    let mut handles = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(s.subscribers.max(1));
+    for j in 0..s.subscribers as u64 {
+        let k = s.subscribed_conversations.min(s.conversations);
+        let convs: Vec<(String, u64)> =
+            (0..k).map(|i| (ctx.workload.name(((j * k + i) % s.conversations) as u32), 1)).collect();
+        let mut sub = ctx.client.subscribe(convs).await.map_err(|e| anyhow::anyhow!("subscribing: {e}"))?;
+        let ctx = ctx.clone();
+        let stop = stop.clone();
+        let ready = ready_tx.clone();
+        handles.push(tokio::spawn(async move {
+            let mut caught_up = 0u64;
+            while let Some(ev) = sub.next().await {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match ev {
+                    Ok(Event::Envelope(e)) => {
+                        if let Some(t) = e.envelope.as_ref().and_then(|x| Workload::sent_at(&x.ciphertext)) {
+                            let lat = Duration::from_nanos(unix_nanos().saturating_sub(t));
+                            ctx.recorder.record(Kind::EndToEnd, lat);
+                        }
+                    }
+                    Ok(Event::CaughtUp { .. }) => {
+                        caught_up += 1;
+                        if caught_up == k {
+                            let _ = ready.send(()).await;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => ctx.recorder.error(&format!("subscribe_{}", code_of(&e))),
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for _ in 0..s.subscribers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(
+            tokio::time::timeout(left, ready_rx.recv()).await.is_ok(),
+            "subscribers did not catch up within 60 s"
+        );
+    }
+    Ok(handles)
+}
+
+/// Reads back every conversation that has an acknowledged envelope and verifies.
+async fn verify_run(ctx: &Arc<Ctx>, acked: Vec<(u32, u64, u64)>) -> anyhow::Result<VerifyReport> {
+    let mut convs: Vec<u32> = acked.iter().map(|a| a.0).collect();
+    convs.sort_unstable();
+    convs.dedup();
+    eprintln!("verifying {} acknowledged envelopes in {} conversations", acked.len(), convs.len());
+    let results: Vec<anyhow::Result<(u32, Vec<(u64, u64)>)>> = futures::stream::iter(convs)
+        .map(|conv| {
+            let ctx = ctx.clone();
+            async move {
+                let name = ctx.workload.name(conv);
+                let mut log = Vec::new();
+                let mut from = 1;
+                loop {
+                    let r = ctx
+                        .client
+                        .read(pb::ReadRequest { conversation_id: name.clone(), from_seq: from, limit: 1000, ..Default::default() })
+                        .await
+                        .map_err(|e| anyhow::anyhow!("reading {name} back: {e}"))?;
+                    for e in &r.envelopes {
+                        let id = e.envelope.as_ref().map(|x| x.message_id.as_ref()).unwrap_or(&[]);
+                        log.push((e.seq, verify::counter_of(ctx.workload.run_id, id).unwrap_or(u64::MAX)));
+                    }
+                    match r.envelopes.last() {
+                        Some(last) if !r.end => from = last.seq + 1,
+                        _ => break,
+                    }
+                }
+                Ok((conv, log))
+            }
+        })
+        .buffer_unordered(VERIFY_PARALLEL)
+        .collect()
+        .await;
+    let mut logs = HashMap::new();
+    for r in results {
+        let (conv, log) = r?;
+        logs.insert(conv, log);
+    }
+    Ok(verify::verify(&acked, &logs))
+}
