@@ -16,6 +16,7 @@ pub mod dev;
 pub mod error;
 pub mod forward;
 pub mod node;
+pub mod proposer;
 pub mod raft_net;
 pub mod server;
 pub mod service;

@@ -24,7 +24,6 @@ use habar_raft_store::types::TypeConfig;
 use habar_raft_store::GroupStateMachine;
 use habar_raft_store::StateStore;
 use habar_raft_store::Wal;
-use openraft::error::ClientWriteError;
 use openraft::error::LinearizableReadError;
 use openraft::error::RaftError;
 use openraft::rt::watch::WatchReceiver;
@@ -38,6 +37,7 @@ use crate::error::BrokerError;
 use crate::forward;
 use crate::forward::ForwardRequest;
 use crate::forward::ForwardResponse;
+use crate::proposer;
 use crate::raft_net::PeerPool;
 
 pub type HRaft = openraft::Raft<TypeConfig, GroupStateMachine>;
@@ -63,6 +63,8 @@ pub struct Node {
     /// Ephemeral signals for this node's subscribers (bounded; a lagging subscriber
     /// misses signals, which are best effort by contract).
     pub signals: broadcast::Sender<Arc<pb::StoredEnvelope>>,
+    /// Per shard: the task that combines concurrent appends into one Raft entry.
+    pub proposers: Vec<tokio::sync::mpsc::Sender<proposer::Pending>>,
 }
 
 /// Signals buffered per node for its subscribers.
@@ -194,7 +196,8 @@ impl Node {
         }
     }
 
-    /// Proposes `op` on this node if it leads the shard; `NotLeader` otherwise.
+    /// Proposes `op` on this node if it leads the shard; `NotLeader` otherwise. Appends go
+    /// through the shard's proposer, which combines concurrent appends into one entry.
     pub async fn local_write(
         &self,
         group: GroupId,
@@ -202,23 +205,44 @@ impl Node {
         deadline: Instant,
     ) -> Result<CommandResponse, BrokerError> {
         let raft = self.raft(group)?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let WriteOp::Append(envelopes) = op {
+            let proposer = self
+                .proposers
+                .get(group as usize)
+                .ok_or_else(|| BrokerError::InvalidArgument(format!("shard {group} does not exist on this node")))?;
+            // Not the leader: say so at once rather than queue behind the leader's work.
+            if let Some(leader) = raft.metrics().borrow_watched().current_leader.filter(|l| *l != self.id) {
+                return Err(BrokerError::NotLeader { shard: group, leader: Some(leader) });
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let queued = tokio::time::timeout(remaining, proposer.send(proposer::Pending { envelopes, reply: tx }));
+            match queued.await {
+                Err(_) => return Err(BrokerError::DeadlineExceeded(remaining)),
+                Ok(Err(_)) => {
+                    return Err(BrokerError::Unavailable {
+                        shard: group,
+                        reason: "the shard's proposer stopped".into(),
+                    })
+                }
+                Ok(Ok(())) => {}
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            return match tokio::time::timeout(remaining, rx).await {
+                Err(_) => Err(BrokerError::DeadlineExceeded(remaining)),
+                Ok(Err(_)) => Err(BrokerError::Unavailable {
+                    shard: group,
+                    reason: "the shard's proposer dropped the append".into(),
+                }),
+                Ok(Ok(r)) => r.map(CommandResponse::Appended),
+            };
+        }
         // The leader's clock goes into the entry: every replica applies the same value.
         let cmd = op.into_command(self.now_ms());
-        let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, raft.client_write(cmd)).await {
             Err(_) => Err(BrokerError::DeadlineExceeded(remaining)),
             Ok(Ok(resp)) => Ok(resp.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                Err(BrokerError::NotLeader { shard: group, leader: f.leader_id })
-            }
-            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => Err(BrokerError::Unavailable {
-                shard: group,
-                reason: format!(
-                    "leader changed while the entry was in flight; its outcome is unknown (leader now {:?})",
-                    f.leader_id
-                ),
-            }),
-            Ok(Err(e)) => Err(BrokerError::Unavailable { shard: group, reason: e.to_string() }),
+            Ok(Err(e)) => Err(proposer::write_error(group, &e)),
         }
     }
 

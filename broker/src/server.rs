@@ -77,6 +77,12 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         rafts.push(raft);
     }
 
+    let proposers = rafts
+        .iter()
+        .enumerate()
+        .map(|(g, r)| crate::proposer::spawn(g as u32, r.clone(), crate::node::now_ms))
+        .collect();
+
     let members: BTreeMap<NodeId, NodeAddr> =
         cfg.initial_cluster.iter().map(|(id, addr)| (*id, NodeAddr::new(addr.clone()))).collect();
     for (g, raft) in rafts.iter().enumerate() {
@@ -99,6 +105,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         registry,
         last_seen: Mutex::new(HashMap::new()),
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
+        proposers,
     }))
 }
 
