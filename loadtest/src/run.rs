@@ -390,7 +390,12 @@ async fn verify_run(ctx: &Arc<Ctx>, acked: Vec<(u32, u64, u64)>) -> anyhow::Resu
                 loop {
                     let r = ctx
                         .client
-                        .read(pb::ReadRequest { conversation_id: name.clone(), from_seq: from, limit: 1000, ..Default::default() })
+                        .read(pb::ReadRequest {
+                            conversation_id: name.clone(),
+                            from_seq: from,
+                            limit: 1000,
+                            ..Default::default()
+                        })
                         .await
                         .map_err(|e| anyhow::anyhow!("reading {name} back: {e}"))?;
                     for e in &r.envelopes {

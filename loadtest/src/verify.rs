@@ -77,7 +77,8 @@ impl VerifyReport {
 /// Checks `acked` against `logs` (per conversation index: `(seq, counter)` in log order;
 /// a counter of `u64::MAX` marks an envelope of another run).
 pub fn verify(acked: &[(u32, u64, u64)], logs: &HashMap<u32, Vec<(u64, u64)>>) -> VerifyReport {
-    let mut r = VerifyReport { acknowledged: acked.len() as u64, conversations: logs.len() as u64, ..Default::default() };
+    let mut r =
+        VerifyReport { acknowledged: acked.len() as u64, conversations: logs.len() as u64, ..Default::default() };
     // Per conversation: seq -> counter, and counter -> seqs.
     let mut at: HashMap<(u32, u64), u64> = HashMap::new();
     let mut where_: HashMap<(u32, u64), Vec<u64>> = HashMap::new();

@@ -90,7 +90,8 @@ mod tests {
     #[test]
     fn zipf_concentrates_on_few_conversations_and_uniform_spreads() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let s = Scenario { popularity: Popularity::Zipf, conversations: 1000, zipf_exponent: 1.2, ..Scenario::default() };
+        let s =
+            Scenario { popularity: Popularity::Zipf, conversations: 1000, zipf_exponent: 1.2, ..Scenario::default() };
         let w = Workload::new(&s, 9).unwrap();
         let mut counts = vec![0u32; 1000];
         for _ in 0..100_000 {

@@ -479,19 +479,18 @@ impl StateStore {
             let mut page = ReadPage { last_seq, first_seq, ..ReadPage::default() };
             let forward = direction == Direction::Forward;
             // `expected`: the next seq this read accounts for, in its direction.
-            let (mut expected, iter): (u64, Box<dyn Iterator<Item = KvResult>>) =
-                if forward {
-                    let from = start.max(1);
-                    (from, Box::new(data.range(keys::env_key(group, generation, conv, from)..=hi)))
-                } else {
-                    let below = if start == 0 || start > last_seq { last_seq.saturating_add(1) } else { start };
-                    if below <= 1 {
-                        page.end = true;
-                        page.next = below;
-                        return Ok(page);
-                    }
-                    (below - 1, Box::new(data.range(lo..=keys::env_key(group, generation, conv, below - 1)).rev()))
-                };
+            let (mut expected, iter): (u64, Box<dyn Iterator<Item = KvResult>>) = if forward {
+                let from = start.max(1);
+                (from, Box::new(data.range(keys::env_key(group, generation, conv, from)..=hi)))
+            } else {
+                let below = if start == 0 || start > last_seq { last_seq.saturating_add(1) } else { start };
+                if below <= 1 {
+                    page.end = true;
+                    page.next = below;
+                    return Ok(page);
+                }
+                (below - 1, Box::new(data.range(lo..=keys::env_key(group, generation, conv, below - 1)).rev()))
+            };
             let mut skipped = 0usize;
             let mut exhausted = true;
             for item in iter {
@@ -725,12 +724,7 @@ impl StateStore {
     /// atomic sled batch together with the applied log id; the rarer commands that scan
     /// (maintenance, erasure, retention) are each applied in a batch of their own, after
     /// what precedes them is written, so every read they do sees the entries before them.
-    fn apply_blocking(
-        &self,
-        group: GroupId,
-        generation: u32,
-        entries: &[Entry],
-    ) -> Result<Applied, StoreError> {
+    fn apply_blocking(&self, group: GroupId, generation: u32, entries: &[Entry]) -> Result<Applied, StoreError> {
         let (applied, membership) = self.applied_state_at(group, generation)?;
         let mut run = Run { group, generation, applied, membership, ..Run::default() };
         let mut changed: HashMap<String, u64> = HashMap::new();
