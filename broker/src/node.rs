@@ -65,6 +65,9 @@ pub struct Node {
     pub signals: broadcast::Sender<Arc<pb::StoredEnvelope>>,
     /// Per shard: the task that combines concurrent appends into one Raft entry.
     pub proposers: Vec<tokio::sync::mpsc::Sender<proposer::Pending>>,
+    /// Set when the node starts shutting down: open subscriptions end with UNAVAILABLE
+    /// (a graceful gRPC shutdown waits for open streams).
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Signals buffered per node for its subscribers.

@@ -106,6 +106,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         last_seen: Mutex::new(HashMap::new()),
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
         proposers,
+        stopping: tokio::sync::watch::channel(false).0,
     }))
 }
 
@@ -176,6 +177,12 @@ pub async fn serve_node(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
+    let stopping = node.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Streams first: the server's graceful shutdown waits for them to end.
+        stopping.stopping.send_replace(true);
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

@@ -118,10 +118,15 @@ impl Sub {
         let mut signals = BroadcastStream::new(self.node.signals.subscribe());
         let keepalive = Duration::from_millis(self.node.cfg.subscribe_keepalive_ms);
         let mut idle = Box::pin(tokio::time::sleep(keepalive));
+        let mut stopping = self.node.stopping.subscribe();
         loop {
+            if *stopping.borrow_and_update() {
+                return End::Status(Status::unavailable("node is stopping; resume from the next seq on another node"));
+            }
             let sent = tokio::select! {
                 biased;
                 _ = self.tx.closed() => return End::Gone,
+                _ = stopping.changed() => continue,
                 ctrl = control.next() => match ctrl {
                     None => {
                         // The client closed its half: keep serving what it has.

@@ -92,11 +92,8 @@ impl From<Status> for ClientError {
 /// The wait a `RESOURCE_EXHAUSTED` asks for: the `retry-after-ms` metadata, else the
 /// `ResumePositions` in the details.
 pub(crate) fn retry_after(s: &Status) -> Option<Duration> {
-    let from_metadata = s
-        .metadata()
-        .get("retry-after-ms")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let from_metadata =
+        s.metadata().get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     let ms = from_metadata.or_else(|| {
         if s.details().is_empty() {
             return None;
@@ -135,7 +132,9 @@ mod tests {
 
     #[test]
     fn codes_map_to_variants() {
-        assert!(matches!(ClientError::from(Status::invalid_argument("x")), ClientError::InvalidArgument(m) if m == "x"));
+        assert!(
+            matches!(ClientError::from(Status::invalid_argument("x")), ClientError::InvalidArgument(m) if m == "x")
+        );
         assert!(matches!(ClientError::from(Status::not_found("x")), ClientError::NotFound(_)));
         assert!(matches!(ClientError::from(Status::unavailable("x")), ClientError::Unavailable(_)));
         assert!(matches!(ClientError::from(Status::deadline_exceeded("x")), ClientError::DeadlineExceeded));
