@@ -35,6 +35,9 @@ use crate::verify::VerifyReport;
 use crate::workload::unix_nanos;
 use crate::workload::Workload;
 
+/// One conversation's log as read back: (index, [(seq, counter)]).
+type ConvLog = (u32, Vec<(u64, u64)>);
+
 /// Conversations verified in parallel.
 const VERIFY_PARALLEL: usize = 32;
 
@@ -380,7 +383,7 @@ async fn verify_run(ctx: &Arc<Ctx>, acked: Vec<(u32, u64, u64)>) -> anyhow::Resu
     convs.sort_unstable();
     convs.dedup();
     eprintln!("verifying {} acknowledged envelopes in {} conversations", acked.len(), convs.len());
-    let results: Vec<anyhow::Result<(u32, Vec<(u64, u64)>)>> = futures::stream::iter(convs)
+    let results: Vec<anyhow::Result<ConvLog>> = futures::stream::iter(convs)
         .map(|conv| {
             let ctx = ctx.clone();
             async move {

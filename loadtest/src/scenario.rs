@@ -122,6 +122,16 @@ pub struct ScenarioError {
     pub reason: String,
 }
 
+/// `x > 0`, false for NaN.
+fn positive(x: f64) -> bool {
+    x > 0.0
+}
+
+/// `x >= 0`, false for NaN.
+fn non_negative(x: f64) -> bool {
+    x >= 0.0
+}
+
 fn bad(field: &'static str, reason: impl Into<String>) -> ScenarioError {
     ScenarioError { field, reason: reason.into() }
 }
@@ -155,17 +165,17 @@ impl Scenario {
             return Err(bad("rate", format!("{} is outside (0, 10000000] envelopes/s", self.rate)));
         }
         for p in &self.phases {
-            if !(p.secs > 0.0) || !(p.rate >= 0.0) {
+            if !positive(p.secs) || !non_negative(p.rate) {
                 return Err(bad("phases", format!("{p:?}: secs must be > 0 and rate >= 0")));
             }
         }
         if self.mode == Mode::Ramp && !(self.ramp_start > 0.0 && self.ramp_step > 0.0 && self.ramp_step_secs > 0.0) {
             return Err(bad("ramp_start", "ramp_start, ramp_step and ramp_step_secs must be > 0"));
         }
-        if !(self.slo_p99_ms > 0.0) {
+        if !positive(self.slo_p99_ms) {
             return Err(bad("slo_p99_ms", format!("{} must be > 0", self.slo_p99_ms)));
         }
-        if self.popularity == Popularity::Zipf && !(self.zipf_exponent > 0.0) {
+        if self.popularity == Popularity::Zipf && !positive(self.zipf_exponent) {
             return Err(bad("zipf_exponent", format!("{} must be > 0", self.zipf_exponent)));
         }
         if self.ciphertext_min_bytes < 8 || self.ciphertext_min_bytes > self.ciphertext_max_bytes {
@@ -195,10 +205,10 @@ impl Scenario {
                 format!("{} is outside 1..=10000", self.subscribed_conversations),
             ));
         }
-        if self.count == 0 && !(self.total_secs() > 0.0) {
+        if self.count == 0 && !positive(self.total_secs()) {
             return Err(bad("duration_secs", "the run needs a duration (or a count)"));
         }
-        if !(self.warmup_secs >= 0.0) || (self.count == 0 && self.warmup_secs >= self.total_secs()) {
+        if !non_negative(self.warmup_secs) || (self.count == 0 && self.warmup_secs >= self.total_secs()) {
             return Err(bad("warmup_secs", format!("{} must be >= 0 and shorter than the run", self.warmup_secs)));
         }
         if self.max_outstanding == 0 {

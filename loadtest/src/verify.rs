@@ -27,6 +27,11 @@ pub fn counter_of(run_id: u64, id: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(c))
 }
 
+/// One acknowledgement: (conversation index, seq, counter).
+pub type Ack = (u32, u64, u64);
+/// Logs as read back: per conversation index, `(seq, counter)` in log order.
+pub type Logs = HashMap<u32, Vec<(u64, u64)>>;
+
 /// What was acknowledged: (conversation index, seq, counter).
 #[derive(Default)]
 pub struct Ledger {
@@ -76,7 +81,7 @@ impl VerifyReport {
 
 /// Checks `acked` against `logs` (per conversation index: `(seq, counter)` in log order;
 /// a counter of `u64::MAX` marks an envelope of another run).
-pub fn verify(acked: &[(u32, u64, u64)], logs: &HashMap<u32, Vec<(u64, u64)>>) -> VerifyReport {
+pub fn verify(acked: &[Ack], logs: &Logs) -> VerifyReport {
     let mut r =
         VerifyReport { acknowledged: acked.len() as u64, conversations: logs.len() as u64, ..Default::default() };
     // Per conversation: seq -> counter, and counter -> seqs.
@@ -125,7 +130,7 @@ pub fn verify(acked: &[(u32, u64, u64)], logs: &HashMap<u32, Vec<(u64, u64)>>) -
 mod tests {
     use super::*;
 
-    fn clean() -> (Vec<(u32, u64, u64)>, HashMap<u32, Vec<(u64, u64)>>) {
+    fn clean() -> (Vec<Ack>, Logs) {
         let mut acked = Vec::new();
         let mut logs: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
         let mut counter = 0;
