@@ -1,5 +1,6 @@
 //! The `habar` binary: `serve`, `dev`, and a small client for people at a terminal
-//! (`publish`, `read`, `tail`, `status`) that talks to any node.
+//! (`publish`, `read`, `tail`, `status`) that talks to any node through `habar-client` (leader
+//! routing, retries with the same message id, subscriptions that resume by themselves).
 //!
 //! Every failure ends the process with one line on stderr (`error: ...`, with the gRPC
 //! code when the server answered) and a non-zero exit status.
@@ -14,9 +15,7 @@ use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
 use habar_proto::v1 as pb;
-use habar_proto::v1::broker_client::BrokerClient;
 use habar_proto::v1::cluster_client::ClusterClient;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
@@ -27,8 +26,6 @@ use crate::config::NodeConfig;
 /// configured to accept (see `max_ciphertext_bytes`).
 pub const MAX_PUBLISH_INPUT_BYTES: u64 = 32 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest response `read` and `tail` accept (a Read of many large envelopes).
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
 /// Bytes of ciphertext shown by `read` and `tail`.
 const PREVIEW_BYTES: usize = 24;
 
@@ -101,6 +98,12 @@ pub enum Cmd {
         /// Serve from the connected node's replica without a read-index check.
         #[arg(long)]
         stale: bool,
+        /// Newest first (a chat opening at its last envelopes); page up with --before.
+        #[arg(long)]
+        backward: bool,
+        /// With --backward: only seqs below this one (0 = from the newest).
+        #[arg(long, default_value_t = 0)]
+        before: u64,
     },
     /// Follow a conversation: its backlog, then each new envelope as it commits. Ctrl-C ends it.
     Tail {
@@ -249,22 +252,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 (None, None) => read_bounded(std::io::stdin().lock(), "stdin")?,
             };
-            let channel = connect(&client.endpoint, Some(Duration::from_secs(client.timeout_s))).await?;
-            let r = BrokerClient::new(channel)
-                .publish(pb::PublishRequest {
-                    envelopes: vec![pb::Envelope {
-                        conversation_id: conversation,
-                        message_id: message_id.to_vec().into(),
-                        sender,
-                        ciphertext: ciphertext.into(),
-                        expires_at_ms,
-                    }],
-                    ephemeral: false,
-                })
+            let c = habar_client(&client).await?;
+            // One request with exactly this envelope (retried with the same message id).
+            let appended = c
+                .publish_batch(vec![pb::Envelope {
+                    conversation_id: conversation,
+                    message_id: message_id.to_vec().into(),
+                    sender,
+                    ciphertext: ciphertext.into(),
+                    expires_at_ms,
+                }])
                 .await
-                .map_err(status_err)?
-                .into_inner();
-            for a in r.appended {
+                .map_err(client_err)?;
+            for a in appended {
                 println!(
                     "{} seq={} message_id={} committed_at={}{}",
                     a.conversation_id,
@@ -276,54 +276,88 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Read { client, conversation, from, limit, stale } => {
-            let channel = connect(&client.endpoint, Some(Duration::from_secs(client.timeout_s))).await?;
-            let r = BrokerClient::new(channel)
-                .max_decoding_message_size(MAX_RESPONSE_BYTES)
+        Cmd::Read { client, conversation, from, limit, stale, backward, before } => {
+            let c = habar_client(&client).await?;
+            let direction = if backward { pb::Direction::Backward } else { pb::Direction::Forward };
+            let r = c
                 .read(pb::ReadRequest {
                     conversation_id: conversation,
-                    from_seq: from,
+                    from_seq: if backward { 0 } else { from },
+                    before_seq: if backward { before } else { 0 },
+                    direction: direction as i32,
                     limit,
                     allow_stale: stale,
-                    ..Default::default()
                 })
                 .await
-                .map_err(status_err)?
-                .into_inner();
+                .map_err(client_err)?;
             for e in &r.envelopes {
                 println!("{}", format_envelope(e));
             }
-            println!("({} envelopes; the conversation's last seq is {})", r.envelopes.len(), r.last_seq);
+            for g in &r.removed {
+                println!("(seqs {}..={} expired or removed)", g.from, g.to);
+            }
+            println!(
+                "({} envelopes; the conversation's last seq is {}{})",
+                r.envelopes.len(),
+                r.last_seq,
+                if r.end { "; no more in this direction" } else { "" }
+            );
             Ok(())
         }
         Cmd::Tail { endpoint, conversation, from } => {
             let stop = shutdown_signal();
-            // No deadline: a subscription lasts until Ctrl-C or the server ends it.
-            let channel = connect(&endpoint, None).await?;
-            let mut s = BrokerClient::new(channel)
-                .max_decoding_message_size(MAX_RESPONSE_BYTES)
-                .subscribe(pb::SubscribeRequest { conversation_id: conversation, from_seq: from })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            // No deadline: a subscription lasts until Ctrl-C; it resumes by itself from the
+            // next seq if its node goes away.
+            let c = habar_client(&ClientArgs { endpoint: endpoint.clone(), timeout_s: 30 }).await?;
+            let mut sub = c.subscribe(vec![(conversation, from)]).await.map_err(client_err)?;
             tokio::pin!(stop);
             loop {
                 tokio::select! {
                     _ = &mut stop => return Ok(()),
-                    item = s.next() => match item {
-                        Some(Ok(e)) => println!("{}", format_envelope(&e)),
-                        Some(Err(st)) => return Err(status_err(st)),
+                    item = sub.next() => match item {
+                        Some(Ok(habar_client::Event::Envelope(e))) | Some(Ok(habar_client::Event::Ephemeral(e))) => {
+                            println!("{}", format_envelope(&e))
+                        }
+                        Some(Ok(habar_client::Event::Removed { from, to, .. })) => {
+                            println!("(seqs {from}..={to} expired or removed)")
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(client_err(e)),
                         None => anyhow::bail!("{endpoint} ended the subscription"),
                     }
                 }
             }
         }
         Cmd::Status { client } => {
+            // From the node asked, not from whichever node the client library picks.
             let channel = connect(&client.endpoint, Some(Duration::from_secs(client.timeout_s))).await?;
             let s = ClusterClient::new(channel).status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();
             print!("{}", format_status(&s));
             Ok(())
         }
+    }
+}
+
+/// A `habar-client` for the client commands: checks the endpoint is reachable first, so a
+/// down node is reported as such.
+async fn habar_client(args: &ClientArgs) -> anyhow::Result<habar_client::Client> {
+    connect(&args.endpoint, Some(Duration::from_secs(args.timeout_s))).await?;
+    let mut cfg = habar_client::ClientConfig::new([args.endpoint.clone()]);
+    cfg.request_timeout = Duration::from_secs(args.timeout_s);
+    cfg.connect_timeout = CONNECT_TIMEOUT;
+    habar_client::Client::connect(cfg).await.map_err(|e| anyhow::anyhow!("connecting to {}: {e}", args.endpoint))
+}
+
+/// A client error as one line, with the gRPC code when the server answered.
+fn client_err(e: habar_client::ClientError) -> anyhow::Error {
+    use habar_client::ClientError as E;
+    match e {
+        E::InvalidArgument(m) => anyhow::anyhow!("gRPC InvalidArgument: {m}"),
+        E::NotFound(m) => anyhow::anyhow!("gRPC NotFound: {m}"),
+        E::Unavailable(m) => anyhow::anyhow!("gRPC Unavailable: {m}"),
+        E::DeadlineExceeded => anyhow::anyhow!("gRPC DeadlineExceeded: no answer within --timeout-s"),
+        E::Other(s) => status_err(s),
+        other => anyhow::anyhow!("{other}"),
     }
 }
 
