@@ -505,12 +505,14 @@ mod tests {
 
     #[test]
     fn client_commands_default_to_the_first_dev_node() {
-        let Cmd::Read { client, conversation, from, limit, stale } = parse(&["read", "--conversation", "c"]) else {
+        let Cmd::Read { client, conversation, from, limit, stale, backward, before } =
+            parse(&["read", "--conversation", "c"])
+        else {
             panic!("read")
         };
         assert_eq!(
-            (client.endpoint.as_str(), conversation.as_str(), from, limit, stale),
-            ("http://127.0.0.1:7001", "c", 1, 100, false)
+            (client.endpoint.as_str(), conversation.as_str(), from, limit, stale, backward, before),
+            ("http://127.0.0.1:7001", "c", 1, 100, false, false, 0)
         );
         let Cmd::Tail { endpoint, from, .. } = parse(&["tail", "--conversation", "c", "--from", "7"]) else {
             panic!("tail")
