@@ -318,10 +318,22 @@ impl Inner {
             .unwrap_or_default()
     }
 
-    /// The publish queue of the batcher for `addr`, started on first use.
-    fn batcher(&self, addr: &str) -> Result<mpsc::Sender<batch::Item>, ClientError> {
+    /// The shard of a conversation, when the cluster's shard count is known.
+    fn shard_of(&self, conversation_id: &str) -> Option<u32> {
+        let topo = self.topology.read().unwrap_or_else(|p| p.into_inner());
+        (topo.shard_count > 0).then(|| shard_of(conversation_id, topo.shard_count))
+    }
+
+    /// The publish queue of the batcher for `addr` and `shard`, started on first use.
+    /// Batches are per shard, so each request becomes one Raft entry on its leader (a
+    /// request spanning 16 shards would become 16 small entries).
+    fn batcher(&self, addr: &str, shard: Option<u32>) -> Result<mpsc::Sender<batch::Item>, ClientError> {
+        let key = match shard {
+            Some(s) => format!("{addr}#{s}"),
+            None => addr.to_string(),
+        };
         let mut batchers = lock(&self.batchers);
-        if let Some(tx) = batchers.get(addr) {
+        if let Some(tx) = batchers.get(&key) {
             if !tx.is_closed() {
                 return Ok(tx.clone());
             }
@@ -335,7 +347,7 @@ impl Inner {
             linger: self.cfg.batch_linger,
         };
         tokio::spawn(batch::run(rx, channel, settings, self.stats.clone()));
-        batchers.insert(addr.to_string(), tx.clone());
+        batchers.insert(key, tx.clone());
         Ok(tx)
     }
 
@@ -518,7 +530,7 @@ impl Client {
                 return Err(retry.expired());
             }
             let addr = self.inner.pick(Route::Conversation(&envelope.conversation_id), retry.avoid.as_deref());
-            let queue = self.inner.batcher(&addr)?;
+            let queue = self.inner.batcher(&addr, self.inner.shard_of(&envelope.conversation_id))?;
             let (reply, answer) = oneshot::channel();
             let item = batch::Item { envelope: envelope.clone(), size, deadline: retry.deadline, reply };
             let status = match tokio::time::timeout_at(retry.deadline, queue.send(item)).await {

@@ -21,8 +21,9 @@ pub struct ClientConfig {
     /// Most encoded bytes of envelopes in one batched request (default 1 MiB). An
     /// envelope larger than this goes alone.
     pub max_batch_bytes: usize,
-    /// Batched requests in flight to one node at a time (default 4). Envelopes published
-    /// while they are in flight wait in the node's queue and form the next batch.
+    /// Batched requests in flight to one node for one shard at a time (default 4; batches
+    /// are per shard so each becomes one Raft entry). Envelopes published while they are
+    /// in flight wait in the queue and form the next batch.
     pub max_in_flight_batches: usize,
     /// How long a batch waits for more envelopes once it has one (default zero: batches
     /// form only from what queued up while earlier requests were in flight).

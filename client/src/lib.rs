@@ -10,7 +10,8 @@
 //! - **Publishing.** [`Client::publish`] sends one envelope; concurrent calls for the
 //!   same node are batched into one `PublishRequest` (up to
 //!   [`ClientConfig::max_batch_envelopes`] / [`ClientConfig::max_batch_bytes`], with up to
-//!   [`ClientConfig::max_in_flight_batches`] requests in flight per node), and each caller
+//!   [`ClientConfig::max_in_flight_batches`] requests in flight per node and shard, so each
+//!   request is one Raft entry), and each caller
 //!   gets its own `Appended`. An envelope without a `message_id` gets 16 random bytes.
 //!   Failed attempts that may succeed later (`UNAVAILABLE`, a lost connection, a
 //!   server's `DEADLINE_EXCEEDED`) are retried with exponential backoff and jitter, with
