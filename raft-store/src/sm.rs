@@ -420,6 +420,20 @@ impl StateStore {
         }
     }
 
+    /// A conversation's record under `generation`, if it has one.
+    fn conv_meta_at(&self, group: GroupId, generation: u32, conv: &[u8]) -> Result<Option<ConvMeta>, StoreError> {
+        let k = keys::conv_key(group, generation, conv);
+        match self.inner.data.get(&k)? {
+            Some(v) => Ok(Some(ConvMeta::decode(&k, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A conversation's last seq under `generation` (0 if it has none).
+    fn last_seq_at(&self, group: GroupId, generation: u32, conv: &[u8]) -> Result<u64, StoreError> {
+        Ok(self.conv_meta_at(group, generation, conv)?.map_or(0, |m| m.last_seq))
+    }
+
     /// The state machine of one group.
     pub fn group(&self, group: GroupId) -> Result<GroupStateMachine, StoreError> {
         let rt = self.rt(group)?;
@@ -465,11 +479,7 @@ impl StateStore {
         self.at_stable_generation(group, |generation| {
             let conv = conversation_id.as_bytes();
             let data = &self.inner.data;
-            let meta_key = keys::conv_key(group, generation, conv);
-            let last_seq = match data.get(&meta_key)? {
-                Some(v) => ConvMeta::decode(&meta_key, &v)?.last_seq,
-                None => 0,
-            };
+            let last_seq = self.last_seq_at(group, generation, conv)?;
             let lo = keys::env_key(group, generation, conv, 1);
             let hi = keys::env_key(group, generation, conv, u64::MAX);
             let first_seq = match data.range(lo.clone()..=hi.clone()).next() {
@@ -540,13 +550,7 @@ impl StateStore {
 
     /// The conversation's last seq (0 if it has none).
     pub fn last_seq(&self, group: GroupId, conversation_id: &str) -> Result<u64, StoreError> {
-        self.at_stable_generation(group, |generation| {
-            let k = keys::conv_key(group, generation, conversation_id.as_bytes());
-            match self.inner.data.get(&k)? {
-                Some(v) => Ok(ConvMeta::decode(&k, &v)?.last_seq),
-                None => Ok(0),
-            }
-        })
+        self.at_stable_generation(group, |generation| self.last_seq_at(group, generation, conversation_id.as_bytes()))
     }
 
     /// A conversation's cursors in reader order after `after` (all readers, or only
@@ -562,11 +566,7 @@ impl StateStore {
         self.at_stable_generation(group, |generation| {
             let conv = conversation_id.as_bytes();
             let data = &self.inner.data;
-            let meta_key = keys::conv_key(group, generation, conv);
-            let last_seq = match data.get(&meta_key)? {
-                Some(v) => ConvMeta::decode(&meta_key, &v)?.last_seq,
-                None => 0,
-            };
+            let last_seq = self.last_seq_at(group, generation, conv)?;
             if let Some(r) = reader {
                 let k = keys::cursor_key(group, generation, conv, r.as_bytes());
                 let (seq, updated_at_ms) = match data.get(&k)? {
@@ -634,9 +634,7 @@ impl StateStore {
                     Ok(keys::Key::Retention { conversation }) => conversation,
                     _ => return Err(corrupt_key(&k, keys::DecodeError("bad retention key".into()))),
                 };
-                let mk = keys::conv_key(group, generation, &conv);
-                let Some(mv) = data.get(&mk)? else { continue };
-                let meta = ConvMeta::decode(&mk, &mv)?;
+                let Some(meta) = self.conv_meta_at(group, generation, &conv)? else { continue };
                 let prefix = keys::conv_prefix(group, generation, keys::KIND_ENV, &conv);
                 if let Some(item) = data.scan_prefix(&prefix).next() {
                     let (ek, ev) = item?;
@@ -774,11 +772,7 @@ impl StateStore {
     /// The conversation's record as this run sees it (loaded once).
     fn run_conv<'r>(&self, run: &'r mut Run, conv: &str) -> Result<&'r mut (ConvMeta, bool), StoreError> {
         if !run.convs.contains_key(conv) {
-            let k = keys::conv_key(run.group, run.generation, conv.as_bytes());
-            let meta = match self.inner.data.get(&k)? {
-                Some(v) => ConvMeta::decode(&k, &v)?,
-                None => ConvMeta::default(),
-            };
+            let meta = self.conv_meta_at(run.group, run.generation, conv.as_bytes())?.unwrap_or_default();
             run.convs.insert(conv.to_string(), (meta, false));
         }
         run.convs.get_mut(conv).ok_or_else(|| StoreError::Encode("conversation cache".into()))
@@ -924,9 +918,7 @@ impl StateStore {
                 report.more = true;
                 break;
             }
-            let mk = keys::conv_key(group, generation, &conv);
-            let Some(mv) = data.get(&mk)? else { continue };
-            let meta = ConvMeta::decode(&mk, &mv)?;
+            let Some(meta) = self.conv_meta_at(group, generation, &conv)? else { continue };
             let (n, more) = self.enforce_retention(run, &conv, &meta, now_ms, budget)?;
             report.retention_removed += n;
             budget -= n.min(budget);
@@ -999,11 +991,7 @@ impl StateStore {
         let (group, generation) = (run.group, run.generation);
         let data = &self.inner.data;
         let conv = conversation_id.as_bytes();
-        let mk = keys::conv_key(group, generation, conv);
-        let meta = match data.get(&mk)? {
-            Some(v) => Some(ConvMeta::decode(&mk, &v)?),
-            None => None,
-        };
+        let meta = self.conv_meta_at(group, generation, conv)?;
         let mut envelopes = 0;
         for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
             let (k, v) = item?;
@@ -1021,7 +1009,7 @@ impl StateStore {
         }
         let existed = meta.is_some() || envelopes > 0 || cursors > 0;
         let next_seq = if reset_seq {
-            run.batch.remove(mk);
+            run.batch.remove(keys::conv_key(group, generation, conv));
             run.batch.remove(keys::retention_key(group, generation, conv));
             1
         } else {
@@ -1040,14 +1028,10 @@ impl StateStore {
     ) -> Result<CommandResponse, StoreError> {
         let (group, generation) = (run.group, run.generation);
         let conv = conversation_id.as_bytes();
-        let mk = keys::conv_key(group, generation, conv);
-        let mut meta = match self.inner.data.get(&mk)? {
-            Some(v) => ConvMeta::decode(&mk, &v)?,
-            None => ConvMeta::default(),
-        };
+        let mut meta = self.conv_meta_at(group, generation, conv)?.unwrap_or_default();
         meta.max_age_ms = max_age_ms;
         meta.max_count = max_count;
-        run.batch.insert(mk, meta.encode());
+        run.batch.insert(keys::conv_key(group, generation, conv), meta.encode());
         let rk = keys::retention_key(group, generation, conv);
         if meta.has_retention() {
             run.batch.insert(rk, keys::encode_value(&[]));
