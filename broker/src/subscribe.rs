@@ -265,7 +265,8 @@ impl Sub {
             while let Some(r) = removed.next_if(|r| r.0 < e.seq) {
                 self.send_removed(&conv, r).await?;
             }
-            self.send(pb::subscribe_event::Event::Envelope(convert::stored_to_pb(e))).await?;
+            let next = e.seq + 1;
+            self.send_advancing(pb::subscribe_event::Event::Envelope(convert::stored_to_pb(e)), &conv, next).await?;
             sent = true;
         }
         for r in removed {
@@ -286,34 +287,28 @@ impl Sub {
     }
 
     async fn send_removed(&mut self, conv: &str, (from, to): (u64, u64)) -> Result<(), End> {
-        self.send(pb::subscribe_event::Event::Removed(pb::Removed {
+        let event = pb::subscribe_event::Event::Removed(pb::Removed {
             conversation_id: conv.to_string(),
             range: Some(pb::SeqRange { from, to }),
-        }))
-        .await?;
+        });
+        self.send_advancing(event, conv, to + 1).await
+    }
+
+    /// Queues an event that moves `conv` on to `next` (an envelope or a removed range),
+    /// and records the move once it is queued, so resume positions name exactly what the
+    /// client will have received.
+    async fn send_advancing(&mut self, event: pb::subscribe_event::Event, conv: &str, next: u64) -> Result<(), End> {
+        self.send(event).await?;
         if let Some(c) = self.convs.get_mut(conv) {
-            c.next = c.next.max(to + 1);
+            c.next = c.next.max(next);
         }
         Ok(())
     }
 
     /// Queues one event; waits at most the stall timeout for room.
     async fn send(&mut self, event: pb::subscribe_event::Event) -> Result<(), End> {
-        let seq = match &event {
-            pb::subscribe_event::Event::Envelope(e) if !e.ephemeral => {
-                Some((e.envelope.as_ref().map(|x| x.conversation_id.clone()).unwrap_or_default(), e.seq))
-            }
-            _ => None,
-        };
         match self.tx.send_timeout(Ok(pb::SubscribeEvent { event: Some(event) }), self.stall).await {
-            Ok(()) => {
-                if let Some((conv, seq)) = seq {
-                    if let Some(c) = self.convs.get_mut(&conv) {
-                        c.next = c.next.max(seq + 1);
-                    }
-                }
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(End::Gone),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 metrics::counter!("habar_subscriptions_cut_total").increment(1);
