@@ -311,11 +311,11 @@ async fn ramp_up(ctx: &Arc<Ctx>, start: Instant) -> RampReport {
     while Instant::now() + Duration::from_secs_f64(s.ramp_step_secs) <= deadline + Duration::from_secs(1) {
         let step_start = Instant::now();
         let from = step_start.duration_since(start).as_secs() as usize + 1; // skip the partial second
-        let errors_before: u64 = ctx.recorder.finish(1.0).2.iter().map(|p| p.errors).sum();
+        let errors_before = ctx.recorder.error_count();
         let stats = open_loop(ctx, &Schedule::constant(rate, s.ramp_step_secs), step_start).await;
         let to = start.elapsed().as_secs() as usize;
         let (n, p99) = ctx.recorder.p99_between(Kind::Publish, from, to.max(from + 1));
-        let errors = ctx.recorder.finish(1.0).2.iter().map(|p| p.errors).sum::<u64>() - errors_before;
+        let errors = ctx.recorder.error_count() - errors_before;
         let held = p99 <= s.slo_p99_ms && errors == 0 && stats.overload == 0;
         steps.push(RampStep { rate, acknowledged: n, p99_ms: p99, errors, held });
         eprintln!("ramp: {rate:.0}/s -> p99 {p99:.2} ms, {errors} errors: {}", if held { "held" } else { "missed" });

@@ -159,6 +159,11 @@ impl Recorder {
         }
     }
 
+    /// Failed operations so far, warm-up included.
+    pub fn error_count(&self) -> u64 {
+        self.lock().windows.iter().map(|w| w.errors).sum()
+    }
+
     /// The progress line for the window that just ended, and the run so far.
     pub fn progress(&self) -> String {
         let inner = self.lock();
