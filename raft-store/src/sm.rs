@@ -266,6 +266,28 @@ fn env_seq(k: &[u8]) -> Result<u64, StoreError> {
     }
 }
 
+/// How long `open` waits for sled's lock on its directory to be released.
+const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled, waiting up to [`SLED_LOCK_WAIT`] for its directory lock: after the previous
+/// `Db` of the same directory is dropped, sled's IO threads can still hold it for a moment
+/// (a store reopened at once, as tests and in-process restarts do, then failed with
+/// "could not acquire lock"). Another live process holding the lock is still an error,
+/// only later.
+fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(path).cache_capacity(cache_capacity).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 type AppliedState = (Option<LogId>, StoredMembership);
 
 /// One sled record as an iterator yields it.
@@ -291,7 +313,7 @@ impl StateStore {
     /// Opens (or creates) the store in `dir`. `cache_capacity` is sled's page cache in bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let db = sled::Config::new().path(dir.join("db")).cache_capacity(cache_capacity).open()?;
+        let db = open_sled(&dir.join("db"), cache_capacity)?;
         let data = db.open_tree("sm.v1")?;
         let heads = db.open_tree("heads.v1")?;
         let snap_dir = dir.join("snapshots");

@@ -303,3 +303,18 @@ async fn reads_during_installs_see_whole_logs() {
     assert_eq!(target.read(4, "x", 1, usize::MAX).unwrap().len(), 3000);
     assert_eq!(target.raw_key_count(4), target.dump_group(4).unwrap().len(), "old generations are gone");
 }
+
+/// Property: a state-machine directory held by a live store is refused (after the short
+/// wait for a lock that a dropped store's IO threads may still hold), never shared; once
+/// the holder is dropped it opens.
+#[test]
+fn a_directory_held_by_a_live_store_is_refused_and_opens_after_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    let err = StateStore::open(dir.path(), 8 << 20).err().expect("a second open must fail");
+    assert!(err.to_string().contains("could not acquire lock"), "{err}");
+    drop(first);
+    for _ in 0..5 {
+        drop(open(dir.path()));
+    }
+}
