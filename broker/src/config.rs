@@ -147,8 +147,16 @@ pub struct NodeConfig {
     pub subscribe_keepalive_ms: u64,
     /// Most conversations on one SubscribeMany stream.
     pub subscribe_max_conversations: usize,
+    /// Largest clock error the node tolerates in its estimate of the cluster's time
+    /// (`clock.rs`): the bound on expiring early or late.
+    pub max_clock_skew_ms: u64,
     /// `tracing` filter, e.g. `info` or `habar_broker=debug,openraft=warn`.
     pub log: String,
+    /// Test only: shifts this node's raw clock (a machine with a wrong clock).
+    pub test_clock_offset_ms: i64,
+    /// Test only: the WAL's power-loss model (writes no fsync covered are lost when the
+    /// process dies, as in a power cut). Never in production: it holds writes in memory.
+    pub test_lose_unsynced_wal_writes: bool,
 }
 
 impl Default for NodeConfig {
@@ -183,7 +191,10 @@ impl Default for NodeConfig {
             subscribe_stall_timeout_ms: 10_000,
             subscribe_keepalive_ms: 15_000,
             subscribe_max_conversations: 10_000,
+            max_clock_skew_ms: 500,
             log: "info,openraft=warn".into(),
+            test_clock_offset_ms: 0,
+            test_lose_unsynced_wal_writes: false,
         }
     }
 }
@@ -280,9 +291,18 @@ pub struct ConfigLayer {
     /// Most conversations on one SubscribeMany stream.
     #[arg(long, env = "HABAR_SUBSCRIBE_MAX_CONVERSATIONS")]
     pub subscribe_max_conversations: Option<usize>,
+    /// Bound on the node's clock error against the cluster's median clock, ms.
+    #[arg(long, env = "HABAR_MAX_CLOCK_SKEW_MS")]
+    pub max_clock_skew_ms: Option<u64>,
     /// tracing filter (e.g. `info`, `habar_broker=debug`).
     #[arg(long, env = "HABAR_LOG")]
     pub log: Option<String>,
+    /// TEST ONLY: shift this node's clock by this many ms (fault tests).
+    #[arg(long, env = "HABAR_TEST_CLOCK_OFFSET_MS", hide = true, allow_hyphen_values = true)]
+    pub test_clock_offset_ms: Option<i64>,
+    /// TEST ONLY: lose WAL writes no fsync covered when the process dies (power-loss model).
+    #[arg(long, env = "HABAR_TEST_LOSE_UNSYNCED_WAL_WRITES", hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub test_lose_unsynced_wal_writes: Option<bool>,
 }
 
 macro_rules! merge_fields {
@@ -307,7 +327,8 @@ impl NodeConfig {
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, read_default_limit, read_max_limit,
             request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
             subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,
-            subscribe_max_conversations, log);
+            subscribe_max_conversations, max_clock_skew_ms, log, test_clock_offset_ms,
+            test_lose_unsynced_wal_writes);
         Ok(())
     }
 
@@ -435,6 +456,12 @@ impl NodeConfig {
         }
         if self.subscribe_keepalive_ms < 100 {
             return Err(invalid("subscribe_keepalive_ms", format!("{} is below 100", self.subscribe_keepalive_ms)));
+        }
+        if !(10..=60_000).contains(&self.max_clock_skew_ms) {
+            return Err(invalid("max_clock_skew_ms", format!("{} is outside 10..=60000", self.max_clock_skew_ms)));
+        }
+        if self.test_clock_offset_ms.unsigned_abs() > 24 * 3600 * 1000 {
+            return Err(invalid("test_clock_offset_ms", "is over a day either way"));
         }
         if !(1..=1_000_000).contains(&self.subscribe_max_conversations) {
             return Err(invalid(

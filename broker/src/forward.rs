@@ -37,6 +37,8 @@ pub enum ForwardRequest {
         now_ms: u64,
         envelopes: Vec<NewEnvelope>,
     },
+    /// The node's raw clock (liveness probe and clock calibration, `clock.rs`).
+    Clock,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,6 +48,9 @@ pub enum ForwardResponse {
     /// as the `ReadOp` asked): no second wire format.
     Read(Vec<u8>),
     Delivered,
+    Clock {
+        local_ms: u64,
+    },
     NotLeader {
         leader: Option<NodeId>,
     },
@@ -122,6 +127,7 @@ impl ForwarderService {
                 self.node.deliver_signals(now_ms, envelopes);
                 Ok(ForwardResponse::Delivered)
             }
+            ForwardRequest::Clock => Ok(ForwardResponse::Clock { local_ms: self.node.clock.local_ms() }),
         };
         match res {
             Ok(r) => r,

@@ -10,6 +10,7 @@
 //! - [`config`], [`cli`], [`dev`], [`validate`]: settings, the `habar` binary, limits.
 
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod dev;

@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
-use std::time::SystemTime;
-use std::time::UNIX_EPOCH;
 
 use tokio::sync::broadcast;
 
@@ -31,6 +29,7 @@ use openraft::ReadPolicy;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::convert;
 use crate::error::BrokerError;
@@ -46,10 +45,6 @@ pub type HRaft = openraft::Raft<TypeConfig, GroupStateMachine>;
 const RETRY_MIN: Duration = Duration::from_millis(10);
 const RETRY_MAX: Duration = Duration::from_millis(200);
 
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 pub struct Node {
     pub id: NodeId,
     pub cfg: NodeConfig,
@@ -58,6 +53,9 @@ pub struct Node {
     pub rafts: Vec<HRaft>,
     pub pool: PeerPool,
     pub registry: crate::raft_net::GroupRegistry<GroupStateMachine>,
+    /// Cluster time (median of the nodes' clocks): what entries are stamped with and
+    /// expiry is judged by.
+    pub clock: Arc<Clock>,
     /// Last time each peer answered a liveness probe.
     pub last_seen: Mutex<HashMap<NodeId, Instant>>,
     /// Ephemeral signals for this node's subscribers (bounded; a lagging subscriber
@@ -368,6 +366,11 @@ impl Node {
     /// until nothing is left or a bound of rounds is reached.
     pub async fn maintain_once(self: &Arc<Self>) {
         const ROUNDS: usize = 16;
+        if !self.clock.calibrated() {
+            // Deleting by a clock not yet checked against a majority could delete early.
+            tracing::debug!("housekeeping waits for the clock to be calibrated against the peers");
+            return;
+        }
         for g in 0..self.shards() {
             for _ in 0..ROUNDS {
                 if !self.is_leader(g) {
@@ -450,7 +453,7 @@ impl Node {
 
     /// This node's clock in unix ms, as it stamps entries and judges expiry.
     pub fn now_ms(&self) -> u64 {
-        now_ms()
+        self.clock.now_ms()
     }
 
     async fn forward(

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::clock::Clock;
 use habar_raft_store::types::Appended;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::CommandResponse;
@@ -59,7 +60,7 @@ pub fn write_error(group: GroupId, e: &RaftError<TypeConfig, ClientWriteError<Ty
 }
 
 /// Starts the proposer of `group`; it stops when every sender is dropped.
-pub fn spawn(group: GroupId, raft: HRaft, now_ms: fn() -> u64) -> mpsc::Sender<Pending> {
+pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>) -> mpsc::Sender<Pending> {
     let (tx, mut rx) = mpsc::channel::<Pending>(QUEUE);
     tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -79,7 +80,7 @@ pub fn spawn(group: GroupId, raft: HRaft, now_ms: fn() -> u64) -> mpsc::Sender<P
                     Err(_) => break,
                 }
             }
-            let raft = raft.clone();
+            let (raft, clock) = (raft.clone(), clock.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
                 let mut lens = Vec::with_capacity(batch.len());
@@ -91,7 +92,7 @@ pub fn spawn(group: GroupId, raft: HRaft, now_ms: fn() -> u64) -> mpsc::Sender<P
                     replies.push(p.reply);
                 }
                 metrics::histogram!("habar_entry_envelopes").record(envelopes.len() as f64);
-                let res = raft.client_write(Command::Append { now_ms: now_ms(), envelopes }).await;
+                let res = raft.client_write(Command::Append { now_ms: clock.now_ms(), envelopes }).await;
                 drop(permit);
                 metrics::histogram!("habar_entry_commit_seconds").record(started.elapsed().as_secs_f64());
                 match res {

@@ -19,6 +19,9 @@ use habar_raft_store::LogStore;
 use habar_raft_store::StateStore;
 use habar_raft_store::Wal;
 use habar_raft_store::WalConfig;
+
+use crate::forward::ForwardRequest;
+use crate::forward::ForwardResponse;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -58,6 +61,15 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let mut wal_cfg = WalConfig::new(cfg.data_dir.join("wal"));
     wal_cfg.segment_bytes = cfg.wal_segment_bytes;
+    wal_cfg.lose_unsynced_writes = cfg.test_lose_unsynced_wal_writes;
+    if cfg.test_lose_unsynced_wal_writes {
+        tracing::warn!("TEST MODE: WAL writes no fsync covered are held in memory and lost if this process dies");
+    }
+    if cfg.test_clock_offset_ms != 0 {
+        tracing::warn!(offset_ms = cfg.test_clock_offset_ms, "TEST MODE: this node's clock is shifted");
+    }
+    let clock =
+        Arc::new(crate::clock::Clock::new(cfg.test_clock_offset_ms, cfg.max_clock_skew_ms, cfg.initial_cluster.len()));
     let wal = Wal::open(wal_cfg).context("opening the WAL")?;
     let store = StateStore::open(&cfg.data_dir.join("sm"), cfg.sled_cache_capacity_bytes)
         .context("opening the state machine")?;
@@ -77,11 +89,8 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         rafts.push(raft);
     }
 
-    let proposers = rafts
-        .iter()
-        .enumerate()
-        .map(|(g, r)| crate::proposer::spawn(g as u32, r.clone(), crate::node::now_ms))
-        .collect();
+    let proposers =
+        rafts.iter().enumerate().map(|(g, r)| crate::proposer::spawn(g as u32, r.clone(), clock.clone())).collect();
 
     let members: BTreeMap<NodeId, NodeAddr> =
         cfg.initial_cluster.iter().map(|(id, addr)| (*id, NodeAddr::new(addr.clone()))).collect();
@@ -103,6 +112,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         rafts,
         pool,
         registry,
+        clock,
         last_seen: Mutex::new(HashMap::new()),
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
         proposers,
@@ -133,8 +143,8 @@ fn spawn_erasure_compactor(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// Probes each peer's health endpoint once a second; `Cluster.Status` reports liveness
-/// from it.
+/// Probes each peer once a second: an answer marks it alive (`Cluster.Status` reports
+/// liveness from it) and carries its clock, which calibrates this node's (`clock.rs`).
 fn spawn_liveness_probe(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -149,13 +159,16 @@ fn spawn_liveness_probe(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
                 .collect();
             for (id, addr) in peers {
                 let Ok(channel) = node.pool.channel(id, &addr) else { continue };
-                let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-                let mut req = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: String::new() });
-                req.set_timeout(Duration::from_millis(800));
-                if client.check(req).await.is_ok() {
+                let sent = node.clock.local_ms();
+                let deadline = Instant::now() + Duration::from_millis(800);
+                if let Ok(ForwardResponse::Clock { local_ms }) =
+                    crate::forward::call(channel, 0, &ForwardRequest::Clock, deadline).await
+                {
+                    node.clock.observe(id, sent, local_ms, node.clock.local_ms());
                     node.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
                 }
             }
+            node.clock.report();
         }
     })
 }

@@ -112,7 +112,12 @@ fn sm_apply(c: &mut Criterion) {
                                 n += 1;
                                 NewEnvelope {
                                     conversation_id: format!("conversation-{}", n % 1000),
-                                    message_id: [7; 16],
+                                    message_id: {
+                                        // Unique per envelope: a repeated id would be a dedupe hit.
+                                        let mut id = [0u8; 16];
+                                        id[..8].copy_from_slice(&n.to_be_bytes());
+                                        id
+                                    },
                                     sender: String::new(),
                                     ciphertext: vec![0x5A; 256].into(),
                                     expires_at_ms: 0,

@@ -15,6 +15,7 @@
 //! See `record.rs` for the byte layout and `ARCHITECTURE.md` for the durability contract.
 
 pub mod record;
+mod seg_file;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -24,7 +25,6 @@ use std::fs::File;
 use std::fs::OpenOptions;
 use std::io;
 use std::io::Read;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -38,6 +38,7 @@ use std::time::Instant;
 
 use record::Body;
 use record::GroupMeta;
+use seg_file::SegFile;
 
 use crate::types::GroupId;
 
@@ -85,11 +86,15 @@ pub struct WalConfig {
     pub segment_bytes: u64,
     /// Largest record accepted on write and on read (a larger length on disk is corruption).
     pub max_record_bytes: usize,
+    /// Test only: the power-loss model (`seg_file.rs`). Writes reach the operating system
+    /// only when an fsync covers them, so killing the process loses every write no fsync
+    /// covered, as a power cut would.
+    pub lose_unsynced_writes: bool,
 }
 
 impl WalConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), segment_bytes: 64 << 20, max_record_bytes: 64 << 20 }
+        Self { dir: dir.into(), segment_bytes: 64 << 20, max_record_bytes: 64 << 20, lose_unsynced_writes: false }
     }
 }
 
@@ -203,7 +208,7 @@ pub struct WalStatsSnapshot {
 }
 
 struct Segment {
-    file: Arc<File>,
+    file: Arc<SegFile>,
     path: PathBuf,
 }
 
@@ -214,8 +219,6 @@ struct State {
     active_len: u64,
     written: Lsn,
     synced: Lsn,
-    /// Closed segments whose last writes still need an fdatasync.
-    unsynced: Vec<Arc<File>>,
     /// A segment was created or deleted: the directory needs an fsync.
     dir_dirty: bool,
     /// Callbacks waiting for `synced >= lsn`, in increasing `lsn`.
@@ -226,7 +229,7 @@ struct State {
 }
 
 impl State {
-    fn active(&self) -> Arc<File> {
+    fn active(&self) -> Arc<SegFile> {
         // The active segment is always in the map: it is inserted before it becomes active.
         self.segments[&self.active_seq].file.clone()
     }
@@ -313,6 +316,7 @@ impl Wal {
                 Some(len) => {
                     let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
                     active_len = len;
+                    let file = SegFile::new(file, cfg.lose_unsynced_writes);
                     segments.insert(seq, Segment { file: Arc::new(file), path });
                 }
                 None => {
@@ -326,7 +330,7 @@ impl Wal {
         if segments.is_empty() {
             let seq = 1;
             let path = segment_path(&cfg.dir, seq);
-            let file = create_segment(&path, seq)?;
+            let file = create_segment(&path, seq, cfg.lose_unsynced_writes)?;
             dir.sync_all().map_err(io_err(&cfg.dir))?;
             active_len = record::HEADER_LEN as u64;
             segments.insert(seq, Segment { file: Arc::new(file), path });
@@ -346,7 +350,6 @@ impl Wal {
                 active_len,
                 written: 0,
                 synced: 0,
-                unsynced: Vec::new(),
                 dir_dirty: false,
                 waiters: VecDeque::new(),
                 poisoned: None,
@@ -533,9 +536,19 @@ impl Wal {
         if !force && st.active_len < sh.cfg.segment_bytes {
             return Ok(());
         }
+        // The full segment is made durable before the next one exists (one fdatasync per
+        // segment, under the lock). So a segment with anything on disk always follows a
+        // complete, durable one, and after a crash only the last segment can be torn: a
+        // torn record anywhere else is corruption, never a power cut.
+        let old = st.active();
+        if let Err(e) = old.sync_data() {
+            let path = segment_path(&sh.cfg.dir, st.active_seq);
+            st.poisoned = Some(format!("fdatasync of full segment {} failed: {e}", path.display()));
+            return Err(WalError::Io { path, source: e });
+        }
         let seq = st.active_seq + 1;
         let path = segment_path(&sh.cfg.dir, seq);
-        let file = create_segment_unsynced(&path, seq)?;
+        let file = create_segment_unsynced(&path, seq, sh.cfg.lose_unsynced_writes)?;
         let mut metas: Vec<GroupMeta> = st.groups.iter().map(|(g, l)| l.meta(*g)).collect();
         metas.sort_by_key(|m| m.group);
         let payload = postcard::to_allocvec(&metas).map_err(|e| WalError::Io {
@@ -548,8 +561,6 @@ impl Wal {
             st.poisoned = Some(format!("write to {} failed: {e}", path.display()));
             return Err(WalError::Io { path, source: e });
         }
-        let old = st.active();
-        st.unsynced.push(old);
         st.segments.insert(seq, Segment { file: Arc::new(file), path });
         st.active_seq = seq;
         st.active_len = (record::HEADER_LEN + buf.len()) as u64;
@@ -605,7 +616,7 @@ impl Wal {
     /// Entries of `group` with index in `[start, end)` that the log holds, in order.
     pub fn read(&self, group: GroupId, start: u64, end: u64) -> Result<Vec<WalEntry>, WalError> {
         let sh = self.shared();
-        let wanted: Vec<(u64, Loc, Arc<File>, PathBuf)> = {
+        let wanted: Vec<(u64, Loc, Arc<SegFile>, PathBuf)> = {
             let st = sh.lock();
             let Some(g) = st.groups.get(&group) else { return Ok(Vec::new()) };
             let lo = start.max(g.first_index);
@@ -686,14 +697,15 @@ impl Wal {
     }
 }
 
-fn create_segment_unsynced(path: &Path, seq: u64) -> Result<File, WalError> {
+fn create_segment_unsynced(path: &Path, seq: u64, lose_unsynced_writes: bool) -> Result<SegFile, WalError> {
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(path).map_err(io_err(path))?;
+    let file = SegFile::new(file, lose_unsynced_writes);
     file.write_all_at(&record::encode_header(seq), 0).map_err(io_err(path))?;
     Ok(file)
 }
 
-fn create_segment(path: &Path, seq: u64) -> Result<File, WalError> {
-    let file = create_segment_unsynced(path, seq)?;
+fn create_segment(path: &Path, seq: u64, lose_unsynced_writes: bool) -> Result<SegFile, WalError> {
+    let file = create_segment_unsynced(path, seq, lose_unsynced_writes)?;
     file.sync_all().map_err(io_err(path))?;
     Ok(file)
 }
@@ -828,7 +840,9 @@ fn apply_replayed(
 /// sync covered. Writes that land while a sync runs wait for the next one.
 fn sync_loop(sh: &Shared) {
     loop {
-        let (target, files, dir_dirty) = {
+        // Only the active segment can hold unsynced writes: a full one is synced before the
+        // next is created (`maybe_rotate`).
+        let (target, active, dir_dirty) = {
             let mut st = sh.lock();
             while st.waiters.is_empty() && !st.shutdown {
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -836,20 +850,12 @@ fn sync_loop(sh: &Shared) {
             if st.waiters.is_empty() && st.shutdown {
                 return;
             }
-            let mut files = std::mem::take(&mut st.unsynced);
-            files.push(st.active());
             let d = std::mem::replace(&mut st.dir_dirty, false);
-            (st.written, files, d)
+            (st.written, st.active(), d)
         };
 
         let t0 = Instant::now();
-        let mut result: io::Result<()> = Ok(());
-        for f in &files {
-            if let Err(e) = f.sync_data() {
-                result = Err(e);
-                break;
-            }
-        }
+        let mut result = active.sync_data();
         if result.is_ok() && dir_dirty {
             result = sh.dir.sync_all();
         }
