@@ -150,6 +150,9 @@ pub struct NodeConfig {
     /// Largest clock error the node tolerates in its estimate of the cluster's time
     /// (`clock.rs`): the bound on expiring early or late.
     pub max_clock_skew_ms: u64,
+    /// Below this many free bytes in the data directory's file system the node takes no
+    /// writes (`disk.rs`); 0 turns the guard off.
+    pub min_free_disk_bytes: u64,
     /// `tracing` filter, e.g. `info` or `habar_broker=debug,openraft=warn`.
     pub log: String,
     /// Test only: shifts this node's raw clock (a machine with a wrong clock).
@@ -192,6 +195,7 @@ impl Default for NodeConfig {
             subscribe_keepalive_ms: 15_000,
             subscribe_max_conversations: 10_000,
             max_clock_skew_ms: 500,
+            min_free_disk_bytes: 128 << 20,
             log: "info,openraft=warn".into(),
             test_clock_offset_ms: 0,
             test_lose_unsynced_wal_writes: false,
@@ -294,6 +298,9 @@ pub struct ConfigLayer {
     /// Bound on the node's clock error against the cluster's median clock, ms.
     #[arg(long, env = "HABAR_MAX_CLOCK_SKEW_MS")]
     pub max_clock_skew_ms: Option<u64>,
+    /// Free bytes below which the node takes no writes (0: off).
+    #[arg(long, env = "HABAR_MIN_FREE_DISK_BYTES")]
+    pub min_free_disk_bytes: Option<u64>,
     /// tracing filter (e.g. `info`, `habar_broker=debug`).
     #[arg(long, env = "HABAR_LOG")]
     pub log: Option<String>,
@@ -327,7 +334,7 @@ impl NodeConfig {
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, read_default_limit, read_max_limit,
             request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
             subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,
-            subscribe_max_conversations, max_clock_skew_ms, log, test_clock_offset_ms,
+            subscribe_max_conversations, max_clock_skew_ms, min_free_disk_bytes, log, test_clock_offset_ms,
             test_lose_unsynced_wal_writes);
         Ok(())
     }
@@ -530,6 +537,7 @@ impl NodeConfig {
             sled_cache_capacity_bytes: 8 << 20,
             wal_segment_bytes: 4 << 20,
             request_timeout_ms: 15_000,
+            min_free_disk_bytes: 1 << 20,
             ..Self::default()
         }
     }

@@ -16,6 +16,10 @@ pub enum BrokerError {
     DeadlineExceeded(Duration),
     #[error("not the leader of shard {shard} (leader: {leader:?})")]
     NotLeader { shard: u32, leader: Option<NodeId> },
+    /// This node's disk is (almost) full: it takes no writes (`disk.rs`). Retryable on
+    /// another node.
+    #[error("{0}")]
+    DiskFull(String),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -24,7 +28,7 @@ pub enum BrokerError {
 
 impl BrokerError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::NotLeader { .. })
+        matches!(self, Self::Unavailable { .. } | Self::NotLeader { .. } | Self::DiskFull(_))
     }
 }
 
@@ -33,7 +37,9 @@ impl From<BrokerError> for tonic::Status {
         let msg = e.to_string();
         match e {
             BrokerError::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            BrokerError::Unavailable { .. } | BrokerError::NotLeader { .. } => tonic::Status::unavailable(msg),
+            BrokerError::Unavailable { .. } | BrokerError::NotLeader { .. } | BrokerError::DiskFull(_) => {
+                tonic::Status::unavailable(msg)
+            }
             BrokerError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
             BrokerError::Storage(_) | BrokerError::Internal(_) => tonic::Status::internal(msg),
         }

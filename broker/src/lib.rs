@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod dev;
+pub mod disk;
 pub mod error;
 pub mod forward;
 pub mod node;

@@ -56,6 +56,8 @@ pub struct Node {
     /// Cluster time (median of the nodes' clocks): what entries are stamped with and
     /// expiry is judged by.
     pub clock: Arc<Clock>,
+    /// Free-space guard of the data directory: a full node takes no writes.
+    pub disk: Arc<crate::disk::DiskGuard>,
     /// Last time each peer answered a liveness probe.
     pub last_seen: Mutex<HashMap<NodeId, Instant>>,
     /// Ephemeral signals for this node's subscribers (bounded; a lagging subscriber
@@ -173,6 +175,9 @@ impl Node {
         op: WriteOp,
         deadline: Instant,
     ) -> Result<CommandResponse, BrokerError> {
+        if self.disk.is_full() {
+            return Err(BrokerError::DiskFull(self.disk.refusal(self.id)));
+        }
         let mut backoff = RETRY_MIN;
         loop {
             let leader = match self.local_write(group, op.clone(), deadline).await {
@@ -205,6 +210,9 @@ impl Node {
         op: WriteOp,
         deadline: Instant,
     ) -> Result<CommandResponse, BrokerError> {
+        if self.disk.is_full() {
+            return Err(BrokerError::DiskFull(self.disk.refusal(self.id)));
+        }
         let raft = self.raft(group)?;
         let remaining = deadline.saturating_duration_since(Instant::now());
         if let WriteOp::Append(envelopes) = op {
@@ -354,6 +362,12 @@ impl Node {
             }
         });
         futures::future::join_all(calls).await.into_iter().filter(|ok| *ok).count()
+    }
+
+    /// A peer that answered the liveness probe in the last 3 seconds, if any.
+    pub fn live_peer(&self) -> Option<NodeId> {
+        let seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter().filter(|(_, at)| at.elapsed() < Duration::from_secs(3)).map(|(id, _)| *id).min()
     }
 
     /// Whether this node currently leads `group`.

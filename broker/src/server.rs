@@ -68,6 +68,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     if cfg.test_clock_offset_ms != 0 {
         tracing::warn!(offset_ms = cfg.test_clock_offset_ms, "TEST MODE: this node's clock is shifted");
     }
+    let disk = Arc::new(crate::disk::DiskGuard::new(cfg.data_dir.clone(), cfg.min_free_disk_bytes));
     let clock =
         Arc::new(crate::clock::Clock::new(cfg.test_clock_offset_ms, cfg.max_clock_skew_ms, cfg.initial_cluster.len()));
     let wal = Wal::open(wal_cfg).context("opening the WAL")?;
@@ -113,6 +114,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         pool,
         registry,
         clock,
+        disk,
         last_seen: Mutex::new(HashMap::new()),
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
         proposers,
@@ -173,6 +175,35 @@ fn spawn_liveness_probe(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Checks free disk space once a second (`disk.rs`); a node that became full hands the
+/// leadership of its shards to a live peer.
+fn spawn_disk_guard(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let guard = node.disk.clone();
+            let became = tokio::task::spawn_blocking(move || guard.check()).await.ok().flatten();
+            if !node.disk.is_full() {
+                continue;
+            }
+            if became == Some(true) {
+                tracing::warn!(id = node.id, "disk full: handing shard leadership to peers");
+            }
+            // Every tick while full: a shard it still leads (no live peer last time) moves.
+            for g in 0..node.shards() {
+                if node.is_leader(g) {
+                    if let Some(peer) = node.live_peer() {
+                        if let Err(e) = node.rafts[g as usize].trigger().transfer_leader(peer).await {
+                            tracing::warn!(shard = g, peer, error = %e, "leadership transfer failed");
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
 /// Serve one node on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: NodeConfig,
@@ -203,7 +234,10 @@ pub async fn serve_node(
         .build_v1()
         .context("building the reflection service")?;
 
-    let transport = RaftTransportService::new(node.registry.clone(), node.store.clone());
+    let gate_node = node.clone();
+    let transport = RaftTransportService::new(node.registry.clone(), node.store.clone())
+        .with_write_gate(Arc::new(move || gate_node.disk.is_full().then(|| gate_node.disk.refusal(gate_node.id))));
+    let disk_watch = spawn_disk_guard(node.clone());
     let probe = spawn_liveness_probe(node.clone());
     let maintenance = spawn_maintenance(node.clone());
     let compactor = spawn_erasure_compactor(node.clone());
@@ -227,6 +261,7 @@ pub async fn serve_node(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     probe.abort();
+    disk_watch.abort();
     maintenance.abort();
     compactor.abort();
     for raft in &node.rafts {

@@ -148,3 +148,88 @@ async fn a_leader_30s_ahead_neither_expires_early_nor_serves_late() {
 async fn a_leader_30s_behind_neither_expires_early_nor_serves_late() {
     expiry_with_one_skewed_node(-30_000).await;
 }
+
+/// Property (disk full, fault 8): a node whose disk is (nearly) full refuses writes with an
+/// error naming the node and the setting, hands its leaderships over and takes no
+/// replication, while the other two keep a quorum and acknowledge writes; when space
+/// returns it catches up and serves again. Nothing acknowledged is lost or reordered.
+///
+/// "Full" is made by raising the node's `min_free_disk_bytes` above the free space (the
+/// guard reads the real free space with statvfs; filling a real file system is the soak's
+/// job).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_with_a_full_disk_refuses_writes_and_the_cluster_keeps_going() {
+    let cluster = start_cluster_with(3, SHARDS, |_| {}).await;
+    let n3 = cluster.nodes[2].node.clone();
+    let mut via1 = broker(&cluster.nodes[0].endpoint()).await;
+    let mut via3 = broker(&cluster.nodes[2].endpoint()).await;
+    let convs: Vec<String> = (0..6).map(|i| format!("disk-{i}")).collect();
+    let mut expected: Vec<Vec<u64>> = vec![Vec::new(); convs.len()];
+    let mut n = 0u64;
+    let mut publish_round = async |client: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+                                   expected: &mut Vec<Vec<u64>>| {
+        for (i, conv) in convs.iter().enumerate() {
+            n += 1;
+            let r = client.publish(pb::PublishRequest { envelopes: vec![envelope(conv, n)], ephemeral: false }).await;
+            let a = r.expect("publish").into_inner().appended[0].clone();
+            assert_eq!(a.seq, expected[i].len() as u64 + 1, "{conv}: dense seqs");
+            expected[i].push(n);
+        }
+    };
+    publish_round(&mut via1, &mut expected).await;
+
+    // Node 3's disk "fills".
+    n3.disk.set_min_free_bytes(u64::MAX);
+    let start = Instant::now();
+    while !(n3.disk.is_full() && (0..SHARDS).all(|g| !n3.is_leader(g))) {
+        assert!(start.elapsed() < Duration::from_secs(20), "node 3 did not become full and hand over its shards");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let err = via3
+        .publish(pb::PublishRequest { envelopes: vec![envelope(&convs[0], 999_999)], ephemeral: false })
+        .await
+        .expect_err("a full node refuses writes");
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(err.message().contains("node 3") && err.message().contains("min_free_disk_bytes"), "{}", err.message());
+    // The other two keep acknowledging; node 3 takes none of it.
+    for _ in 0..5 {
+        publish_round(&mut via1, &mut expected).await;
+    }
+    let applied_on_3: usize =
+        convs.iter().map(|c| n3.store.read(habar_broker::shard::shard_of(c, SHARDS), c, 1, 1000).unwrap().len()).sum();
+    assert!(applied_on_3 <= convs.len(), "node 3 took replication while full ({applied_on_3} envelopes)");
+
+    // Space returns: node 3 catches up and takes writes again.
+    n3.disk.set_min_free_bytes(1 << 20);
+    let start = Instant::now();
+    loop {
+        let mut all = true;
+        for (i, conv) in convs.iter().enumerate() {
+            let got = read_all(&mut via3, conv, true).await;
+            all &= got.len() == expected[i].len();
+        }
+        if all {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "node 3 did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publish_round(&mut via3, &mut expected).await;
+    // Every node holds every acknowledged envelope once, in order.
+    for node in &cluster.nodes {
+        let mut c = broker(&node.endpoint()).await;
+        for (i, conv) in convs.iter().enumerate() {
+            let start = Instant::now();
+            loop {
+                let got = read_all(&mut c, conv, true).await;
+                let ids: Vec<Vec<u8>> = got.iter().map(|e| e.envelope.as_ref().unwrap().message_id.to_vec()).collect();
+                let want: Vec<Vec<u8>> = expected[i].iter().map(|n| envelope(conv, *n).message_id.to_vec()).collect();
+                if ids == want {
+                    break;
+                }
+                assert!(start.elapsed() < Duration::from_secs(20), "node {}: {conv} is {ids:?}", node.id);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

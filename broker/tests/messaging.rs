@@ -490,6 +490,19 @@ async fn one_stream_of_1000_conversations_delivers_every_envelope_once_in_order_
         }
     }
     publisher.await.unwrap();
+    // A conversation's CaughtUp follows its last backlog envelope: the last ones may still
+    // be on the way when the envelope count is complete.
+    let until = Instant::now() + Duration::from_secs(20);
+    while caught_up.len() < N && Instant::now() < until {
+        let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_secs(5), events.next()).await else { break };
+        match ev.event.unwrap() {
+            pb::subscribe_event::Event::CaughtUp(c) => {
+                caught_up.insert(c.conversation_id, c.next_seq);
+            }
+            pb::subscribe_event::Event::Keepalive(_) => {}
+            other => panic!("after every envelope arrived, only CaughtUp may follow, got {other:?}"),
+        }
+    }
     assert_eq!(dropped, 100, "every drop is confirmed");
     assert_eq!(got.len(), N);
     for (id, seqs) in &got {

@@ -105,7 +105,11 @@ pub struct RaftTransportService<SM: RaftStateMachine<TypeConfig>, S> {
     sink: Arc<S>,
     max_snapshot_bytes: u64,
     receiving: Arc<Semaphore>,
+    refuse_writes: Option<WriteGate>,
 }
+
+/// Says why this node takes no replicated writes now (e.g. its disk is full), or `None`.
+pub type WriteGate = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl<SM, S> RaftTransportService<SM, S>
 where
@@ -119,6 +123,21 @@ where
             sink: Arc::new(sink),
             max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
             receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
+            refuse_writes: None,
+        }
+    }
+
+    /// Refuse AppendEntries and snapshots (UNAVAILABLE) while `gate` says why: the
+    /// leaders keep their quorum without this node and retry it later.
+    pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
+        self.refuse_writes = Some(gate);
+        self
+    }
+
+    fn check_writes(&self, kind: RpcKind) -> Result<(), Status> {
+        match self.refuse_writes.as_ref().and_then(|g| g()) {
+            Some(why) => Err(reject(kind, "writes_refused", Status::unavailable(why))),
+            None => Ok(()),
         }
     }
 
@@ -202,6 +221,7 @@ where
     S::Writer: SnapshotChunkWriter<Data = SM::SnapshotData>,
 {
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_writes(RpcKind::AppendEntries)?;
         self.unary(RpcKind::AppendEntries, request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move {
             raft.append_entries(rpc).await.map_err(fatal_of)
         })
@@ -235,6 +255,7 @@ where
     ) -> Result<Response<RaftMessage>, Status> {
         let kind = RpcKind::InstallSnapshot;
         metrics::counter!(metric::RPC_RECEIVED, "kind" => kind.as_str()).increment(1);
+        self.check_writes(kind)?;
         let _permit = self.receiving.clone().try_acquire_owned().map_err(|_| {
             reject(
                 kind,
