@@ -310,12 +310,11 @@ impl ChaosCluster {
     /// committed entry). Returns the per-shard commit indexes it waited for.
     pub async fn wait_converged(&mut self, timeout: Duration) -> anyhow::Result<Vec<u64>> {
         let start = Instant::now();
-        let mut last_problem = String::new();
         loop {
-            match self.convergence().await {
+            let last_problem = match self.convergence().await {
                 Ok(commits) => return Ok(commits),
-                Err(p) => last_problem = p,
-            }
+                Err(p) => p,
+            };
             if start.elapsed() > timeout {
                 anyhow::bail!(
                     "replicas did not converge within {timeout:?}: {last_problem}; node logs: {}",
