@@ -153,7 +153,8 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
     }
     print!("{}", report.table());
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("habar-chaos: report written to {}", path.display());
     }
     Ok(report)

@@ -139,7 +139,8 @@ pub fn check_envelopes(h: &HistorySnapshot, final_logs: &Logs, f: &mut Findings)
         }
     }
     let v = verify::verify(&acked, final_logs);
-    f.acknowledged = by_counter.values().filter(|(_, o)| o.iter().any(|x| matches!(x, Outcome::Ok { .. }))).count() as u64;
+    f.acknowledged =
+        by_counter.values().filter(|(_, o)| o.iter().any(|x| matches!(x, Outcome::Ok { .. }))).count() as u64;
     f.lost = v.lost;
     f.duplicated = v.duplicated;
     f.reordered = v.out_of_order;
@@ -288,7 +289,10 @@ pub fn check_subscribers(h: &HistorySnapshot, final_logs: &Logs, f: &mut Finding
         let mism = s.seen.mismatches(conv, final_logs.get(&conv).unwrap_or(&empty));
         f.subscriber_mismatches += mism.len() as u64;
         for m in mism.iter().take(MAX_EXAMPLES) {
-            f.example(format!("subscriber: conv {conv} seq {}: delivered envelope {}, the final log has another", m.seq, m.first));
+            f.example(format!(
+                "subscriber: conv {conv} seq {}: delivered envelope {}, the final log has another",
+                m.seq, m.first
+            ));
         }
     }
     // Two subscribers delivering different envelopes at one seq.
@@ -305,7 +309,8 @@ pub fn check_subscribers(h: &HistorySnapshot, final_logs: &Logs, f: &mut Finding
             ));
         }
     }
-    f.subscriber_violations = f.subscriber_order + f.subscriber_mismatches + f.subscriber_removed + f.subscriber_incomplete;
+    f.subscriber_violations =
+        f.subscriber_order + f.subscriber_mismatches + f.subscriber_removed + f.subscriber_incomplete;
 }
 
 /// (e).

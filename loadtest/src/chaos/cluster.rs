@@ -298,7 +298,7 @@ impl ChaosCluster {
                     self.log_list()
                 );
             }
-            for (id, why) in self.reap_unexpected_exits() {
+            if let Some((id, why)) = self.reap_unexpected_exits().into_iter().next() {
                 anyhow::bail!("node {id} exited while starting: {why}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

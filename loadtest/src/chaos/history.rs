@@ -188,7 +188,13 @@ impl SubscriberLog {
         let st = self.streams.entry((sub, conv)).or_insert(StreamState { next: 1, delivered: 0 });
         if seq != st.next {
             self.violations += 1;
-            let what = if seq > st.next { "gap" } else if seq + 1 == st.next { "repeat" } else { "backwards" };
+            let what = if seq > st.next {
+                "gap"
+            } else if seq + 1 == st.next {
+                "repeat"
+            } else {
+                "backwards"
+            };
             if self.examples.len() < MAX_EXAMPLES {
                 self.examples.push(format!(
                     "subscriber {sub} conv {conv}: delivered seq {seq} when {} was next ({what})",
@@ -204,7 +210,8 @@ impl SubscriberLog {
     pub fn removed(&mut self, sub: u32, conv: u32, from: u64, to: u64) {
         self.removed_events += 1;
         if self.examples.len() < MAX_EXAMPLES {
-            self.examples.push(format!("subscriber {sub} conv {conv}: Removed {from}..={to} (nothing should be removed)"));
+            self.examples
+                .push(format!("subscriber {sub} conv {conv}: Removed {from}..={to} (nothing should be removed)"));
         }
     }
 }

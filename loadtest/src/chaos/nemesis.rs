@@ -32,7 +32,7 @@ use serde::Serialize;
 use super::cluster::ChaosCluster;
 
 /// Mixed into the seed for the schedule's RNG (the workload uses other salts).
-const SCHEDULE_SALT: u64 = 0x5EED_0F_FA17_5000;
+const SCHEDULE_SALT: u64 = 0x5EED_0FFA_1750_0000;
 
 /// One kind of fault the nemesis can apply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -52,8 +52,13 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] =
-        [FaultKind::KillLeader, FaultKind::KillFollower, FaultKind::KillRandom, FaultKind::KillAll, FaultKind::PauseLeader];
+    pub const ALL: [FaultKind; 5] = [
+        FaultKind::KillLeader,
+        FaultKind::KillFollower,
+        FaultKind::KillRandom,
+        FaultKind::KillAll,
+        FaultKind::PauseLeader,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -79,7 +84,8 @@ impl FaultKind {
         if s.trim() == "all" {
             return Ok(FaultKind::ALL.to_vec());
         }
-        let kinds = s.split(',').filter(|p| !p.trim().is_empty()).map(FaultKind::parse).collect::<anyhow::Result<Vec<_>>>()?;
+        let kinds =
+            s.split(',').filter(|p| !p.trim().is_empty()).map(FaultKind::parse).collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!kinds.is_empty(), "--faults is empty");
         Ok(kinds)
     }

@@ -70,7 +70,12 @@ impl ChaosReport {
         };
         let _ = writeln!(s, "operations:");
         row(&mut s, "publish attempts", f.publish_ops.to_string(), false);
-        row(&mut s, "  ok / failed / unknown", format!("{}/{}/{}", f.publish_ok, f.publish_failed, f.publish_unknown), false);
+        row(
+            &mut s,
+            "  ok / failed / unknown",
+            format!("{}/{}/{}", f.publish_ok, f.publish_failed, f.publish_unknown),
+            false,
+        );
         row(&mut s, "reads (linearizable) ok / failed", format!("{}/{}", f.reads, f.reads_failed), false);
         row(&mut s, "subscriber deliveries", f.subscriber_deliveries.to_string(), false);
         let _ = writeln!(s, "envelopes:");
@@ -96,7 +101,10 @@ impl ChaosReport {
         row(
             &mut s,
             "order / mismatch / removed / behind",
-            format!("{}/{}/{}/{}", f.subscriber_order, f.subscriber_mismatches, f.subscriber_removed, f.subscriber_incomplete),
+            format!(
+                "{}/{}/{}/{}",
+                f.subscriber_order, f.subscriber_mismatches, f.subscriber_removed, f.subscriber_incomplete
+            ),
             f.subscriber_violations > 0,
         );
         let _ = writeln!(s, "replicas:");
@@ -119,12 +127,7 @@ impl ChaosReport {
         if let Some(d) = &self.data_dir {
             let _ = writeln!(s, "data and node logs kept in {d}");
         }
-        let _ = writeln!(
-            s,
-            "RESULT: {} ({} violations)",
-            if self.ok { "PASS" } else { "FAIL" },
-            self.violations
-        );
+        let _ = writeln!(s, "RESULT: {} ({} violations)", if self.ok { "PASS" } else { "FAIL" }, self.violations);
         s
     }
 }
