@@ -51,6 +51,8 @@ pub struct Findings {
     pub publish_ok: u64,
     pub publish_failed: u64,
     pub publish_unknown: u64,
+    /// Acknowledgements answered `duplicate = true` (a retry of an envelope already applied).
+    pub publish_duplicate: u64,
     /// Distinct envelopes published (an envelope is retried with the same id).
     pub envelopes: u64,
     pub acknowledged: u64,
@@ -125,7 +127,10 @@ pub fn check_envelopes(h: &HistorySnapshot, final_logs: &Logs, f: &mut Findings)
     for op in &h.publishes {
         f.publish_ops += 1;
         match op.outcome {
-            Outcome::Ok { .. } => f.publish_ok += 1,
+            Outcome::Ok { duplicate, .. } => {
+                f.publish_ok += 1;
+                f.publish_duplicate += u64::from(duplicate);
+            }
             Outcome::Failed => f.publish_failed += 1,
             Outcome::Unknown => f.publish_unknown += 1,
         }

@@ -76,6 +76,7 @@ impl ChaosReport {
             format!("{}/{}/{}", f.publish_ok, f.publish_failed, f.publish_unknown),
             false,
         );
+        row(&mut s, "  acks answered duplicate=true", f.publish_duplicate.to_string(), false);
         row(&mut s, "reads (linearizable) ok / failed", format!("{}/{}", f.reads, f.reads_failed), false);
         row(&mut s, "subscriber deliveries", f.subscriber_deliveries.to_string(), false);
         let _ = writeln!(s, "envelopes:");
