@@ -8,7 +8,9 @@
 //! - [`verify`]: the read-back check of every acknowledged envelope.
 //! - [`report`], [`plot`]: the table, JSON and SVG outputs.
 //! - [`spawn`]: `--spawn N` local clusters.
+//! - [`chaos`]: `habar-chaos`, the fault-injection runner and its history checker.
 
+pub mod chaos;
 pub mod openloop;
 pub mod plot;
 pub mod report;

@@ -1,0 +1,162 @@
+//! `habar-chaos`: kill, restart and pause the nodes of a local Habar cluster while
+//! publishing, reading and subscribing, then check the history (see
+//! `habar_loadtest::chaos`). Exit code 0: no violation; 1: a violation; 2: the run
+//! itself failed (the cluster did not start or converge, bad flags...).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use habar_loadtest::chaos::cluster::ChaosCluster;
+use habar_loadtest::chaos::nemesis::FaultKind;
+use habar_loadtest::chaos::report::ChaosReport;
+use habar_loadtest::chaos::runner;
+use habar_loadtest::chaos::runner::ChaosOptions;
+use habar_loadtest::spawn;
+
+/// Jepsen-style process faults against a local Habar cluster, with a history checker.
+#[derive(Parser, Debug)]
+#[command(name = "habar-chaos", version)]
+struct Args {
+    /// Run length in minutes (e.g. 1.5).
+    #[arg(long, conflicts_with = "duration")]
+    minutes: Option<f64>,
+    /// Run length, e.g. `90s`, `2m` (default 60s).
+    #[arg(long, value_parser = parse_secs)]
+    duration: Option<f64>,
+    /// Fault kinds, comma-separated: kill-leader,kill-follower,kill-random,kill-all,pause-leader (default: all).
+    #[arg(long, default_value = "all")]
+    faults: String,
+    /// Seed of everything random (default: a random one, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Cluster size.
+    #[arg(long, default_value_t = 3)]
+    nodes: u64,
+    /// The `habar` binary (default: next to habar-chaos).
+    #[arg(long)]
+    habar_bin: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep the cluster's data directory and node logs (always kept when the run fails).
+    #[arg(long)]
+    keep_data: bool,
+    #[arg(long, default_value_t = 16)]
+    conversations: u32,
+    #[arg(long, default_value_t = 8)]
+    publishers: u32,
+    /// Linearizable readers of whole conversations.
+    #[arg(long, default_value_t = 2)]
+    readers: u32,
+    /// Subscriptions (each over a share of the conversations, from seq 1).
+    #[arg(long, default_value_t = 2)]
+    subscribers: u32,
+    /// The client's time budget per call, e.g. `5s`.
+    #[arg(long, value_parser = parse_secs, default_value = "5s")]
+    request_timeout: f64,
+    /// Extra flag for every node (repeat), e.g. --node-arg=--shards=8.
+    #[arg(long = "node-arg", allow_hyphen_values = true)]
+    node_args: Vec<String>,
+}
+
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a duration like 90s or 2m"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("`{s}` must be positive"));
+    }
+    Ok(v * mult)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("habar-chaos: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // block_on polls the main future on this thread, which lives until the end: the
+    // nodes it spawns die with it (PR_SET_PDEATHSIG).
+    match rt.block_on(main_async(args)) {
+        Ok(report) => {
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("habar-chaos: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let secs = match (args.minutes, args.duration) {
+        (Some(m), _) => m * 60.0,
+        (None, Some(d)) => d,
+        (None, None) => 60.0,
+    };
+    anyhow::ensure!(secs.is_finite() && secs > 0.0, "the run length must be positive");
+    let opts = ChaosOptions {
+        seed,
+        duration: Duration::from_secs_f64(secs),
+        faults: FaultKind::parse_list(&args.faults)?,
+        nodes: args.nodes,
+        habar: spawn::habar_binary(args.habar_bin.as_deref())?,
+        node_args: args.node_args,
+        keep_data: args.keep_data,
+        conversations: args.conversations,
+        publishers: args.publishers,
+        readers: args.readers,
+        subscribers: args.subscribers,
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
+    };
+    eprintln!("habar-chaos: seed {seed} (repeat with: {})", opts.rerun());
+    let mut cluster = ChaosCluster::start(opts.nodes, &opts.habar, &opts.node_args, opts.keep_data)?;
+    eprintln!("habar-chaos: cluster in {} (node logs: {})", cluster.path.display(), cluster.log_list());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        r = runner::run(&opts, &mut cluster) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+    };
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            let kept = cluster.keep();
+            eprintln!("habar-chaos: node logs kept in {}: {}", kept.display(), cluster.log_list());
+            return Err(e);
+        }
+    };
+    if !report.ok {
+        let kept = cluster.keep();
+        eprintln!("habar-chaos: violations found; data and node logs kept in {}", kept.display());
+    } else if opts.keep_data {
+        cluster.keep();
+    }
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("habar-chaos: report written to {}", path.display());
+    }
+    Ok(report)
+    // `cluster` drops here: every node is resumed and killed.
+}
