@@ -299,15 +299,28 @@ impl Node {
     ) -> Result<ReadAnswer, BrokerError> {
         let raft = self.raft(group)?;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(remaining, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+        let read_log_id = match tokio::time::timeout(remaining, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
             Err(_) => return Err(BrokerError::DeadlineExceeded(remaining)),
-            Ok(Ok(_)) => {}
+            Ok(Ok(r)) => r,
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
                 return Err(BrokerError::NotLeader { shard: group, leader: f.leader_id })
             }
             Ok(Err(e)) => return Err(BrokerError::Unavailable { shard: group, reason: e.to_string() }),
+        };
+        let answer = self.read_local(group, op).await?;
+        if let ReadAnswer::Page(p) = &answer {
+            let applied = raft.metrics().borrow_watched().last_applied;
+            tracing::debug!(
+                group,
+                %read_log_id,
+                ?applied,
+                last_seq = p.last_seq,
+                returned = p.envelopes.len(),
+                conversation = p.envelopes.first().and_then(|e| e.envelope.as_ref()).map(|e| e.conversation_id.as_str()),
+                "linearizable read served"
+            );
         }
-        self.read_local(group, op).await
+        Ok(answer)
     }
 
     /// Reads this replica's state machine as it stands (off the async runtime: sled blocks).

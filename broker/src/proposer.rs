@@ -92,12 +92,19 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>) -> mpsc::Sender<Pen
                     replies.push(p.reply);
                 }
                 metrics::histogram!("habar_entry_envelopes").record(envelopes.len() as f64);
+                // For the fault suite's diagnosis: which conversation got which seq in which entry.
+                let convs: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
+                    envelopes.iter().map(|e| e.conversation_id.clone()).collect()
+                } else {
+                    Vec::new()
+                };
                 let res = raft.client_write(Command::Append { now_ms: clock.now_ms(), envelopes }).await;
                 drop(permit);
                 metrics::histogram!("habar_entry_commit_seconds").record(started.elapsed().as_secs_f64());
                 match res {
                     Ok(resp) => match resp.data {
                         CommandResponse::Appended(all) if all.len() == lens.iter().sum::<usize>() => {
+                            tracing::debug!(group, log_id = %resp.log_id, seqs = ?convs.iter().zip(all.iter()).map(|(c, a)| (c.as_str(), a.seq)).collect::<Vec<_>>(), "append committed");
                             let mut all = all.into_iter();
                             for (len, reply) in lens.into_iter().zip(replies) {
                                 let _ = reply.send(Ok(all.by_ref().take(len).collect()));

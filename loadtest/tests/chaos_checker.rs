@@ -274,6 +274,23 @@ fn the_schedule_is_reproducible_from_its_seed() {
     assert!(total <= 120_000);
 }
 
+/// Property: a run long enough for one round covers every fault kind asked for, first
+/// (so the short CI run exercises each class), in an order that depends on the seed.
+#[test]
+fn the_first_faults_of_a_schedule_cover_every_kind() {
+    let t = Timing::for_election_timeout(600);
+    for seed in 0..20 {
+        let s = nemesis::schedule(seed, 120_000, &FaultKind::ALL, &t);
+        let mut first: Vec<&str> = s.iter().take(FaultKind::ALL.len()).map(|p| p.kind.name()).collect();
+        first.sort_unstable();
+        let mut all: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        all.sort_unstable();
+        assert_eq!(first, all, "seed {seed}");
+    }
+    let order = |seed| nemesis::schedule(seed, 120_000, &FaultKind::ALL, &t)[0].kind;
+    assert!((0..20).any(|seed| order(seed) != order(0)), "the order depends on the seed");
+}
+
 #[test]
 fn fault_lists_parse() {
     assert_eq!(FaultKind::parse_list("all").unwrap(), FaultKind::ALL.to_vec());

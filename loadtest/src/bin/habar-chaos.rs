@@ -26,7 +26,8 @@ struct Args {
     /// Run length, e.g. `90s`, `2m` (default 60s).
     #[arg(long, value_parser = parse_secs)]
     duration: Option<f64>,
-    /// Fault kinds, comma-separated: kill-leader,kill-follower,kill-random,kill-all,pause-leader (default: all).
+    /// Fault kinds, comma-separated: kill-leader, kill-follower, kill-random, kill-all,
+    /// pause-leader, power-loss-node, power-loss-all (default: all).
     #[arg(long, default_value = "all")]
     faults: String,
     /// Seed of everything random (default: a random one, printed).
@@ -114,13 +115,21 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
         (None, None) => 60.0,
     };
     anyhow::ensure!(secs.is_finite() && secs > 0.0, "the run length must be positive");
+    let faults = FaultKind::parse_list(&args.faults)?;
+    let mut node_args = args.node_args;
+    if faults.iter().any(|k| k.needs_power_loss_model()) {
+        // Power-loss faults: every node runs under the WAL's power-loss model, so any kill
+        // in this run also loses the WAL writes no fsync covered.
+        node_args.push("--test-lose-unsynced-wal-writes".into());
+        eprintln!("habar-chaos: nodes run under the WAL power-loss model: every kill is a power cut");
+    }
     let opts = ChaosOptions {
         seed,
         duration: Duration::from_secs_f64(secs),
-        faults: FaultKind::parse_list(&args.faults)?,
+        faults,
         nodes: args.nodes,
         habar: spawn::habar_binary(args.habar_bin.as_deref())?,
-        node_args: args.node_args,
+        node_args,
         keep_data: args.keep_data,
         conversations: args.conversations,
         publishers: args.publishers,

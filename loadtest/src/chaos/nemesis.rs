@@ -49,16 +49,29 @@ pub enum FaultKind {
     /// SIGSTOP the node leading the most shards for 2-3x the election timeout, then
     /// SIGCONT: it must not acknowledge anything without a quorum meanwhile.
     PauseLeader,
+    /// Power cut of one random node: SIGKILL under the WAL's power-loss model, so every
+    /// WAL write no completed fsync covered is lost too; restart after the hold.
+    PowerLossNode,
+    /// Power cut of every node at once (a data-center outage), same model; restart all.
+    PowerLossAll,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillRandom,
         FaultKind::KillAll,
         FaultKind::PauseLeader,
+        FaultKind::PowerLossNode,
+        FaultKind::PowerLossAll,
     ];
+
+    /// Whether this kind needs the nodes to run under the WAL's power-loss model
+    /// (`--test-lose-unsynced-wal-writes`). With it on, every kill of the run is a power cut.
+    pub fn needs_power_loss_model(self) -> bool {
+        matches!(self, FaultKind::PowerLossNode | FaultKind::PowerLossAll)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +80,8 @@ impl FaultKind {
             FaultKind::KillRandom => "kill-random",
             FaultKind::KillAll => "kill-all",
             FaultKind::PauseLeader => "pause-leader",
+            FaultKind::PowerLossNode => "power-loss-node",
+            FaultKind::PowerLossAll => "power-loss-all",
         }
     }
 
@@ -93,8 +108,10 @@ impl FaultKind {
     /// How long the damage lasts, ms (inclusive range).
     pub fn hold_range(self, t: &Timing) -> (u64, u64) {
         match self {
-            FaultKind::KillLeader | FaultKind::KillFollower | FaultKind::KillRandom => t.down_ms,
-            FaultKind::KillAll => t.all_down_ms,
+            FaultKind::KillLeader | FaultKind::KillFollower | FaultKind::KillRandom | FaultKind::PowerLossNode => {
+                t.down_ms
+            }
+            FaultKind::KillAll | FaultKind::PowerLossAll => t.all_down_ms,
             FaultKind::PauseLeader => t.pause_ms,
         }
     }
@@ -139,10 +156,20 @@ pub fn schedule(seed: u64, duration_ms: u64, kinds: &[FaultKind], timing: &Timin
     if kinds.is_empty() {
         return out;
     }
+    // The first faults cover every kind once, in an order shuffled by the seed (so a short
+    // run, as in CI, exercises each class); after that kinds are drawn at random.
+    let mut first_round: Vec<FaultKind> = kinds.to_vec();
+    first_round.dedup();
+    for i in (1..first_round.len()).rev() {
+        first_round.swap(i, rng.gen_range(0..=i));
+    }
     let mut t = 0u64;
     loop {
         let quiet_ms = rng.gen_range(timing.quiet_ms.0..=timing.quiet_ms.1.max(timing.quiet_ms.0));
-        let kind = kinds[rng.gen_range(0..kinds.len())];
+        let kind = match first_round.pop() {
+            Some(k) => k,
+            None => kinds[rng.gen_range(0..kinds.len())],
+        };
         let (lo, hi) = kind.hold_range(timing);
         let hold_ms = rng.gen_range(lo..=hi.max(lo));
         let pick = rng.gen::<u64>();
@@ -212,23 +239,31 @@ pub async fn inject(cluster: &mut ChaosCluster, plan: &PlannedFault) -> anyhow::
             cluster.kill(id)?;
             Ok((vec![id], format!("it led {fewest} shards"), Undo::Restart(vec![id])))
         }
-        FaultKind::KillRandom => {
+        FaultKind::KillRandom | FaultKind::PowerLossNode => {
             let ids = cluster.ids();
             let id = ids[(plan.pick % ids.len() as u64) as usize];
             cluster.kill(id)?;
-            Ok((vec![id], String::new(), Undo::Restart(vec![id])))
+            Ok((vec![id], power_note(plan.kind), Undo::Restart(vec![id])))
         }
-        FaultKind::KillAll => {
+        FaultKind::KillAll | FaultKind::PowerLossAll => {
             let ids = cluster.ids();
             for id in &ids {
                 cluster.kill(*id)?;
             }
-            Ok((ids.clone(), String::new(), Undo::Restart(ids)))
+            Ok((ids.clone(), power_note(plan.kind), Undo::Restart(ids)))
         }
     }
 }
 
 /// Ends a fault.
+fn power_note(kind: FaultKind) -> String {
+    if kind.needs_power_loss_model() {
+        "power cut: WAL writes no fsync covered are lost".into()
+    } else {
+        String::new()
+    }
+}
+
 pub fn heal_fault(cluster: &mut ChaosCluster, undo: &Undo) -> anyhow::Result<()> {
     match undo {
         Undo::Restart(ids) => ids.iter().try_for_each(|id| cluster.restart(*id)),
