@@ -175,9 +175,6 @@ impl Node {
         op: WriteOp,
         deadline: Instant,
     ) -> Result<CommandResponse, BrokerError> {
-        if self.disk.is_full() {
-            return Err(BrokerError::DiskFull(self.disk.refusal(self.id)));
-        }
         let mut backoff = RETRY_MIN;
         loop {
             let leader = match self.local_write(group, op.clone(), deadline).await {

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::clock::Clock;
 use habar_raft_store::types::Appended;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::CommandResponse;
@@ -24,6 +23,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::BrokerError;
 use crate::node::HRaft;
+use crate::clock::Clock;
 
 /// Appends waiting for a shard's proposer.
 pub const QUEUE: usize = 4096;

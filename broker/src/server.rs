@@ -19,9 +19,6 @@ use habar_raft_store::LogStore;
 use habar_raft_store::StateStore;
 use habar_raft_store::Wal;
 use habar_raft_store::WalConfig;
-
-use crate::forward::ForwardRequest;
-use crate::forward::ForwardResponse;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -37,6 +34,8 @@ use crate::raft_net::RaftTransportService;
 use crate::service::AdminService;
 use crate::service::BrokerService;
 use crate::service::ClusterService;
+use crate::forward::ForwardRequest;
+use crate::forward::ForwardResponse;
 
 /// The openraft settings of every shard, from the node's configuration.
 pub fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
