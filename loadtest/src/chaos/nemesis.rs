@@ -374,7 +374,7 @@ pub async fn inject(cluster: &mut ChaosCluster, plan: &PlannedFault) -> anyhow::
             let minority = random_minority(&ids, plan.pick);
             let majority = others(&ids, &minority);
             net(cluster, plan.kind)?.set_cuts(netns::split(&minority, &majority))?;
-            Ok((minority.clone(), format!("{minority:?} cut off from {majority:?}"), Undo::HealCuts))
+            Ok((minority, format!("cut off from {majority:?}"), Undo::HealCuts))
         }
         FaultKind::Bridge => {
             let ids = cluster.ids();
@@ -468,8 +468,11 @@ pub async fn hold(cluster: &mut ChaosCluster, plan: &PlannedFault, undo: &Undo) 
     let ids = cluster.ids();
     let mut cut = true; // inject cut it
     let mut cuts = 1;
+    // Absolute deadlines: the time iptables takes does not stretch the hold.
+    let mut at = tokio::time::Instant::now();
     for d in flap_intervals(plan.pick, plan.hold_ms) {
-        tokio::time::sleep(Duration::from_millis(d)).await;
+        at += Duration::from_millis(d);
+        tokio::time::sleep_until(at).await;
         cut = !cut;
         let set = if cut { netns::isolate(*id, &ids) } else { netns::Cuts::new() };
         net(cluster, plan.kind)?.set_cuts(set)?;
