@@ -280,7 +280,7 @@ fn the_schedule_is_reproducible_from_its_seed() {
 fn the_first_faults_of_a_schedule_cover_every_kind() {
     let t = Timing::for_election_timeout(600);
     for seed in 0..20 {
-        let s = nemesis::schedule(seed, 120_000, &FaultKind::ALL, &t);
+        let s = nemesis::schedule(seed, 300_000, &FaultKind::ALL, &t);
         let mut first: Vec<&str> = s.iter().take(FaultKind::ALL.len()).map(|p| p.kind.name()).collect();
         first.sort_unstable();
         let mut all: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
