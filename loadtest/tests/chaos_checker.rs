@@ -280,7 +280,7 @@ fn the_schedule_is_reproducible_from_its_seed() {
 fn the_first_faults_of_a_schedule_cover_every_kind() {
     let t = Timing::for_election_timeout(600);
     for seed in 0..20 {
-        let s = nemesis::schedule(seed, 120_000, &FaultKind::ALL, &t);
+        let s = nemesis::schedule(seed, 300_000, &FaultKind::ALL, &t);
         let mut first: Vec<&str> = s.iter().take(FaultKind::ALL.len()).map(|p| p.kind.name()).collect();
         first.sort_unstable();
         let mut all: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
@@ -293,7 +293,7 @@ fn the_first_faults_of_a_schedule_cover_every_kind() {
 
 #[test]
 fn fault_lists_parse() {
-    assert_eq!(FaultKind::parse_list("all").unwrap(), FaultKind::ALL.to_vec());
+    assert_eq!(FaultKind::parse_list("all").unwrap(), FaultKind::PROCESS.to_vec());
     assert_eq!(
         FaultKind::parse_list("kill-leader,pause-leader").unwrap(),
         vec![FaultKind::KillLeader, FaultKind::PauseLeader]
@@ -302,4 +302,66 @@ fn fault_lists_parse() {
     assert_eq!(nemesis::election_timeout_max_ms(&["--election-timeout-max-ms=900".into()]), 900);
     assert_eq!(nemesis::election_timeout_max_ms(&["--election-timeout-max-ms".into(), "800".into()]), 800);
     assert_eq!(nemesis::election_timeout_max_ms(&[]), 600);
+}
+
+#[test]
+fn network_faults_need_netns() {
+    use habar_loadtest::chaos::cluster::NetMode;
+    // `all` is every kind valid for the mode.
+    assert_eq!(FaultKind::parse_list_for("all", NetMode::Loopback).unwrap(), FaultKind::PROCESS.to_vec());
+    assert_eq!(FaultKind::parse_list_for("all", NetMode::Netns).unwrap(), FaultKind::ALL.to_vec());
+    for k in FaultKind::NETWORK {
+        let e = FaultKind::parse_list_for(&format!("kill-leader,{}", k.name()), NetMode::Loopback).unwrap_err();
+        assert!(e.to_string().contains("--net netns"), "{e}");
+        assert_eq!(FaultKind::parse_list_for(k.name(), NetMode::Netns).unwrap(), vec![k]);
+        assert!(k.needs_netns());
+    }
+    assert!(FaultKind::PROCESS.iter().all(|k| !k.needs_netns()));
+    assert_eq!(
+        FaultKind::parse_list_for(
+            "partition-leader,partition-random,flap,slow-link,lossy-link,kill-leader",
+            NetMode::Netns
+        )
+        .unwrap()
+        .len(),
+        6
+    );
+    assert_eq!(NetMode::parse("netns").unwrap(), NetMode::Netns);
+    assert!(NetMode::parse("docker").is_err());
+}
+
+#[test]
+fn network_fault_targets_are_pure_functions_of_the_pick() {
+    let ids = [1, 2, 3, 4, 5];
+    for pick in 0..50u64 {
+        // A strict minority: 2 of 5, 1 of 3.
+        let m = nemesis::random_minority(&ids, pick);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m, nemesis::random_minority(&ids, pick));
+        assert_eq!(nemesis::random_minority(&[1, 2, 3], pick).len(), 1);
+        // A bridge: two disjoint pairs and a fifth node.
+        let (a, b, c) = nemesis::bridge_sides(&ids, pick).unwrap();
+        let mut all: Vec<u64> = a.iter().chain(c.iter()).copied().chain([b]).collect();
+        all.sort_unstable();
+        assert_eq!(all, ids.to_vec());
+        assert_eq!((a.len(), c.len()), (2, 2));
+    }
+    assert!((0..50).any(|p| nemesis::random_minority(&ids, p) != nemesis::random_minority(&ids, 0)));
+    assert_eq!(nemesis::bridge_sides(&[1, 2, 3], 7), None);
+    // Flap intervals: 200-800 ms each, summing to the hold.
+    let f = nemesis::flap_intervals(9, 6000);
+    assert_eq!(f, nemesis::flap_intervals(9, 6000));
+    assert_eq!(f.iter().sum::<u64>(), 6000);
+    assert!(f[..f.len() - 1].iter().all(|d| (200..=800).contains(d)));
+}
+
+#[test]
+fn network_faults_hold_a_few_seconds() {
+    let t = Timing::for_election_timeout(600);
+    let s = nemesis::schedule(5, 600_000, &FaultKind::NETWORK, &t);
+    assert!(!s.is_empty());
+    for p in &s {
+        let (lo, hi) = if p.kind == FaultKind::Flap { (4000, 8000) } else { (2000, 6000) };
+        assert!((lo..=hi).contains(&p.hold_ms), "{p:?}");
+    }
 }

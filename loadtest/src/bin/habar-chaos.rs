@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use habar_loadtest::chaos::cluster::ChaosCluster;
+use habar_loadtest::chaos::cluster::NetMode;
 use habar_loadtest::chaos::nemesis::FaultKind;
+use habar_loadtest::chaos::netns;
 use habar_loadtest::chaos::report::ChaosReport;
 use habar_loadtest::chaos::runner;
 use habar_loadtest::chaos::runner::ChaosOptions;
@@ -27,9 +29,16 @@ struct Args {
     #[arg(long, value_parser = parse_secs)]
     duration: Option<f64>,
     /// Fault kinds, comma-separated: kill-leader, kill-follower, kill-random, kill-all,
-    /// pause-leader, power-loss-node, power-loss-all (default: all).
+    /// pause-leader, power-loss-node, power-loss-all; with `--net netns` also
+    /// partition-leader, partition-random, bridge (5 nodes), flap, slow-link, lossy-link
+    /// (default: all, i.e. every kind valid for the --net mode).
     #[arg(long, default_value = "all")]
     faults: String,
+    /// How the nodes are networked: `loopback` (127.0.0.1, process faults only) or `netns`
+    /// (one network namespace per node behind a bridge, 10.77.<k>.N:7001; network faults
+    /// possible; needs root, ip, iptables, tc).
+    #[arg(long, default_value = "loopback")]
+    net: String,
     /// Seed of everything random (default: a random one, printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -115,7 +124,12 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
         (None, None) => 60.0,
     };
     anyhow::ensure!(secs.is_finite() && secs > 0.0, "the run length must be positive");
-    let faults = FaultKind::parse_list(&args.faults)?;
+    let net = NetMode::parse(&args.net)?;
+    let faults = FaultKind::parse_list_for(&args.faults, net)?;
+    if net == NetMode::Netns {
+        let missing = netns::missing_requirements();
+        anyhow::ensure!(missing.is_empty(), "--net netns needs: {}", missing.join("; "));
+    }
     let mut node_args = args.node_args;
     if faults.iter().any(|k| k.needs_power_loss_model()) {
         // Power-loss faults: every node runs under the WAL's power-loss model, so any kill
@@ -128,6 +142,7 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
         duration: Duration::from_secs_f64(secs),
         faults,
         nodes: args.nodes,
+        net,
         habar: spawn::habar_binary(args.habar_bin.as_deref())?,
         node_args,
         keep_data: args.keep_data,
@@ -138,12 +153,32 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
         request_timeout: Duration::from_secs_f64(args.request_timeout),
     };
     eprintln!("habar-chaos: seed {seed} (repeat with: {})", opts.rerun());
-    let mut cluster = ChaosCluster::start(opts.nodes, &opts.habar, &opts.node_args, opts.keep_data)?;
-    eprintln!("habar-chaos: cluster in {} (node logs: {})", cluster.path.display(), cluster.log_list());
+    // Handlers first: a ctrl-c or SIGTERM while the namespaces are being built is then
+    // seen by the select below, and the cluster (namespaces included) is removed on drop.
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut cluster = ChaosCluster::start_with_net(
+        opts.nodes,
+        &opts.habar,
+        &opts.node_args,
+        opts.keep_data,
+        opts.net,
+        opts.run_id(),
+    )?;
+    eprintln!("habar-chaos: cluster in {} (node logs: {})", cluster.path.display(), cluster.log_list());
+    if let Some(n) = cluster.net_mut() {
+        eprintln!(
+            "habar-chaos: nodes in network namespaces {}-n1..n{} on 10.77.{}.0/24 (bridge {}{})",
+            n.plan.prefix,
+            opts.nodes,
+            n.plan.subnet,
+            n.plan.bridge(),
+            if n.netem { "" } else { "; no sch_netem in this kernel: slow/lossy links use tbf/iptables" }
+        );
+    }
     let outcome = tokio::select! {
         r = runner::run(&opts, &mut cluster) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        _ = int.recv() => Err(anyhow::anyhow!("interrupted")),
         _ = term.recv() => Err(anyhow::anyhow!("terminated")),
     };
     let report = match outcome {
@@ -167,5 +202,5 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
         eprintln!("habar-chaos: report written to {}", path.display());
     }
     Ok(report)
-    // `cluster` drops here: every node is resumed and killed.
+    // `cluster` drops here: every node is resumed and killed, then its namespaces removed.
 }

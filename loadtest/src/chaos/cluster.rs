@@ -8,6 +8,12 @@
 //! future of `#[tokio::main]`, or a test's thread), never from `spawn_blocking`.
 //! On drop (normal exit, error, panic unwinding, ctrl-c handled by the caller) every
 //! child is resumed (SIGCONT) and killed.
+//!
+//! With [`NetMode::Netns`] each node runs in its own network namespace on `10.77.<k>.N:7001`
+//! (see [`super::netns`]), launched as `ip netns exec <ns> habar serve ...`: ip enters the
+//! namespace and execs habar, so the child process *is* habar and kill/pause signal it
+//! directly ([`ChaosCluster::wait_ready`] checks `/proc/<pid>/exe`). The namespaces, bridge
+//! and rules are removed after the children are killed, on drop.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -22,6 +28,35 @@ use anyhow::Context;
 use habar_proto::v1 as pb;
 use habar_proto::v1::cluster_client::ClusterClient;
 use tonic::transport::Endpoint;
+
+use super::netns::NetNs;
+
+/// How the nodes are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetMode {
+    /// Every node on 127.0.0.1 with its own port (no network faults possible).
+    #[default]
+    Loopback,
+    /// Every node in its own network namespace behind a bridge (network faults possible).
+    Netns,
+}
+
+impl NetMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            NetMode::Loopback => "loopback",
+            NetMode::Netns => "netns",
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<NetMode> {
+        match s.trim() {
+            "loopback" => Ok(NetMode::Loopback),
+            "netns" => Ok(NetMode::Netns),
+            other => anyhow::bail!("unknown --net `{other}` (known: loopback, netns)"),
+        }
+    }
+}
 
 /// One node: its fixed address, data directory, log file and (while running) process.
 pub struct NodeProc {
@@ -50,6 +85,9 @@ pub struct ChaosCluster {
     /// Deleted on drop unless `--keep-data`.
     dir: Option<tempfile::TempDir>,
     pub path: PathBuf,
+    /// The nodes' namespaces in [`NetMode::Netns`]; dropped (removed) after the children
+    /// are killed (fields drop after `Drop::drop`).
+    net: Option<NetNs>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -67,13 +105,36 @@ impl ChaosCluster {
     /// Starts `n` nodes (ids 1..=n) with `extra` flags each, on ports chosen now and kept
     /// across restarts. Does not wait for them: see [`ChaosCluster::wait_ready`].
     pub fn start(n: u64, habar: &Path, extra: &[String], keep_data: bool) -> anyhow::Result<Self> {
+        Self::start_with_net(n, habar, extra, keep_data, NetMode::Loopback, 0)
+    }
+
+    /// [`ChaosCluster::start`] with a network mode; `run_id` names the namespaces.
+    pub fn start_with_net(
+        n: u64,
+        habar: &Path,
+        extra: &[String],
+        keep_data: bool,
+        mode: NetMode,
+        run_id: u64,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!((1..=9).contains(&n), "--nodes {n} is outside 1..=9");
         anyhow::ensure!(habar.exists(), "no habar binary at {} (build it, or pass --habar-bin)", habar.display());
+        let net = match mode {
+            NetMode::Loopback => None,
+            NetMode::Netns => Some(NetNs::setup(run_id, n)?),
+        };
         let dir = tempfile::Builder::new().prefix("habar-chaos-").tempdir().context("temp dir")?;
         let path = dir.path().to_path_buf();
-        let addrs: Vec<String> =
-            (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<anyhow::Result<_>>()?;
-        let initial = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let (addrs, initial): (Vec<String>, String) = match &net {
+            None => {
+                let addrs: Vec<String> =
+                    (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<anyhow::Result<_>>()?;
+                let initial =
+                    addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+                (addrs, initial)
+            }
+            Some(net) => (net.plan.ids().map(|id| net.plan.listen(id)).collect(), net.plan.initial_cluster()),
+        };
         let nodes = addrs
             .iter()
             .enumerate()
@@ -97,6 +158,7 @@ impl ChaosCluster {
             extra: extra.to_vec(),
             dir: if keep_data { None } else { Some(dir) },
             path,
+            net,
         };
         for id in cluster.ids() {
             cluster.launch(id)?;
@@ -130,6 +192,7 @@ impl ChaosCluster {
         let habar = self.habar.clone();
         let initial = self.initial.clone();
         let extra = self.extra.clone();
+        let netns_prefix = self.net.as_ref().map(|n| n.exec_prefix(id));
         let node = self.node_mut(id)?;
         anyhow::ensure!(node.child.is_none(), "node {id} is already running");
         let mut log = std::fs::OpenOptions::new()
@@ -139,7 +202,14 @@ impl ChaosCluster {
             .with_context(|| format!("opening {}", node.log_path.display()))?;
         use std::io::Write;
         let _ = writeln!(log, "===== habar-chaos: start #{} of node {id} =====", node.starts + 1);
-        let mut cmd = Command::new(&habar);
+        let mut cmd = match &netns_prefix {
+            None => Command::new(&habar),
+            Some(prefix) => {
+                let mut c = Command::new("ip");
+                c.args(prefix).arg(&habar);
+                c
+            }
+        };
         cmd.arg("serve")
             .args(["--id", &id.to_string(), "--listen", &node.addr, "--initial-cluster", &initial])
             .arg("--data-dir")
@@ -240,8 +310,26 @@ impl ChaosCluster {
         out
     }
 
-    /// Resumes every paused node and restarts every node that is down; the ids touched.
+    /// The nodes' network namespaces, in [`NetMode::Netns`].
+    pub fn net_mut(&mut self) -> Option<&mut NetNs> {
+        self.net.as_mut()
+    }
+
+    pub fn net_mode(&self) -> NetMode {
+        if self.net.is_some() {
+            NetMode::Netns
+        } else {
+            NetMode::Loopback
+        }
+    }
+
+    /// Heals the network (no cut, no degraded link: every rule and qdisc removed), resumes
+    /// every paused node and restarts every node that is down; the ids of restarted or
+    /// resumed nodes.
     pub fn heal(&mut self) -> anyhow::Result<Vec<u64>> {
+        if let Some(net) = &mut self.net {
+            net.heal_all().context("healing the network")?;
+        }
         let mut touched = Vec::new();
         for id in self.ids() {
             if self.node(id)?.paused {
@@ -290,7 +378,7 @@ impl ChaosCluster {
                 }
             }
             if ready {
-                return Ok(());
+                return self.check_pids();
             }
             if start.elapsed() > timeout {
                 anyhow::bail!(
@@ -303,6 +391,29 @@ impl ChaosCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// In netns mode, every running child must be the habar process itself (ip execs it),
+    /// or kill and pause would hit the wrong process.
+    fn check_pids(&self) -> anyhow::Result<()> {
+        if self.net.is_none() {
+            return Ok(());
+        }
+        let want = self.habar.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        for n in &self.nodes {
+            let Some(c) = &n.child else { continue };
+            let exe = std::fs::read_link(format!("/proc/{}/exe", c.id()))
+                .with_context(|| format!("reading /proc/{}/exe of node {}", c.id(), n.id))?;
+            let name = exe.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            anyhow::ensure!(
+                name.starts_with(&want),
+                "node {}'s child process {} is {} rather than {want}: signals would miss habar",
+                n.id,
+                c.id(),
+                exe.display()
+            );
+        }
+        Ok(())
     }
 
     /// Waits until, for every shard, some node says it leads it and every node has

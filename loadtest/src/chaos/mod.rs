@@ -15,6 +15,7 @@ pub mod checker;
 pub mod cluster;
 pub mod history;
 pub mod nemesis;
+pub mod netns;
 pub mod report;
 pub mod runner;
 pub mod workload;

@@ -1,5 +1,9 @@
-//! The nemesis: a seeded schedule of process faults, alternating quiet periods and faults,
-//! applied to a [`ChaosCluster`] one at a time.
+//! The nemesis: a seeded schedule of process and network faults, alternating quiet periods
+//! and faults, applied to a [`ChaosCluster`] one at a time.
+//!
+//! Process faults (kill, pause, power loss) work in every network mode; network faults
+//! (partitions, flapping, slow and lossy links: [`FaultKind::NETWORK`]) need the nodes in
+//! network namespaces (`--net netns`, see [`super::netns`]).
 //!
 //! The schedule ([`schedule`]) is a pure function of the seed, the run length, the fault
 //! kinds and the [`Timing`]: the same seed gives the same list of
@@ -10,12 +14,14 @@
 //!
 //! A fault is a [`FaultKind`] (its name on the command line and in the report) plus two
 //! steps: [`inject`] does the damage and returns an [`Undo`], and [`heal_fault`] undoes it
-//! after the planned hold time. To add, say, a network partition or `tc netem` delay:
+//! after the planned hold time (a fault that acts during its hold, like `flap`, does so in
+//! [`hold`]). To add a kind:
 //!
-//! 1. add a variant to [`FaultKind`], to [`FaultKind::ALL`] and to its `name`;
+//! 1. add a variant to [`FaultKind`], to [`FaultKind::ALL`] (and [`FaultKind::PROCESS`] or
+//!    [`FaultKind::NETWORK`]) and to its `name`;
 //! 2. give it a hold-time range in [`FaultKind::hold_range`];
-//! 3. add its arm to [`inject`] (e.g. install iptables rules in the nodes' netns) and a
-//!    matching [`Undo`] variant (e.g. `Undo::RemoveRules(..)`) handled by [`heal_fault`].
+//! 3. add its arm to [`inject`] and a matching [`Undo`] variant handled by [`heal_fault`]
+//!    (network kinds: see `Undo::HealCuts`, `Undo::RestoreLink`).
 //!
 //! [`ChaosCluster::heal`] runs after the last fault whatever happened; a new kind whose
 //! damage is not a stopped or killed process must also be undone there (or in the
@@ -30,6 +36,9 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::cluster::ChaosCluster;
+use super::cluster::NetMode;
+use super::netns;
+use super::netns::LinkFault;
 
 /// Mixed into the seed for the schedule's RNG (the workload uses other salts).
 const SCHEDULE_SALT: u64 = 0x5EED_0FFA_1750_0000;
@@ -54,10 +63,49 @@ pub enum FaultKind {
     PowerLossNode,
     /// Power cut of every node at once (a data-center outage), same model; restart all.
     PowerLossAll,
+    /// Network (`--net netns`): cut the node leading the most shards off from every other
+    /// node (iptables DROP both ways in the namespaces); the tester still reaches it, so
+    /// clients talk to a node that is up but in a minority. Undone by removing the rules.
+    PartitionLeader,
+    /// Network: cut a random minority (one node of 3, two of 5: `(n-1)/2`) off from the
+    /// rest. Undone by removing the rules.
+    PartitionRandom,
+    /// Network, 5 nodes only (skipped with a note otherwise): two sides of two nodes that
+    /// cannot talk to each other, and one node (the bridge) that talks to both. Undone by
+    /// removing the rules.
+    Bridge,
+    /// Network: during the hold, cut and heal one random node's links alternately, every
+    /// 200-800 ms (seeded by the plan's pick). Undone by removing the rules.
+    Flap,
+    /// Network: delay every packet one random node sends by 50 ms ± 20 ms (`tc netem`; a
+    /// 1 mbit token bucket on kernels without netem). Undone by deleting the qdisc.
+    SlowLink,
+    /// Network: lose 10% of the packets one random node sends, plus 5 ms delay (`tc netem`;
+    /// an iptables random drop on kernels without netem). Undone by deleting the qdisc or
+    /// rule.
+    LossyLink,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 7] = [
+    /// Every kind, process then network.
+    pub const ALL: [FaultKind; 13] = [
+        FaultKind::KillLeader,
+        FaultKind::KillFollower,
+        FaultKind::KillRandom,
+        FaultKind::KillAll,
+        FaultKind::PauseLeader,
+        FaultKind::PowerLossNode,
+        FaultKind::PowerLossAll,
+        FaultKind::PartitionLeader,
+        FaultKind::PartitionRandom,
+        FaultKind::Bridge,
+        FaultKind::Flap,
+        FaultKind::SlowLink,
+        FaultKind::LossyLink,
+    ];
+
+    /// The kinds that act on processes (valid in every network mode).
+    pub const PROCESS: [FaultKind; 7] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillRandom,
@@ -66,6 +114,26 @@ impl FaultKind {
         FaultKind::PowerLossNode,
         FaultKind::PowerLossAll,
     ];
+
+    /// The kinds that act on the network between nodes (need `--net netns`).
+    pub const NETWORK: [FaultKind; 6] = [
+        FaultKind::PartitionLeader,
+        FaultKind::PartitionRandom,
+        FaultKind::Bridge,
+        FaultKind::Flap,
+        FaultKind::SlowLink,
+        FaultKind::LossyLink,
+    ];
+
+    /// Whether this kind needs the nodes in network namespaces (`--net netns`).
+    pub fn needs_netns(self) -> bool {
+        FaultKind::NETWORK.contains(&self)
+    }
+
+    /// The kinds valid in `mode`: what `--faults all` means.
+    pub fn valid_for(mode: NetMode) -> Vec<FaultKind> {
+        FaultKind::ALL.into_iter().filter(|k| mode == NetMode::Netns || !k.needs_netns()).collect()
+    }
 
     /// Whether this kind needs the nodes to run under the WAL's power-loss model
     /// (`--test-lose-unsynced-wal-writes`). With it on, every kill of the run is a power cut.
@@ -82,6 +150,12 @@ impl FaultKind {
             FaultKind::PauseLeader => "pause-leader",
             FaultKind::PowerLossNode => "power-loss-node",
             FaultKind::PowerLossAll => "power-loss-all",
+            FaultKind::PartitionLeader => "partition-leader",
+            FaultKind::PartitionRandom => "partition-random",
+            FaultKind::Bridge => "bridge",
+            FaultKind::Flap => "flap",
+            FaultKind::SlowLink => "slow-link",
+            FaultKind::LossyLink => "lossy-link",
         }
     }
 
@@ -94,14 +168,26 @@ impl FaultKind {
         })
     }
 
-    /// `a,b,c` (or `all`).
+    /// `a,b,c` (or `all`) with the nodes on loopback: see [`FaultKind::parse_list_for`].
     pub fn parse_list(s: &str) -> anyhow::Result<Vec<FaultKind>> {
+        FaultKind::parse_list_for(s, NetMode::Loopback)
+    }
+
+    /// `a,b,c`, or `all`: every kind valid in `mode`. A network kind without
+    /// `--net netns` is an error.
+    pub fn parse_list_for(s: &str, mode: NetMode) -> anyhow::Result<Vec<FaultKind>> {
         if s.trim() == "all" {
-            return Ok(FaultKind::ALL.to_vec());
+            return Ok(FaultKind::valid_for(mode));
         }
         let kinds =
             s.split(',').filter(|p| !p.trim().is_empty()).map(FaultKind::parse).collect::<anyhow::Result<Vec<_>>>()?;
         anyhow::ensure!(!kinds.is_empty(), "--faults is empty");
+        let net: Vec<&str> = kinds.iter().filter(|k| k.needs_netns()).map(|k| k.name()).collect();
+        anyhow::ensure!(
+            mode == NetMode::Netns || net.is_empty(),
+            "fault(s) {} need real links between nodes: add `--net netns` (root, ip, iptables, tc)",
+            net.join(", ")
+        );
         Ok(kinds)
     }
 
@@ -113,6 +199,12 @@ impl FaultKind {
             }
             FaultKind::KillAll | FaultKind::PowerLossAll => t.all_down_ms,
             FaultKind::PauseLeader => t.pause_ms,
+            FaultKind::PartitionLeader
+            | FaultKind::PartitionRandom
+            | FaultKind::Bridge
+            | FaultKind::SlowLink
+            | FaultKind::LossyLink => t.net_ms,
+            FaultKind::Flap => t.flap_ms,
         }
     }
 }
@@ -128,13 +220,24 @@ pub struct Timing {
     pub all_down_ms: (u64, u64),
     /// How long a paused leader stays stopped.
     pub pause_ms: (u64, u64),
+    /// How long a partition, bridge, slow or lossy link lasts.
+    pub net_ms: (u64, u64),
+    /// How long a node's links flap.
+    pub flap_ms: (u64, u64),
 }
 
 impl Timing {
     /// The defaults, with pauses at 2-3x the nodes' largest election timeout.
     pub fn for_election_timeout(election_timeout_max_ms: u64) -> Timing {
         let e = election_timeout_max_ms.max(1);
-        Timing { quiet_ms: (3000, 8000), down_ms: (2000, 6000), all_down_ms: (1000, 3000), pause_ms: (2 * e, 3 * e) }
+        Timing {
+            quiet_ms: (3000, 8000),
+            down_ms: (2000, 6000),
+            all_down_ms: (1000, 3000),
+            pause_ms: (2 * e, 3 * e),
+            net_ms: (2000, 6000),
+            flap_ms: (4000, 8000),
+        }
     }
 }
 
@@ -200,6 +303,12 @@ pub enum Undo {
     Restart(Vec<u64>),
     /// SIGCONT these (stopped) nodes.
     Resume(Vec<u64>),
+    /// Remove every cut (iptables rules) between nodes.
+    HealCuts,
+    /// Cut and heal this node's links during the hold ([`hold`]); then remove every cut.
+    Flap(u64),
+    /// Remove this node's qdisc (netem) or loss rule.
+    RestoreLink(u64),
     /// Nothing to undo (no target was found).
     Nothing,
 }
@@ -252,7 +361,124 @@ pub async fn inject(cluster: &mut ChaosCluster, plan: &PlannedFault) -> anyhow::
             }
             Ok((ids.clone(), power_note(plan.kind), Undo::Restart(ids)))
         }
+        FaultKind::PartitionLeader => {
+            let Some((id, led)) = most_leading(cluster, plan.pick).await else {
+                return Ok((vec![], "no node answered Cluster.Status".into(), Undo::Nothing));
+            };
+            let ids = cluster.ids();
+            net(cluster, plan.kind)?.set_cuts(netns::isolate(id, &ids))?;
+            Ok((vec![id], format!("it led {led} shards; cut off from {:?}", others(&ids, &[id])), Undo::HealCuts))
+        }
+        FaultKind::PartitionRandom => {
+            let ids = cluster.ids();
+            let minority = random_minority(&ids, plan.pick);
+            let majority = others(&ids, &minority);
+            net(cluster, plan.kind)?.set_cuts(netns::split(&minority, &majority))?;
+            Ok((minority, format!("cut off from {majority:?}"), Undo::HealCuts))
+        }
+        FaultKind::Bridge => {
+            let ids = cluster.ids();
+            let Some((a, bridge, b)) = bridge_sides(&ids, plan.pick) else {
+                return Ok((
+                    vec![],
+                    format!("skipped: bridge needs 5 nodes, the cluster has {}", ids.len()),
+                    Undo::Nothing,
+                ));
+            };
+            net(cluster, plan.kind)?.set_cuts(netns::split(&a, &b))?;
+            Ok((vec![bridge], format!("{a:?} and {b:?} cut apart; node {bridge} talks to both"), Undo::HealCuts))
+        }
+        FaultKind::Flap => {
+            let ids = cluster.ids();
+            let id = ids[(plan.pick % ids.len() as u64) as usize];
+            net(cluster, plan.kind)?.set_cuts(netns::isolate(id, &ids))?;
+            Ok((vec![id], "links cut and healed every 200-800 ms".into(), Undo::Flap(id)))
+        }
+        FaultKind::SlowLink | FaultKind::LossyLink => {
+            let ids = cluster.ids();
+            let id = ids[(plan.pick % ids.len() as u64) as usize];
+            let how = if plan.kind == FaultKind::SlowLink { LinkFault::Slow } else { LinkFault::Lossy };
+            let note = net(cluster, plan.kind)?.degrade(id, how)?;
+            Ok((vec![id], note, Undo::RestoreLink(id)))
+        }
     }
+}
+
+/// The cluster's namespaces, or an error naming the kind (network kinds need netns).
+fn net(cluster: &mut ChaosCluster, kind: FaultKind) -> anyhow::Result<&mut netns::NetNs> {
+    cluster.net_mut().ok_or_else(|| anyhow::anyhow!("fault {} needs --net netns", kind.name()))
+}
+
+/// `ids` without `except`.
+fn others(ids: &[u64], except: &[u64]) -> Vec<u64> {
+    ids.iter().copied().filter(|i| !except.contains(i)).collect()
+}
+
+/// `pick`'s permutation of `ids` (seeded shuffle).
+fn shuffled(ids: &[u64], pick: u64) -> Vec<u64> {
+    let mut rng = StdRng::seed_from_u64(pick);
+    let mut v = ids.to_vec();
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.gen_range(0..=i));
+    }
+    v
+}
+
+/// A random strict minority of `ids` (at least one node): `(n-1)/2` nodes, sorted.
+pub fn random_minority(ids: &[u64], pick: u64) -> Vec<u64> {
+    let k = ((ids.len().saturating_sub(1)) / 2).max(1).min(ids.len());
+    let mut m: Vec<u64> = shuffled(ids, pick).into_iter().take(k).collect();
+    m.sort_unstable();
+    m
+}
+
+/// For 5 nodes: two sides of two nodes and the bridge node between them (None otherwise).
+pub fn bridge_sides(ids: &[u64], pick: u64) -> Option<(Vec<u64>, u64, Vec<u64>)> {
+    if ids.len() != 5 {
+        return None;
+    }
+    let v = shuffled(ids, pick);
+    let (mut a, mut b) = (vec![v[0], v[1]], vec![v[3], v[4]]);
+    a.sort_unstable();
+    b.sort_unstable();
+    Some((a, v[2], b))
+}
+
+/// The flap intervals of a fault with this pick and hold: 200-800 ms each, until `hold_ms`
+/// is used up (the last one shortened). A pure function of its arguments.
+pub fn flap_intervals(pick: u64, hold_ms: u64) -> Vec<u64> {
+    let mut rng = StdRng::seed_from_u64(pick ^ 0xF1A9);
+    let mut out = Vec::new();
+    let mut t = 0;
+    while t < hold_ms {
+        let d = rng.gen_range(200..=800).min(hold_ms - t);
+        out.push(d);
+        t += d;
+    }
+    out
+}
+
+/// Waits out a fault's hold time; a flapping fault toggles its node's links meanwhile.
+/// Returns an addition to the fault's note.
+pub async fn hold(cluster: &mut ChaosCluster, plan: &PlannedFault, undo: &Undo) -> anyhow::Result<String> {
+    let Undo::Flap(id) = undo else {
+        tokio::time::sleep(Duration::from_millis(plan.hold_ms)).await;
+        return Ok(String::new());
+    };
+    let ids = cluster.ids();
+    let mut cut = true; // inject cut it
+    let mut cuts = 1;
+    // Absolute deadlines: the time iptables takes does not stretch the hold.
+    let mut at = tokio::time::Instant::now();
+    for d in flap_intervals(plan.pick, plan.hold_ms) {
+        at += Duration::from_millis(d);
+        tokio::time::sleep_until(at).await;
+        cut = !cut;
+        let set = if cut { netns::isolate(*id, &ids) } else { netns::Cuts::new() };
+        net(cluster, plan.kind)?.set_cuts(set)?;
+        cuts += usize::from(cut);
+    }
+    Ok(format!(" ({cuts} cuts)"))
 }
 
 /// Ends a fault.
@@ -268,6 +494,14 @@ pub fn heal_fault(cluster: &mut ChaosCluster, undo: &Undo) -> anyhow::Result<()>
     match undo {
         Undo::Restart(ids) => ids.iter().try_for_each(|id| cluster.restart(*id)),
         Undo::Resume(ids) => ids.iter().try_for_each(|id| cluster.resume(*id)),
+        Undo::HealCuts | Undo::Flap(_) => match cluster.net_mut() {
+            Some(net) => net.set_cuts(netns::Cuts::new()),
+            None => Ok(()),
+        },
+        Undo::RestoreLink(id) => match cluster.net_mut() {
+            Some(net) => net.restore(*id),
+            None => Ok(()),
+        },
         Undo::Nothing => Ok(()),
     }
 }
@@ -303,9 +537,9 @@ pub async fn run(
             cluster.restart(id)?;
         }
         let t0 = Instant::now();
-        let (targets, note, undo) = inject(cluster, p).await?;
+        let (targets, mut note, undo) = inject(cluster, p).await?;
         eprintln!("chaos: [{:>6} ms] {} {:?} {note} (hold {} ms)", ms(t0), p.kind.name(), targets, p.hold_ms);
-        tokio::time::sleep(Duration::from_millis(p.hold_ms)).await;
+        note.push_str(&hold(cluster, p, &undo).await?);
         heal_fault(cluster, &undo)?;
         let t1 = Instant::now();
         eprintln!("chaos: [{:>6} ms] healed {} {:?}", ms(t1), p.kind.name(), targets);

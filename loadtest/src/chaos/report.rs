@@ -18,6 +18,8 @@ pub struct ChaosReport {
     pub rerun: String,
     pub duration_s: f64,
     pub nodes: u64,
+    /// `loopback` or `netns`.
+    pub net: String,
     pub node_args: Vec<String>,
     pub fault_kinds: Vec<FaultKind>,
     pub timing: Timing,
@@ -47,8 +49,8 @@ impl ChaosReport {
         let _ = writeln!(s, "\n== habar-chaos: seed {} ({}) ==", self.seed, self.rerun);
         let _ = writeln!(
             s,
-            "duration {:.1} s, {} nodes, {} conversations, {} publishers, {} readers, {} subscribers",
-            self.duration_s, self.nodes, self.conversations, self.publishers, self.readers, self.subscribers
+            "duration {:.1} s, {} nodes ({} network), {} conversations, {} publishers, {} readers, {} subscribers",
+            self.duration_s, self.nodes, self.net, self.conversations, self.publishers, self.readers, self.subscribers
         );
         let _ = writeln!(s, "faults applied: {}", self.faults.len());
         for x in &self.faults {

@@ -14,6 +14,7 @@ use tonic::transport::Endpoint;
 
 use super::checker;
 use super::cluster::ChaosCluster;
+use super::cluster::NetMode;
 use super::history::HistorySnapshot;
 use super::nemesis;
 use super::nemesis::FaultKind;
@@ -39,6 +40,8 @@ pub struct ChaosOptions {
     pub duration: Duration,
     pub faults: Vec<FaultKind>,
     pub nodes: u64,
+    /// How the nodes are networked (`--net`).
+    pub net: NetMode,
     pub habar: PathBuf,
     pub node_args: Vec<String>,
     pub keep_data: bool,
@@ -71,6 +74,9 @@ impl ChaosOptions {
             self.conversations,
             self.publishers
         );
+        if self.net != NetMode::Loopback {
+            s.push_str(&format!(" --net {}", self.net.name()));
+        }
         for a in &self.node_args {
             s.push_str(&format!(" --node-arg={a}"));
         }
@@ -172,6 +178,7 @@ pub async fn run(opts: &ChaosOptions, cluster: &mut ChaosCluster) -> anyhow::Res
         rerun: opts.rerun(),
         duration_s: run_us as f64 / 1e6,
         nodes: opts.nodes,
+        net: opts.net.name().to_string(),
         node_args: opts.node_args.clone(),
         fault_kinds: opts.faults.clone(),
         timing,
