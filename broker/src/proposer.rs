@@ -21,9 +21,9 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::Semaphore;
 
+use crate::clock::Clock;
 use crate::error::BrokerError;
 use crate::node::HRaft;
-use crate::clock::Clock;
 
 /// Appends waiting for a shard's proposer.
 pub const QUEUE: usize = 4096;

@@ -24,6 +24,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::NodeConfig;
+use crate::forward::ForwardRequest;
+use crate::forward::ForwardResponse;
 use crate::forward::ForwarderService;
 use crate::node::HRaft;
 use crate::node::Node;
@@ -34,8 +36,6 @@ use crate::raft_net::RaftTransportService;
 use crate::service::AdminService;
 use crate::service::BrokerService;
 use crate::service::ClusterService;
-use crate::forward::ForwardRequest;
-use crate::forward::ForwardResponse;
 
 /// The openraft settings of every shard, from the node's configuration.
 pub fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
