@@ -305,7 +305,7 @@ impl Node {
             Ok(Err(e)) => return Err(BrokerError::Unavailable { shard: group, reason: e.to_string() }),
         };
         let answer = self.read_local(group, op).await?;
-        if let ReadAnswer::Page(p) = &answer {
+        if let (ReadAnswer::Page(p), true) = (&answer, tracing::enabled!(tracing::Level::DEBUG)) {
             let applied = raft.metrics().borrow_watched().last_applied;
             tracing::debug!(
                 group,
