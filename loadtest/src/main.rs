@@ -10,6 +10,7 @@ use habar_client::ClientConfig;
 use habar_loadtest::plot;
 use habar_loadtest::report;
 use habar_loadtest::run;
+use habar_loadtest::scenario::parse_secs;
 use habar_loadtest::scenario::Mode;
 use habar_loadtest::scenario::Popularity;
 use habar_loadtest::scenario::Scenario;
@@ -99,20 +100,6 @@ struct Args {
 fn parse_rate(s: &str) -> Result<f64, String> {
     let n = s.trim().trim_end_matches("/s");
     n.replace('_', "").parse::<f64>().map_err(|_| format!("`{s}` is not a rate like 20000/s"))
-}
-
-fn parse_secs(s: &str) -> Result<f64, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    num.parse::<f64>().map(|v| v * mult).map_err(|_| format!("`{s}` is not a duration like 60s or 2m"))
 }
 
 fn parse_ms(s: &str) -> Result<f64, String> {

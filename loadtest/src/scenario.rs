@@ -246,3 +246,33 @@ mod tests {
         assert!(toml::from_str::<Scenario>("publisherz = 3").is_err(), "unknown fields are rejected");
     }
 }
+
+/// A duration on the command line (`90s`, `1.5m`, `250ms`, a bare number is seconds), in
+/// seconds. Shared by `habar-load` and `habar-chaos`.
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    num.trim().parse::<f64>().map(|v| v * mult).map_err(|_| format!("`{s}` is not a duration like 60s or 2m"))
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::parse_secs;
+
+    #[test]
+    fn durations_parse_with_their_units() {
+        assert_eq!(parse_secs("90s"), Ok(90.0));
+        assert_eq!(parse_secs("2m"), Ok(120.0));
+        assert_eq!(parse_secs("250ms"), Ok(0.25));
+        assert_eq!(parse_secs("7"), Ok(7.0));
+        assert!(parse_secs("soon").is_err());
+    }
+}

@@ -72,22 +72,13 @@ struct Args {
     node_args: Vec<String>,
 }
 
+/// A positive duration (`90s`, `2m`), in seconds.
 fn parse_secs(s: &str) -> Result<f64, String> {
-    let s = s.trim();
-    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a duration like 90s or 2m"))?;
+    let v = habar_loadtest::scenario::parse_secs(s)?;
     if !(v.is_finite() && v > 0.0) {
         return Err(format!("`{s}` must be positive"));
     }
-    Ok(v * mult)
+    Ok(v)
 }
 
 fn main() -> ExitCode {
