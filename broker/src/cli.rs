@@ -460,6 +460,12 @@ pub fn format_status(s: &pb::StatusResponse) -> String {
     if leaderless > 0 {
         out.push_str(&format!("  {leaderless} shard(s) without a leader: writes to them wait for an election\n"));
     }
+    let repairing = s.shards.iter().filter(|sh| sh.repairing).count();
+    if repairing > 0 {
+        out.push_str(&format!(
+            "  this node is REPAIRING {repairing} shard(s) after WAL corruption: it does not vote until caught up\n"
+        ));
+    }
     out
 }
 
@@ -591,6 +597,7 @@ mod tests {
                     replicas: vec![pb::ReplicaProgress { node_id: 2, matched_index: 38 }],
                     snapshot_index: 0,
                     purged_index: 0,
+                    repairing: false,
                 },
                 pb::ShardStatus { shard: 1, ..Default::default() },
             ],

@@ -39,6 +39,9 @@ pub enum ForwardRequest {
     },
     /// The node's raw clock (liveness probe and clock calibration, `clock.rs`).
     Clock,
+    /// The node's term, leader and last log index of the shard (a repairing peer asks,
+    /// `repair.rs`).
+    RaftPosition,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,6 +59,7 @@ pub enum ForwardResponse {
     },
     Unavailable(String),
     Error(String),
+    RaftPosition(crate::repair::RaftPosition),
 }
 
 fn encode<T: Serialize>(group: GroupId, v: &T) -> Result<ForwardMessage, BrokerError> {
@@ -128,6 +132,10 @@ impl ForwarderService {
                 Ok(ForwardResponse::Delivered)
             }
             ForwardRequest::Clock => Ok(ForwardResponse::Clock { local_ms: self.node.clock.local_ms() }),
+            ForwardRequest::RaftPosition => match crate::repair::position(&self.node, group) {
+                Some(p) => Ok(ForwardResponse::RaftPosition(p)),
+                None => Err(BrokerError::InvalidArgument(format!("shard {group} does not exist on this node"))),
+            },
         };
         match res {
             Ok(r) => r,

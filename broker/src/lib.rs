@@ -7,6 +7,7 @@
 //! - [`service`]: the public `Broker` and `Cluster` services.
 //! - [`forward`]: the internal forwarding protocol.
 //! - [`raft_net`]: the Raft transport between nodes.
+//! - [`repair`]: a node whose WAL was corrupt rejoins without a vote until caught up.
 //! - [`config`], [`cli`], [`dev`], [`validate`]: settings, the `habar` binary, limits.
 
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod forward;
 pub mod node;
 pub mod proposer;
 pub mod raft_net;
+pub mod repair;
 pub mod server;
 pub mod service;
 pub mod shard;

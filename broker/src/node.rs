@@ -58,6 +58,8 @@ pub struct Node {
     pub clock: Arc<Clock>,
     /// Free-space guard of the data directory: a full node takes no writes.
     pub disk: Arc<crate::disk::DiskGuard>,
+    /// Shards this node is repairing after WAL corruption (it does not vote for them).
+    pub repair: Arc<crate::repair::RepairState>,
     /// Last time each peer answered a liveness probe.
     pub last_seen: Mutex<HashMap<NodeId, Instant>>,
     /// Ephemeral signals for this node's subscribers (bounded; a lagging subscriber
@@ -541,6 +543,7 @@ impl Node {
                 replicas,
                 snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
                 purged_index: m.purged.as_ref().map_or(0, |l| l.index),
+                repairing: self.repair.is_repairing(g as u32),
             });
         }
         let seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -19,6 +19,7 @@ use habar_raft_store::LogStore;
 use habar_raft_store::StateStore;
 use habar_raft_store::Wal;
 use habar_raft_store::WalConfig;
+use habar_raft_store::WalError;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -33,6 +34,7 @@ use crate::raft_net::GroupRegistry;
 use crate::raft_net::NetworkFactory;
 use crate::raft_net::PeerPool;
 use crate::raft_net::RaftTransportService;
+use crate::repair::RepairState;
 use crate::service::AdminService;
 use crate::service::BrokerService;
 use crate::service::ClusterService;
@@ -76,7 +78,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     let disk = Arc::new(crate::disk::DiskGuard::new(cfg.data_dir.clone(), cfg.min_free_disk_bytes));
     let clock =
         Arc::new(crate::clock::Clock::new(cfg.test_clock_offset_ms, cfg.max_clock_skew_ms, cfg.initial_cluster.len()));
-    let wal = Wal::open(wal_cfg).context("opening the WAL")?;
+    let (wal, repair) = open_wal(&cfg, wal_cfg)?;
     let store = StateStore::open(&cfg.data_dir.join("sm"), cfg.sled_cache_capacity_bytes)
         .context("opening the state machine")?;
 
@@ -91,6 +93,10 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         let raft = openraft::Raft::new(cfg.id, raft_cfg.clone(), network, log, sm)
             .await
             .with_context(|| format!("starting Raft group {g}"))?;
+        if repair.is_repairing(g) {
+            // No campaign until caught up (`repair.rs`); votes are refused at the transport.
+            raft.runtime_config().elect(false);
+        }
         registry.insert(g, raft.clone());
         rafts.push(raft);
     }
@@ -101,6 +107,10 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     let members: BTreeMap<NodeId, NodeAddr> =
         cfg.initial_cluster.iter().map(|(id, addr)| (*id, NodeAddr::new(addr.clone()))).collect();
     for (g, raft) in rafts.iter().enumerate() {
+        // A repairing node lost its log: the cluster exists, a leader will bring it back.
+        if repair.is_repairing(g as u32) {
+            continue;
+        }
         if !raft.is_initialized().await.context("reading Raft state")? {
             tracing::info!(shard = g, ?members, "initializing shard with the initial cluster");
             if let Err(e) = raft.initialize(members.clone()).await {
@@ -120,11 +130,45 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         registry,
         clock,
         disk,
+        repair,
         last_seen: Mutex::new(HashMap::new()),
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
         proposers,
         stopping: tokio::sync::watch::channel(false).0,
     }))
+}
+
+/// Opens the WAL. A corrupt WAL (anything but a torn tail) is moved to `quarantine/` and
+/// replaced by an empty one, after the repair marker is written; a node with the marker
+/// starts repairing every shard (`repair.rs`).
+fn open_wal(cfg: &NodeConfig, wal_cfg: WalConfig) -> anyhow::Result<(Wal, Arc<RepairState>)> {
+    use habar_raft_store::repair;
+    let dir = &cfg.data_dir;
+    let opened = match Wal::open(wal_cfg.clone()) {
+        Ok(wal) => Some(wal),
+        Err(e @ WalError::Corrupt { .. }) => {
+            let marker = repair::RepairMarker { since_unix_ms: repair::now_ms(), reason: e.to_string() };
+            // Marker first: a crash after it, at any point, still restarts as repairing.
+            repair::write_marker(dir, &marker).context("writing the repair marker")?;
+            let moved = repair::quarantine(&dir.join("quarantine"), &wal_cfg.dir).context("quarantining the WAL")?;
+            tracing::error!(error = %e, moved = %moved.display(),
+                "WAL is corrupt: moved aside; this node rejoins with an empty log and does not vote until it has caught up");
+            None
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("opening the WAL")),
+    };
+    let wal = match opened {
+        Some(w) => w,
+        None => Wal::open(wal_cfg).context("opening a new WAL after quarantine")?,
+    };
+    let state = match repair::read_marker(dir).context("reading the repair marker")? {
+        Some(m) => {
+            tracing::warn!(reason = %m.reason, since_unix_ms = m.since_unix_ms, "this node is repairing: it does not vote until caught up");
+            RepairState::repairing(dir.clone(), cfg.shards, &m)
+        }
+        None => RepairState::none(dir.clone()),
+    };
+    Ok((wal, Arc::new(state)))
 }
 
 /// The leader's housekeeping timer (expiry, retention, dedupe trimming).
@@ -242,6 +286,9 @@ pub async fn serve_node(
     let gate_node = node.clone();
     let transport = RaftTransportService::new(node.registry.clone(), node.store.clone())
         .with_write_gate(Arc::new(move || gate_node.disk.is_full().then(|| gate_node.disk.refusal(gate_node.id))));
+    let vote_node = node.clone();
+    let transport = transport.with_vote_gate(Arc::new(move |group| vote_node.repair.vote_refusal(vote_node.id, group)));
+    let repairer = crate::repair::spawn(node.clone());
     let disk_watch = spawn_disk_guard(node.clone());
     let probe = spawn_liveness_probe(node.clone());
     let maintenance = spawn_maintenance(node.clone());
@@ -266,6 +313,7 @@ pub async fn serve_node(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     probe.abort();
+    repairer.abort();
     disk_watch.abort();
     maintenance.abort();
     compactor.abort();

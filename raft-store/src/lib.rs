@@ -2,6 +2,7 @@
 //!
 //! - [`wal`]: one write-ahead log per node, shared by all Raft groups, with group commit.
 //! - [`log_store`]: openraft's log storage for one group, on top of the WAL.
+//! - [`repair`]: quarantine of damaged files and the repair marker.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
 //! This crate knows nothing of gRPC.
@@ -9,6 +10,7 @@
 pub mod error;
 pub mod keys;
 pub mod log_store;
+pub mod repair;
 pub mod sm;
 pub mod snapshot;
 pub mod types;

@@ -58,6 +58,8 @@ use crate::types::MESSAGE_ID_LEN;
 pub const DEFAULT_CACHE_CAPACITY: u64 = 64 << 20;
 /// Bound on the records of one sled batch while installing a snapshot.
 const INSTALL_BATCH_RECORDS: usize = 2048;
+/// Where damaged snapshot files go, beside `snapshots/` (never read again).
+pub const QUARANTINE_DIR: &str = "quarantine";
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
 
 /// Capacity of a group's change feed; a receiver that lags further re-reads everything.
@@ -328,22 +330,27 @@ impl StateStore {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            match SnapshotReader::open(&path) {
-                Ok(r) => {
+            // Every CRC is checked now: a damaged file must not be offered to a peer later.
+            match SnapshotReader::validate(&path) {
+                Ok((group, meta)) => {
                     let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                    let newer = found.get(&r.group).is_none_or(|(m, _)| m.last_log_id < r.meta.last_log_id);
+                    let newer = found.get(&group).is_none_or(|(m, _)| m.last_log_id < meta.last_log_id);
                     if newer {
-                        if let Some((_, old)) = found.insert(r.group, (r.meta, SnapshotData::new(path.clone(), len))) {
+                        if let Some((_, old)) = found.insert(group, (meta, SnapshotData::new(path.clone(), len))) {
                             let _ = fs::remove_file(old.path());
                         }
                     } else {
                         let _ = fs::remove_file(&path);
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "removing unreadable snapshot file");
-                    let _ = fs::remove_file(&path);
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    // The state machine (sled) holds the same data; openraft rebuilds a
+                    // snapshot from it at start when the log behind it was purged.
+                    let moved = crate::repair::quarantine(&dir.join(QUARANTINE_DIR), &path)?;
+                    tracing::error!(path = %path.display(), moved = %moved.display(), error = %e,
+                        "snapshot file is corrupt: moved aside; a new one is built from the state machine");
                 }
+                Err(e) => return Err(e),
             }
         }
 
@@ -1107,6 +1114,34 @@ impl StateStore {
         Ok((meta.clone(), SnapshotData::new(path, data.len())))
     }
 
+    /// The group's current snapshot after checking every CRC of its file. A damaged file is
+    /// moved to quarantine and a new snapshot is built from the state machine in its place.
+    fn current_snapshot_checked(
+        &self,
+        group: GroupId,
+        rt: &GroupRt,
+    ) -> Result<Option<(SnapshotMeta, SnapshotData)>, StoreError> {
+        let cur = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some((meta, data)) = cur else { return Ok(None) };
+        match SnapshotReader::validate(data.path()) {
+            Ok(_) => Ok(Some((meta, data))),
+            Err(e @ StoreError::Corrupt { .. }) => {
+                {
+                    let mut cur = rt.current.lock().unwrap_or_else(|p| p.into_inner());
+                    if cur.as_ref().is_some_and(|(_, d)| d.path() == data.path()) {
+                        *cur = None;
+                    }
+                }
+                let qdir = self.inner.snap_dir.with_file_name(QUARANTINE_DIR);
+                let moved = crate::repair::quarantine(&qdir, data.path())?;
+                tracing::error!(group, path = %data.path().display(), moved = %moved.display(), error = %e,
+                    "current snapshot file is corrupt: moved aside, building a new one from the state machine");
+                self.build_snapshot_blocking(group, rt).map(Some)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes `src` the group's current snapshot file at `dst` (rename, or copy when it is
     /// not ours to move), fsyncs the directory, and deletes the previous one.
     fn publish_snapshot(
@@ -1335,7 +1370,9 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<SnapshotData>>, io::Error> {
-        let cur = self.rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // Checked on every call (at start and before each send to a peer): a file damaged
+        // on disk since it was written is replaced, never streamed.
+        let cur = self.blocking(|s, g, rt| s.current_snapshot_checked(g, &rt)).await?;
         Ok(cur.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
 }

@@ -227,3 +227,119 @@ fn group_commit_shares_fdatasyncs_between_groups() {
         s.appends
     );
 }
+
+/// Segments of a WAL with small segments, oldest first.
+fn segments_of(dir: &Path) -> Vec<PathBuf> {
+    let mut segs: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+        .collect();
+    segs.sort();
+    segs
+}
+
+fn small_segments(dir: &Path) -> WalConfig {
+    let mut c = cfg(dir);
+    c.segment_bytes = 2048;
+    {
+        let wal = Wal::open(c.clone()).unwrap();
+        for i in 1..200 {
+            append_sync(&wal, 1, i..i + 1, 1);
+        }
+        assert!(wal.segments().len() > 3);
+    }
+    c
+}
+
+/// Property (fault 6): an older segment cut at a record boundary (whole records gone, every
+/// remaining CRC fine) is corruption, not a clean log: its seal is missing.
+#[test]
+fn older_segment_cut_at_a_record_boundary_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = small_segments(dir.path());
+    let segs = segments_of(dir.path());
+    let victim = &segs[1];
+    let bytes = fs::read(victim).unwrap();
+    // Walk the records and cut right before the last one (the seal): a clean boundary.
+    let mut pos = 24;
+    let mut starts = Vec::new();
+    while pos < bytes.len() {
+        starts.push(pos);
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        pos += 8 + len;
+    }
+    assert_eq!(pos, bytes.len());
+    for cut in [starts[starts.len() - 1], starts[starts.len() - 2]] {
+        fs::write(victim, &bytes[..cut]).unwrap();
+        match Wal::open(c.clone()) {
+            Err(WalError::Corrupt { path, reason, .. }) => {
+                assert_eq!(&path, victim);
+                assert!(reason.contains("seal"), "{reason}");
+            }
+            Err(e) => panic!("expected corruption, got {e}"),
+            Ok(_) => panic!("a segment cut at a record boundary must not open silently (cut at {cut})"),
+        }
+    }
+}
+
+/// Property (fault 6): a segment missing from the middle of the WAL is corruption.
+#[test]
+fn missing_middle_segment_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = small_segments(dir.path());
+    let segs = segments_of(dir.path());
+    fs::remove_file(&segs[2]).unwrap();
+    match Wal::open(c) {
+        Err(WalError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("missing") || reason.contains("hole"), "{reason}")
+        }
+        Err(e) => panic!("expected corruption, got {e}"),
+        Ok(_) => panic!("a missing segment must not open silently"),
+    }
+}
+
+/// Property (fault 6): a bit flip in the last, complete record of the last segment is
+/// corruption, not a torn write: cutting it would silently drop an acknowledged entry.
+#[test]
+fn flipped_bit_in_the_last_complete_record_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open(cfg(dir.path())).unwrap();
+        append_sync(&wal, 1, 1..10, 1);
+    }
+    let seg = only_segment(dir.path());
+    let mut bytes = fs::read(&seg).unwrap();
+    let n = bytes.len();
+    bytes[n - 2] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+    match Wal::open(cfg(dir.path())) {
+        Err(WalError::Corrupt { path, reason, .. }) => {
+            assert_eq!(path, seg);
+            assert!(reason.contains("crc"), "{reason}");
+        }
+        Err(e) => panic!("expected corruption, got {e}"),
+        Ok(_) => panic!("a flipped bit in the last record must not be cut as a torn write"),
+    }
+}
+
+/// Property: a crash right after a segment was sealed (before the next one exists) opens
+/// cleanly, keeps everything, and appends go to a new segment, never after the seal.
+#[test]
+fn crash_between_seal_and_next_segment_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = small_segments(dir.path());
+    let segs = segments_of(dir.path());
+    // Drop the newest segment: the one before it ends with its seal and is now the last.
+    fs::remove_file(segs.last().unwrap()).unwrap();
+    let kept = {
+        let wal = Wal::open(c.clone()).unwrap();
+        let kept = all(&wal, 1).len();
+        assert!(kept > 100);
+        assert_eq!(wal.segments().len(), segs.len(), "a new segment replaces the removed one");
+        append_sync(&wal, 1, kept as u64 + 1..kept as u64 + 2, 1);
+        kept
+    };
+    let wal = Wal::open(c).unwrap();
+    assert_eq!(all(&wal, 1).len(), kept + 1);
+}

@@ -106,10 +106,14 @@ pub struct RaftTransportService<SM: RaftStateMachine<TypeConfig>, S> {
     max_snapshot_bytes: u64,
     receiving: Arc<Semaphore>,
     refuse_writes: Option<WriteGate>,
+    refuse_votes: Option<VoteGate>,
 }
 
 /// Says why this node takes no replicated writes now (e.g. its disk is full), or `None`.
 pub type WriteGate = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Says why this node must not vote in a group now (it is repairing its log), or `None`.
+pub type VoteGate = Arc<dyn Fn(GroupId) -> Option<String> + Send + Sync>;
 
 impl<SM, S> RaftTransportService<SM, S>
 where
@@ -124,6 +128,7 @@ where
             max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
             receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
             refuse_writes: None,
+            refuse_votes: None,
         }
     }
 
@@ -132,6 +137,20 @@ where
     pub fn with_write_gate(mut self, gate: WriteGate) -> Self {
         self.refuse_writes = Some(gate);
         self
+    }
+
+    /// Refuse Vote, PreVote and TransferLeader (UNAVAILABLE) for a group while `gate` says
+    /// why: a candidate counts the refusal as no vote.
+    pub fn with_vote_gate(mut self, gate: VoteGate) -> Self {
+        self.refuse_votes = Some(gate);
+        self
+    }
+
+    fn check_votes(&self, kind: RpcKind, request: &Request<RaftMessage>) -> Result<(), Status> {
+        match self.refuse_votes.as_ref().and_then(|g| g(request.get_ref().group_id)) {
+            Some(why) => Err(reject(kind, "votes_refused", Status::unavailable(why))),
+            None => Ok(()),
+        }
     }
 
     fn check_writes(&self, kind: RpcKind) -> Result<(), Status> {
@@ -229,6 +248,7 @@ where
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_votes(RpcKind::Vote, &request)?;
         self.unary(RpcKind::Vote, request, |raft, rpc: VoteRequest<TypeConfig>| async move {
             raft.vote(rpc).await.map_err(fatal_of)
         })
@@ -236,6 +256,7 @@ where
     }
 
     async fn pre_vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_votes(RpcKind::PreVote, &request)?;
         self.unary(RpcKind::PreVote, request, |raft, rpc: VoteRequest<TypeConfig>| async move {
             raft.pre_vote(rpc).await.map_err(fatal_of)
         })
@@ -243,6 +264,7 @@ where
     }
 
     async fn transfer_leader(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        self.check_votes(RpcKind::TransferLeader, &request)?;
         self.unary(RpcKind::TransferLeader, request, |raft, req: TransferLeaderRequest<TypeConfig>| async move {
             raft.handle_transfer_leader(req).await
         })

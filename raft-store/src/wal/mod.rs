@@ -308,12 +308,14 @@ impl Wal {
         let mut segments = BTreeMap::new();
         let mut active_len = 0;
         let mut dir_dirty = false;
+        let mut last_sealed = false;
         let last_pos = seqs.len().checked_sub(1);
         for (i, &seq) in seqs.iter().enumerate() {
             let path = segment_path(&cfg.dir, seq);
-            let is_last = Some(i) == last_pos;
-            match replay_segment(&path, seq, is_last, cfg.max_record_bytes, &mut groups)? {
-                Some(len) => {
+            let next = seqs.get(i + 1).copied();
+            match replay_segment(&path, seq, next, cfg.max_record_bytes, &mut groups)? {
+                Some((len, sealed)) => {
+                    last_sealed = sealed && Some(i) == last_pos;
                     let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
                     active_len = len;
                     let file = SegFile::new(file, cfg.lose_unsynced_writes);
@@ -364,7 +366,13 @@ impl Wal {
             .name("habar-wal-sync".into())
             .spawn(move || sync_loop(&s2))
             .map_err(io_err(&shared.cfg.dir))?;
-        Ok(Wal { inner: Arc::new(WalInner { shared, syncer: Mutex::new(Some(syncer)) }) })
+        let wal = Wal { inner: Arc::new(WalInner { shared, syncer: Mutex::new(Some(syncer)) }) };
+        if last_sealed {
+            // A crash between sealing a segment and creating the next: nothing may follow a
+            // seal, so start the next segment now.
+            wal.roll()?;
+        }
+        Ok(wal)
     }
 
     fn shared(&self) -> &Shared {
@@ -541,12 +549,19 @@ impl Wal {
         // complete, durable one, and after a crash only the last segment can be torn: a
         // torn record anywhere else is corruption, never a power cut.
         let old = st.active();
+        let next_seq = st.active_seq + 1;
+        let mut seal = Vec::with_capacity(record::FRAME_LEN + record::BODY_PREFIX_LEN + 16);
+        record::push_record(&mut seal, record::KIND_SEAL, 0, |b| {
+            b.extend_from_slice(&st.active_len.to_le_bytes());
+            b.extend_from_slice(&next_seq.to_le_bytes());
+        });
+        self.write_locked(st, &seal)?;
         if let Err(e) = old.sync_data() {
             let path = segment_path(&sh.cfg.dir, st.active_seq);
             st.poisoned = Some(format!("fdatasync of full segment {} failed: {e}", path.display()));
             return Err(WalError::Io { path, source: e });
         }
-        let seq = st.active_seq + 1;
+        let seq = next_seq;
         let path = segment_path(&sh.cfg.dir, seq);
         let file = create_segment_unsynced(&path, seq, sh.cfg.lose_unsynced_writes)?;
         let mut metas: Vec<GroupMeta> = st.groups.iter().map(|(g, l)| l.meta(*g)).collect();
@@ -710,23 +725,31 @@ fn create_segment(path: &Path, seq: u64, lose_unsynced_writes: bool) -> Result<S
     Ok(file)
 }
 
-/// Replays one segment into `groups`. Returns the length of its valid prefix, or `None`
-/// when the last segment's header is torn (the segment never held a record).
+/// Replays one segment into `groups`. `next` is the sequence number of the segment after
+/// it on disk (`None` for the last one). Returns the length of its valid prefix and whether
+/// it ends with a seal, or `None` when the last segment's header is torn (the segment never
+/// held a record).
+///
+/// Only the last segment may end in a torn record, and only one that runs past the end of
+/// the file or is followed by nothing but zeros (a write the crash interrupted). A complete
+/// record with a bad CRC is corruption wherever it is: a bit flip in the last record must not
+/// be cut as if it were torn, or an acknowledged entry would vanish silently.
 fn replay_segment(
     path: &Path,
     seq: u64,
-    is_last: bool,
+    next: Option<u64>,
     max_record: usize,
     groups: &mut HashMap<GroupId, GroupLog>,
-) -> Result<Option<u64>, WalError> {
+) -> Result<Option<(u64, bool)>, WalError> {
+    let is_last = next.is_none();
     let mut data = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(io_err(path))?;
     let corrupt =
         |offset: usize, reason: String| WalError::Corrupt { path: path.to_path_buf(), offset: offset as u64, reason };
 
-    match record::decode_header(&data) {
-        Ok(s) if s == seq => {}
-        Ok(s) => return Err(corrupt(0, format!("header says segment {s}, file name says {seq}"))),
+    let version = match record::decode_header(&data) {
+        Ok((s, v)) if s == seq => v,
+        Ok((s, _)) => return Err(corrupt(0, format!("header says segment {s}, file name says {seq}"))),
         Err(reason) => {
             let all_zero = data.iter().all(|b| *b == 0);
             if is_last && (data.len() < record::HEADER_LEN || all_zero) {
@@ -735,17 +758,18 @@ fn replay_segment(
             }
             return Err(corrupt(0, reason));
         }
-    }
+    };
 
     let mut pos = record::HEADER_LEN;
     let len = data.len();
+    // Offset of the last record when it is a seal.
+    let mut sealed_at = None;
     while pos < len {
-        // Decide whether a bad record at `pos` is a torn tail (cut it) or corruption.
-        let torn_ok = |end: Option<usize>| -> bool {
-            is_last && (end.is_none_or(|e| e >= len) || data[pos..].iter().all(|b| *b == 0))
-        };
+        // Decide whether a bad record at `pos` is a torn tail (cut it) or corruption:
+        // `complete` says the record's frame fits in the file.
+        let torn_ok = |complete: bool| -> bool { is_last && (!complete || data[pos..].iter().all(|b| *b == 0)) };
         if len - pos < record::FRAME_LEN {
-            if torn_ok(None) {
+            if torn_ok(false) {
                 break;
             }
             return Err(corrupt(pos, "incomplete record frame".into()));
@@ -753,21 +777,21 @@ fn replay_segment(
         let body_len = record::le_u32(&data[pos..]) as usize;
         let crc = record::le_u32(&data[pos + 4..]);
         if body_len > max_record {
-            if torn_ok(None) {
+            if torn_ok(false) {
                 break;
             }
             return Err(corrupt(pos, format!("record length {body_len} over the limit {max_record}")));
         }
         let end = pos + record::FRAME_LEN + body_len;
         if end > len {
-            if torn_ok(None) {
+            if torn_ok(false) {
                 break;
             }
             return Err(corrupt(pos, format!("record of {body_len} bytes runs past the end of the file")));
         }
         let body = &data[pos + record::FRAME_LEN..end];
         if crc32c::crc32c(body) != crc {
-            if torn_ok(Some(end)) {
+            if torn_ok(true) {
                 break;
             }
             return Err(corrupt(pos, "record crc mismatch".into()));
@@ -775,12 +799,25 @@ fn replay_segment(
         let parsed = match record::decode_body(body) {
             Ok(b) => b,
             Err(reason) => {
-                if torn_ok(Some(end)) {
+                if torn_ok(true) {
                     break;
                 }
                 return Err(corrupt(pos, reason));
             }
         };
+        sealed_at = None;
+        if let Body::Seal { offset, next: named } = parsed {
+            if offset != pos as u64 {
+                return Err(corrupt(pos, format!("seal names offset {offset} but sits at {pos}")));
+            }
+            if next.is_some_and(|n| n != named) {
+                return Err(corrupt(
+                    pos,
+                    format!("seal names segment {named} as the next, but the next on disk is {next:?} (a segment is missing)"),
+                ));
+            }
+            sealed_at = Some(pos);
+        }
         apply_replayed(parsed, seq, pos as u64, body_len as u32, groups).map_err(|e| match e {
             WalError::Hole { group, index, last } => {
                 corrupt(pos, format!("group {group}: entry {index} follows {last} (a hole)"))
@@ -789,13 +826,19 @@ fn replay_segment(
         })?;
         pos = end;
     }
+    if !is_last && version >= 2 && sealed_at.is_none() {
+        return Err(corrupt(
+            pos,
+            "segment does not end with a seal although a later segment exists: records were cut from its end".into(),
+        ));
+    }
     if pos < len {
         tracing::warn!(path = %path.display(), offset = pos, cut = len - pos, "cutting torn WAL tail");
         let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
         f.set_len(pos as u64).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
     }
-    Ok(Some(pos as u64))
+    Ok(Some((pos as u64, sealed_at.is_some())))
 }
 
 fn apply_replayed(
@@ -813,6 +856,7 @@ fn apply_replayed(
         Body::Purge { group, index, term } => groups.entry(group).or_default().purge(index, term),
         Body::Vote { group, bytes } => groups.entry(group).or_default().vote = Some(bytes.to_vec()),
         Body::Committed { group, bytes } => groups.entry(group).or_default().committed = Some(bytes.to_vec()),
+        Body::Seal { .. } => {}
         Body::Checkpoint { bytes } => {
             let metas: Vec<GroupMeta> = postcard::from_bytes(bytes).map_err(|e| WalError::Corrupt {
                 path: PathBuf::new(),

@@ -1,7 +1,7 @@
 //! The byte layout of WAL segments and records: the only place that knows it.
 //!
 //! ```text
-//! segment file  = header record*
+//! segment file  = header record* [SEAL]
 //! header (24 B) = magic "HABARWAL" (8) | format version u8 | reserved [u8; 3] | segment seq u64 LE | crc32c u32 LE of the 20 bytes before
 //! record        = body_len u32 LE | crc32c u32 LE of body | body
 //! body          = kind u8 | group u32 LE | kind-specific fields
@@ -11,13 +11,21 @@
 //!   VOTE        = opaque vote bytes (postcard, written by the log-store adapter)
 //!   COMMITTED   = opaque committed-log-id bytes
 //!   CHECKPOINT  = group meta of every group (first record of every segment after the first)
+//!   SEAL        = offset of this record u64 LE | next segment seq u64 LE
+//!                 (version 2: the last record of every segment that is not the last one)
 //! ```
+//!
+//! Version 1 segments have no SEAL; they are still read. A version 2 segment that is not the
+//! last must end with a SEAL naming its own offset, so a non-last segment cut at a record
+//! boundary (whole records lost, every remaining CRC fine) is detected as corruption.
 
 use crate::types::GroupId;
 
 pub const MAGIC: &[u8; 8] = b"HABARWAL";
-/// On-disk format version of segments and records. Bump it when either changes.
-pub const FORMAT_VERSION: u8 = 1;
+/// On-disk format version of segments and records written now. Bump it when either changes.
+pub const FORMAT_VERSION: u8 = 2;
+/// Oldest segment version still read (version 1: no SEAL records).
+pub const MIN_FORMAT_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 24;
 /// `body_len` + `crc`.
 pub const FRAME_LEN: usize = 8;
@@ -30,6 +38,7 @@ pub const KIND_PURGE: u8 = 3;
 pub const KIND_VOTE: u8 = 4;
 pub const KIND_COMMITTED: u8 = 5;
 pub const KIND_CHECKPOINT: u8 = 6;
+pub const KIND_SEAL: u8 = 7;
 
 pub fn encode_header(seq: u64) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
@@ -41,8 +50,9 @@ pub fn encode_header(seq: u64) -> [u8; HEADER_LEN] {
     h
 }
 
-/// Checks a segment header; returns its sequence number or a description of what is wrong.
-pub fn decode_header(h: &[u8]) -> Result<u64, String> {
+/// Checks a segment header; returns its sequence number and format version, or a
+/// description of what is wrong.
+pub fn decode_header(h: &[u8]) -> Result<(u64, u8), String> {
     if h.len() < HEADER_LEN {
         return Err(format!("header is {} bytes, expected {HEADER_LEN}", h.len()));
     }
@@ -53,10 +63,13 @@ pub fn decode_header(h: &[u8]) -> Result<u64, String> {
     if crc32c::crc32c(&h[..20]) != crc {
         return Err("header crc mismatch".into());
     }
-    if h[8] != FORMAT_VERSION {
-        return Err(format!("unsupported format version {}", h[8]));
+    if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&h[8]) {
+        return Err(format!(
+            "unsupported format version {} (this build reads {MIN_FORMAT_VERSION} to {FORMAT_VERSION})",
+            h[8]
+        ));
     }
-    Ok(le_u64(&h[12..20]))
+    Ok((le_u64(&h[12..20]), h[8]))
 }
 
 /// Appends one framed record to `buf`: reserves the frame, lets `body` write the body,
@@ -94,6 +107,7 @@ pub enum Body<'a> {
     Vote { group: GroupId, bytes: &'a [u8] },
     Committed { group: GroupId, bytes: &'a [u8] },
     Checkpoint { bytes: &'a [u8] },
+    Seal { offset: u64, next: u64 },
 }
 
 /// Parses a body whose CRC already matched. A body that is well framed but malformed
@@ -128,6 +142,10 @@ pub fn decode_body(b: &[u8]) -> Result<Body<'_>, String> {
         KIND_VOTE => Body::Vote { group, bytes: rest },
         KIND_COMMITTED => Body::Committed { group, bytes: rest },
         KIND_CHECKPOINT => Body::Checkpoint { bytes: rest },
+        KIND_SEAL => {
+            need(16)?;
+            Body::Seal { offset: le_u64(&rest[..8]), next: le_u64(&rest[8..16]) }
+        }
         other => return Err(format!("unknown record kind {other}")),
     })
 }
