@@ -29,7 +29,8 @@ struct Args {
     #[arg(long, value_parser = parse_secs)]
     duration: Option<f64>,
     /// Fault kinds, comma-separated: kill-leader, kill-follower, kill-random, kill-all,
-    /// pause-leader, power-loss-node, power-loss-all; with `--net netns` also
+    /// pause-leader, power-loss-node, power-loss-all, corrupt-wal, corrupt-snapshot; with
+    /// `--net netns` also
     /// partition-leader, partition-random, bridge (5 nodes), flap, slow-link, lossy-link
     /// (default: all, i.e. every kind valid for the --net mode).
     #[arg(long, default_value = "all")]
@@ -127,6 +128,15 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
         // in this run also loses the WAL writes no fsync covered.
         node_args.push("--test-lose-unsynced-wal-writes".into());
         eprintln!("habar-chaos: nodes run under the WAL power-loss model: every kill is a power cut");
+    }
+    if faults.iter().any(|k| matches!(k, FaultKind::CorruptWal | FaultKind::CorruptSnapshot)) {
+        // Corruption faults need something to damage: several WAL segments and snapshot
+        // files within a short run. Flags the caller gave win.
+        for (flag, value) in [("--wal-segment-bytes", "1048576"), ("--snapshot-logs-since-last", "500")] {
+            if !node_args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
+                node_args.push(format!("{flag}={value}"));
+            }
+        }
     }
     let opts = ChaosOptions {
         seed,

@@ -13,6 +13,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod damage;
 pub mod history;
 pub mod nemesis;
 pub mod netns;

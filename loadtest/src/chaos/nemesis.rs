@@ -1,7 +1,7 @@
 //! The nemesis: a seeded schedule of process and network faults, alternating quiet periods
 //! and faults, applied to a [`ChaosCluster`] one at a time.
 //!
-//! Process faults (kill, pause, power loss) work in every network mode; network faults
+//! Process faults (kill, pause, power loss, disk corruption) work in every network mode; network faults
 //! (partitions, flapping, slow and lossy links: [`FaultKind::NETWORK`]) need the nodes in
 //! network namespaces (`--net netns`, see [`super::netns`]).
 //!
@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use super::cluster::ChaosCluster;
 use super::cluster::NetMode;
+use super::damage;
 use super::netns;
 use super::netns::LinkFault;
 
@@ -63,6 +64,16 @@ pub enum FaultKind {
     PowerLossNode,
     /// Power cut of every node at once (a data-center outage), same model; restart all.
     PowerLossAll,
+    /// Disk corruption (fault 6) of one random node: SIGKILL it, damage its WAL (a flipped
+    /// bit in a record or a header, an older segment cut at a record boundary, a missing
+    /// segment: `damage.rs`), restart after the hold. The node must find it, move the WAL
+    /// aside and rejoin without a vote until caught up. Skipped while a node still repairs
+    /// (corruption of a majority is outside the guarantee).
+    CorruptWal,
+    /// Disk corruption of one random node's snapshot file (a flipped bit or a cut), node
+    /// killed first and restarted after the hold; it must quarantine the file and rebuild it.
+    /// A node without a snapshot file yet is only killed and restarted (noted).
+    CorruptSnapshot,
     /// Network (`--net netns`): cut the node leading the most shards off from every other
     /// node (iptables DROP both ways in the namespaces); the tester still reaches it, so
     /// clients talk to a node that is up but in a minority. Undone by removing the rules.
@@ -88,7 +99,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind, process then network.
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillRandom,
@@ -96,6 +107,8 @@ impl FaultKind {
         FaultKind::PauseLeader,
         FaultKind::PowerLossNode,
         FaultKind::PowerLossAll,
+        FaultKind::CorruptWal,
+        FaultKind::CorruptSnapshot,
         FaultKind::PartitionLeader,
         FaultKind::PartitionRandom,
         FaultKind::Bridge,
@@ -105,7 +118,7 @@ impl FaultKind {
     ];
 
     /// The kinds that act on processes (valid in every network mode).
-    pub const PROCESS: [FaultKind; 7] = [
+    pub const PROCESS: [FaultKind; 9] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillRandom,
@@ -113,6 +126,8 @@ impl FaultKind {
         FaultKind::PauseLeader,
         FaultKind::PowerLossNode,
         FaultKind::PowerLossAll,
+        FaultKind::CorruptWal,
+        FaultKind::CorruptSnapshot,
     ];
 
     /// The kinds that act on the network between nodes (need `--net netns`).
@@ -150,6 +165,8 @@ impl FaultKind {
             FaultKind::PauseLeader => "pause-leader",
             FaultKind::PowerLossNode => "power-loss-node",
             FaultKind::PowerLossAll => "power-loss-all",
+            FaultKind::CorruptWal => "corrupt-wal",
+            FaultKind::CorruptSnapshot => "corrupt-snapshot",
             FaultKind::PartitionLeader => "partition-leader",
             FaultKind::PartitionRandom => "partition-random",
             FaultKind::Bridge => "bridge",
@@ -194,9 +211,12 @@ impl FaultKind {
     /// How long the damage lasts, ms (inclusive range).
     pub fn hold_range(self, t: &Timing) -> (u64, u64) {
         match self {
-            FaultKind::KillLeader | FaultKind::KillFollower | FaultKind::KillRandom | FaultKind::PowerLossNode => {
-                t.down_ms
-            }
+            FaultKind::KillLeader
+            | FaultKind::KillFollower
+            | FaultKind::KillRandom
+            | FaultKind::PowerLossNode
+            | FaultKind::CorruptWal
+            | FaultKind::CorruptSnapshot => t.down_ms,
             FaultKind::KillAll | FaultKind::PowerLossAll => t.all_down_ms,
             FaultKind::PauseLeader => t.pause_ms,
             FaultKind::PartitionLeader
@@ -361,6 +381,22 @@ pub async fn inject(cluster: &mut ChaosCluster, plan: &PlannedFault) -> anyhow::
             }
             Ok((ids.clone(), power_note(plan.kind), Undo::Restart(ids)))
         }
+        FaultKind::CorruptWal | FaultKind::CorruptSnapshot => {
+            if let Some(why) = repair_in_progress(cluster).await {
+                return Ok((vec![], format!("skipped: {why}; corruption beyond a minority is out of scope"), Undo::Nothing));
+            }
+            let ids = cluster.ids();
+            let id = ids[(plan.pick % ids.len() as u64) as usize];
+            cluster.kill(id)?;
+            let data = cluster.node(id)?.data_dir.clone();
+            let note = if plan.kind == FaultKind::CorruptWal {
+                damage::corrupt_wal(&data.join("wal"), plan.pick)?
+            } else {
+                damage::corrupt_snapshot(&data.join("sm").join("snapshots"), plan.pick)?
+                    .unwrap_or_else(|| "no snapshot file yet: only killed".into())
+            };
+            Ok((vec![id], note, Undo::Restart(vec![id])))
+        }
         FaultKind::PartitionLeader => {
             let Some((id, led)) = most_leading(cluster, plan.pick).await else {
                 return Ok((vec![], "no node answered Cluster.Status".into(), Undo::Nothing));
@@ -402,6 +438,19 @@ pub async fn inject(cluster: &mut ChaosCluster, plan: &PlannedFault) -> anyhow::
             Ok((vec![id], note, Undo::RestoreLink(id)))
         }
     }
+}
+
+/// Why another corruption must wait: a node still repairing (or not answering, so it might
+/// be), or `None`.
+async fn repair_in_progress(cluster: &mut ChaosCluster) -> Option<String> {
+    for id in cluster.ids() {
+        match cluster.status(id, Duration::from_millis(1000)).await {
+            Some(s) if s.shards.iter().any(|sh| sh.repairing) => return Some(format!("node {id} is still repairing")),
+            Some(_) => {}
+            None => return Some(format!("node {id} does not answer Cluster.Status")),
+        }
+    }
+    None
 }
 
 /// The cluster's namespaces, or an error naming the kind (network kinds need netns).
