@@ -18,8 +18,11 @@
 //!   the damage had a winner or candidate that persisted it, and an election needs a
 //!   majority, so some answer of a majority of the others carries a term at least that high
 //!   (for one damaged node);
-//! - one of them is the leader in term `M`, with last log index `X` at the time it answered;
-//! - this node follows that leader in a term `>= M`, and its own log reaches `X`.
+//! - one of them is the leader in term `M`, with last log index `X` at the time it answered
+//!   (found once per shard and kept: under load the leader's last index moves on faster
+//!   than a query round, so a fresh target each round might never be reached);
+//! - this node follows a leader (that one or a later one) in a term `>= M`, and its own log
+//!   reaches `X`.
 //!
 //! Entries this node acknowledged before the damage were appended by leaders of terms `<= M`;
 //! the ones that were committed are in the log of the leader of `M` (leader completeness:
@@ -170,6 +173,10 @@ pub fn spawn(node: std::sync::Arc<Node>) -> tokio::task::JoinHandle<()> {
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reason: Vec<Option<String>> = vec![None; node.shards() as usize];
+        // Per shard, once found: (leader, term M, index X) to reach. Kept, not asked again:
+        // under load the leader's last index moves on faster than one query round, so a
+        // fresh target each round would never be reached.
+        let mut targets: Vec<Option<(NodeId, u64, u64)>> = vec![None; node.shards() as usize];
         loop {
             tick.tick().await;
             if node.repair.started.elapsed() < min_wait {
@@ -179,7 +186,7 @@ pub fn spawn(node: std::sync::Arc<Node>) -> tokio::task::JoinHandle<()> {
                 if !node.repair.is_repairing(g) {
                     continue;
                 }
-                match check_group(&node, g).await {
+                match check_group(&node, g, &mut targets[g as usize]).await {
                     Ok((leader, term, index)) => {
                         tracing::warn!(
                             shard = g,
@@ -215,31 +222,46 @@ pub fn spawn(node: std::sync::Arc<Node>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-async fn check_group(node: &std::sync::Arc<Node>, g: GroupId) -> Result<(NodeId, u64, u64), String> {
-    let voters = voters(node, g);
-    let mut answers = Vec::new();
-    for (id, addr) in voters.iter().filter(|(id, _)| *id != node.id) {
-        let Ok(channel) = node.pool.channel(*id, addr) else { continue };
-        let deadline = Instant::now() + QUERY_TIMEOUT;
-        if let Ok(ForwardResponse::RaftPosition(p)) =
-            crate::forward::call(channel, g, &ForwardRequest::RaftPosition, deadline).await
-        {
-            if p.node == *id {
-                answers.push(p);
+/// One round for shard `g`: finds its target if it has none yet, then checks this node's
+/// log against it. The target stays valid across leader changes: entries this node may have
+/// acknowledged and that were committed sit at indexes `<= X` in every later leader's log
+/// too, so following any leader of a term `>= M` with the log at `X` or beyond suffices.
+async fn check_group(
+    node: &std::sync::Arc<Node>,
+    g: GroupId,
+    found: &mut Option<(NodeId, u64, u64)>,
+) -> Result<(NodeId, u64, u64), String> {
+    let (leader, term, index) = match *found {
+        Some(t) => t,
+        None => {
+            let voters = voters(node, g);
+            let mut answers = Vec::new();
+            for (id, addr) in voters.iter().filter(|(id, _)| *id != node.id) {
+                let Ok(channel) = node.pool.channel(*id, addr) else { continue };
+                let deadline = Instant::now() + QUERY_TIMEOUT;
+                if let Ok(ForwardResponse::RaftPosition(p)) =
+                    crate::forward::call(channel, g, &ForwardRequest::RaftPosition, deadline).await
+                {
+                    if p.node == *id {
+                        answers.push(p);
+                    }
+                }
             }
+            let t = target(voters.len(), &answers)?;
+            *found = Some(t);
+            t
         }
-    }
-    let (leader, term, index) = target(voters.len(), &answers)?;
+    };
     let mine = node.rafts[g as usize].metrics().borrow_watched().clone();
-    if mine.current_term < term || mine.current_leader != Some(leader) {
+    if mine.current_term < term || mine.current_leader.is_none() {
         return Err(format!(
-            "following {:?} in term {}, the leader is {leader} in term {term}",
+            "following {:?} in term {}; must follow a leader of term {term} or later",
             mine.current_leader, mine.current_term
         ));
     }
     let have = mine.last_log_index.unwrap_or(0);
     if have < index {
-        return Err(format!("log reaches {have}, the leader's reached {index}"));
+        return Err(format!("log reaches {have}, leader {leader} had reached {index} in term {term}"));
     }
     Ok((leader, term, index))
 }

@@ -57,6 +57,13 @@ pub fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
         // "linearizable" read below entries it had committed and acknowledged (found by
         // habar-chaos with power-loss-all; openraft's `enable_leader_restore` docs).
         enable_leader_restore: Some(false),
+        // A node repairing after WAL corruption (`repair.rs`) comes back with a shorter log
+        // than its leaders recorded as matching. Without this a leader's replication to it
+        // stalls for good in release builds (and asserts in debug builds); with it the
+        // leader restarts the search for the matching index, keeping what a quorum already
+        // accepted. Election safety against such a node is the repair rule (it does not
+        // vote until caught up), not this setting.
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     Ok(Arc::new(c.validate().context("invalid Raft settings")?))
@@ -335,5 +342,14 @@ mod tests {
         let c = raft_config(&NodeConfig::default()).expect("default config is valid");
         assert_eq!(c.enable_leader_restore, Some(false));
         assert_eq!(c.enable_pre_vote, Some(true));
+    }
+
+    /// Property: a leader keeps replicating to a node whose log reverted (a node repairing
+    /// after corruption); without it, found by habar-chaos `corrupt-wal`, the repaired node
+    /// never caught up on some shards.
+    #[test]
+    fn leaders_replicate_to_a_repaired_node_whose_log_reverted() {
+        let c = raft_config(&NodeConfig::default()).expect("default config is valid");
+        assert_eq!(c.allow_log_reversion, Some(true));
     }
 }

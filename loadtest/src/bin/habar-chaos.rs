@@ -132,7 +132,7 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
     if faults.iter().any(|k| matches!(k, FaultKind::CorruptWal | FaultKind::CorruptSnapshot)) {
         // Corruption faults need something to damage: several WAL segments and snapshot
         // files within a short run. Flags the caller gave win.
-        for (flag, value) in [("--wal-segment-bytes", "1048576"), ("--snapshot-logs-since-last", "500")] {
+        for (flag, value) in [("--wal-segment-bytes", "1048576"), ("--snapshot-logs-since-last", "200")] {
             if !node_args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
                 node_args.push(format!("{flag}={value}"));
             }
