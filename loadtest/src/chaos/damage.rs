@@ -23,7 +23,9 @@ const FRAME: usize = 8;
 
 fn files_with_ext(dir: &Path, ext: &str) -> anyhow::Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == ext)).collect(),
+        Ok(rd) => {
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == ext)).collect()
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
     };
@@ -98,7 +100,11 @@ pub fn corrupt_wal(wal_dir: &Path, pick: u64) -> anyhow::Result<String> {
         let at = start + FRAME + rng.gen_range(0..len);
         bytes[at] ^= 1 << rng.gen_range(0..8);
         fs::write(seg, &bytes).with_context(|| format!("writing {}", seg.display()))?;
-        return Ok(format!("flipped a bit of {} at byte {at} (record at {start}, {} records)", name(seg), starts.len()));
+        return Ok(format!(
+            "flipped a bit of {} at byte {at} (record at {start}, {} records)",
+            name(seg),
+            starts.len()
+        ));
     }
     anyhow::bail!("no complete WAL record to damage in {}", wal_dir.display())
 }

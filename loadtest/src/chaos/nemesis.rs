@@ -383,7 +383,11 @@ pub async fn inject(cluster: &mut ChaosCluster, plan: &PlannedFault) -> anyhow::
         }
         FaultKind::CorruptWal | FaultKind::CorruptSnapshot => {
             if let Some(why) = repair_in_progress(cluster).await {
-                return Ok((vec![], format!("skipped: {why}; corruption beyond a minority is out of scope"), Undo::Nothing));
+                return Ok((
+                    vec![],
+                    format!("skipped: {why}; corruption beyond a minority is out of scope"),
+                    Undo::Nothing,
+                ));
             }
             let ids = cluster.ids();
             let id = ids[(plan.pick % ids.len() as u64) as usize];
