@@ -55,7 +55,15 @@ pub fn corrupt_wal(wal_dir: &Path, pick: u64) -> anyhow::Result<String> {
     anyhow::ensure!(!segs.is_empty(), "no WAL segment in {}", wal_dir.display());
     let mut rng = StdRng::seed_from_u64(pick ^ 0xDA3A_6E00);
     let name = |p: &Path| p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let mode = rng.gen_range(0..4u8);
+    // Among the kinds of damage this WAL allows, uniformly.
+    let mut modes = vec![0u8, 3];
+    if segs.len() >= 2 {
+        modes.push(1);
+    }
+    if segs.len() >= 3 {
+        modes.push(2);
+    }
+    let mode = modes[rng.gen_range(0..modes.len())];
     match mode {
         // An older segment cut at a record boundary: whole records gone, every CRC left fine.
         1 if segs.len() >= 2 => {
@@ -182,6 +190,30 @@ mod tests {
             assert_eq!(notes[0], notes[1]);
             assert_eq!(after[0], after[1]);
         }
+    }
+
+    /// Property: with enough segments every kind of WAL damage is chosen by some pick.
+    #[test]
+    fn every_kind_of_wal_damage_occurs() {
+        let mut seen = std::collections::BTreeSet::new();
+        for pick in 0..100u64 {
+            let dir = tempfile::tempdir().unwrap();
+            for s in 1..=4u64 {
+                let recs: Vec<Vec<u8>> = (0..5).map(|i| vec![i + 1; 20]).collect();
+                let refs: Vec<&[u8]> = recs.iter().map(|r| r.as_slice()).collect();
+                fs::write(dir.path().join(format!("{s:020}.wal")), fake_segment(&refs)).unwrap();
+            }
+            let note = corrupt_wal(dir.path(), pick).unwrap();
+            let kind = if note.contains("header") {
+                "header"
+            } else {
+                note.split_whitespace().next().unwrap_or("")
+            };
+            seen.insert(kind.to_string());
+        }
+        let want: std::collections::BTreeSet<String> =
+            ["cut", "flipped", "header", "removed"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(seen, want);
     }
 
     #[test]
