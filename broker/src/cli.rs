@@ -230,6 +230,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // Colours only on a terminal, not in log files (`habar dev` writes n<i>.log).
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
             tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+            if let Some(addr) = cfg.metrics_listen {
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .with_http_listener(addr)
+                    .install()
+                    .map_err(|e| anyhow::anyhow!("setting `metrics_listen`: cannot serve metrics on {addr}: {e}"))?;
+                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            }
             let shutdown = shutdown_signal();
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await

@@ -107,6 +107,9 @@ pub struct NodeConfig {
     /// (e.g. listening on 0.0.0.0). See [`NodeConfig::advertise_addr`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Used only when the node's storage is empty.
     #[serde(with = "cluster_string")]
@@ -168,6 +171,7 @@ impl Default for NodeConfig {
             id: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
             advertise: None,
+            metrics_listen: None,
             data_dir: PathBuf::from("./habar-data"),
             initial_cluster: BTreeMap::new(),
             shards: 16,
@@ -217,6 +221,9 @@ pub struct ConfigLayer {
     /// entry, else listen).
     #[arg(long, env = "HABAR_ADVERTISE")]
     pub advertise: Option<String>,
+    /// HTTP address for Prometheus metrics (`GET /metrics`), e.g. 127.0.0.1:9101; off when unset.
+    #[arg(long, env = "HABAR_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Directory of this node's WAL, state machine and snapshots.
     #[arg(long, env = "HABAR_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -327,6 +334,9 @@ impl NodeConfig {
         if let Some(a) = layer.advertise {
             self.advertise = Some(a);
         }
+        if let Some(m) = layer.metrics_listen {
+            self.metrics_listen = Some(m);
+        }
         merge_fields!(self, layer; id, listen, data_dir, shards, heartbeat_interval_ms,
             election_timeout_min_ms, election_timeout_max_ms, install_snapshot_timeout_ms,
             snapshot_logs_since_last, max_in_snapshot_log_to_keep, max_payload_entries,
@@ -396,6 +406,12 @@ impl NodeConfig {
                 ),
             ));
         };
+        if self.metrics_listen.is_some_and(|m| m == self.listen) {
+            return Err(invalid(
+                "metrics_listen",
+                format!("{} is the gRPC listen address; use another port", self.listen),
+            ));
+        }
         if let Some(a) = &self.advertise {
             if !is_host_port(a) {
                 return Err(invalid("advertise", format!("`{a}` is not `host:port`")));

@@ -277,9 +277,14 @@ pub async fn serve_node(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
+    let (fatal_tx, mut fatal_rx) = tokio::sync::watch::channel::<Option<String>>(None);
+    let fatal_watch = spawn_fatal_watch(&node, fatal_tx.clone());
     let stopping = node.clone();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = fatal_rx.wait_for(|f| f.is_some()) => {}
+        }
         // Streams first: the server's graceful shutdown waits for them to end.
         stopping.stopping.send_replace(true);
     };
@@ -319,6 +324,9 @@ pub async fn serve_node(
         .add_service(transport.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
+    for w in fatal_watch {
+        w.abort();
+    }
     probe.abort();
     repairer.abort();
     disk_watch.abort();
@@ -327,8 +335,60 @@ pub async fn serve_node(
     for raft in &node.rafts {
         let _ = raft.shutdown().await;
     }
-    node.store.flush().context("flushing the state machine at shutdown")?;
+    let flushed = node.store.flush().context("flushing the state machine at shutdown");
+    let fatal = fatal_tx.borrow().clone();
+    if let Some(why) = fatal {
+        anyhow::bail!(
+            "stopped because a Raft group failed ({why}); restart the node: it recovers from its files \
+             (after freeing space if the disk was full)"
+        );
+    }
+    flushed?;
     res.context("gRPC server")
+}
+
+/// Watches every shard's Raft group; the first that stops on an error (a storage error,
+/// e.g. ENOSPC from the state machine, or a panic) is reported on `tx`, and the node then
+/// shuts down and `serve` fails. A node whose group died would otherwise stay up looking
+/// healthy while refusing all replication for that shard until someone restarts it; exiting
+/// lets its supervisor restart it, and recovery from its files is what makes it whole again.
+fn spawn_fatal_watch(
+    node: &Arc<Node>,
+    tx: tokio::sync::watch::Sender<Option<String>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use openraft::rt::watch::WatchReceiver;
+    node.rafts
+        .iter()
+        .enumerate()
+        .map(|(g, raft)| {
+            let mut metrics = raft.metrics();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let state = metrics.borrow_watched().running_state.clone();
+                    match state {
+                        Ok(()) | Err(openraft::error::Fatal::Stopped) => {}
+                        Err(e) => {
+                            tracing::error!(shard = g, error = %e, "Raft group stopped on an error: the node shuts down to restart from its files");
+                            metrics::counter!("habar_raft_group_failures_total").increment(1);
+                            tx.send_if_modified(|f| {
+                                if f.is_none() {
+                                    *f = Some(format!("shard {g}: {e}"));
+                                    true
+                                } else {
+                                    false
+                                }
+                            });
+                            return;
+                        }
+                    }
+                    if metrics.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

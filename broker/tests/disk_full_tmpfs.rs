@@ -74,6 +74,9 @@ impl TmpfsCluster {
             3,
             &["--shards", &SHARDS.to_string(), "--min-free-disk-bytes", &MIN_FREE.to_string()],
         );
+        let mut nodes = nodes;
+        // Node 3 serves Prometheus metrics (the disk guard's gauges are checked).
+        nodes[2].args.extend(["--metrics-listen".to_string(), format!("127.0.0.1:{}", free_port())]);
         let mount = nodes[2].data_dir.clone();
         std::fs::create_dir_all(&mount).unwrap();
         match Command::new("mount").args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"]).arg(&mount).output() {
@@ -91,6 +94,19 @@ impl TmpfsCluster {
         let free = free_bytes(&c.mount).unwrap();
         assert!(free <= 64 * MIB && free > 60 * MIB, "node 3's data directory is the fresh tmpfs ({free} bytes free)");
         Some(c)
+    }
+
+    /// Node 3's `/metrics` text (Prometheus), or `None` if it does not answer.
+    async fn metrics3(&self) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        use tokio::io::AsyncWriteExt;
+        let args = &self.nodes[2].args;
+        let addr = args.iter().position(|a| a == "--metrics-listen").and_then(|i| args.get(i + 1))?;
+        let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_string(&mut body)).await.ok()?.ok()?;
+        Some(body)
     }
 
     fn endpoint(&self, id: u64) -> String {
@@ -393,6 +409,11 @@ async fn a_node_whose_tmpfs_fills_refuses_writes_hands_over_and_catches_up() {
     }
     eprintln!("node 3 leads no shard ({:?} after the fill)", start.elapsed());
 
+    // Operators see it: node 3's metrics say full, with the free bytes.
+    let m = cluster.metrics3().await.expect("node 3 serves /metrics");
+    assert!(m.lines().any(|l| l == "habar_disk_full 1"), "habar_disk_full is 1 on node 3:\n{m}");
+    assert!(m.contains("habar_disk_free_bytes"), "{m}");
+
     // Nodes 1 and 2 keep a quorum: every publish through node 1 is acknowledged. These go to
     // conversations of their own, so node 3's replica of them shows whether it took
     // replication while full.
@@ -614,6 +635,24 @@ async fn enospc_on_node_3_loses_nothing_and_it_catches_up_after_space_returns() 
         eprintln!("n3.log: {l}");
     }
 
+    // A node whose Raft group stopped on the storage error must not stay up looking
+    // healthy: it shuts down (non-zero exit) so that its supervisor restarts it.
+    if log_before.contains("Raft group stopped on an error") {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = cluster.exited(3) {
+                break st;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "node 3's Raft group failed but the process did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(!status.success(), "node 3 exits with an error status after its storage failed: {status:?}");
+        eprintln!("node 3 exited after its storage failed: {status:?}");
+    }
+
     // Space returns. Node 3 catches up on its own, or, if its storage stopped or it died,
     // after a restart.
     std::fs::remove_file(cluster.mount.join("filler")).unwrap();
@@ -626,31 +665,36 @@ async fn enospc_on_node_3_loses_nothing_and_it_catches_up_after_space_returns() 
             "node 3 did not catch up within 30 s of the filler's removal (process: {:?}); restarting it",
             cluster.exited(3)
         );
-        // What a client of node 3 sees now (reported, not asserted).
+        // What a client of node 3 sees now, if it still runs (reported, not asserted).
         let t = Instant::now();
-        let mut c3 = broker(&eps[2]).await;
-        let probe = publish_one(&mut c3, &envelope("enospc-probe", 1)).await;
-        eprintln!("publish via node 3 after the removal: {probe:?} in {:?}", t.elapsed());
-        let t = Instant::now();
-        let mut req = tonic::Request::new(pb::ReadRequest {
-            conversation_id: "enospc-0".into(),
-            from_seq: 1,
-            limit: 1,
-            ..Default::default()
-        });
-        req.set_timeout(Duration::from_secs(5));
-        let read = c3.read(req).await.map(|r| r.into_inner().envelopes.len());
-        eprintln!("linearizable read via node 3 after the removal: {read:?} in {:?}", t.elapsed());
-        eprintln!(
-            "node 3 after the removal: health {:?}; leaders it reports {:?}",
-            health(&eps[2]).await,
-            status(&eps[2]).await.map(|s| s.shards.iter().map(|sh| sh.leader).collect::<Vec<_>>())
-        );
+        if cluster.exited(3).is_none() {
+            let mut c3 = broker(&eps[2]).await;
+            let probe = publish_one(&mut c3, &envelope("enospc-probe", 1)).await;
+            eprintln!("publish via node 3 after the removal: {probe:?} in {:?}", t.elapsed());
+            let t = Instant::now();
+            let mut req = tonic::Request::new(pb::ReadRequest {
+                conversation_id: "enospc-0".into(),
+                from_seq: 1,
+                limit: 1,
+                ..Default::default()
+            });
+            req.set_timeout(Duration::from_secs(5));
+            let read = c3.read(req).await.map(|r| r.into_inner().envelopes.len());
+            eprintln!("linearizable read via node 3 after the removal: {read:?} in {:?}", t.elapsed());
+            eprintln!(
+                "node 3 after the removal: health {:?}; leaders it reports {:?}",
+                health(&eps[2]).await,
+                status(&eps[2]).await.map(|s| s.shards.iter().map(|sh| sh.leader).collect::<Vec<_>>())
+            );
+        }
         let log_now = std::fs::read_to_string(cluster.log_path(3)).unwrap();
         for l in trouble_lines(&log_now[log_before.len().min(log_now.len())..]) {
             eprintln!("n3.log after removal: {l}");
         }
         std::fs::write(cluster.dir.path().join("n3.before-restart.log"), &log_now).unwrap();
+        if cluster.exited(3).is_some() {
+            cluster.nodes[2].child = None;
+        }
         cluster.nodes[2].kill();
         cluster.nodes[2].start();
         let restarted = Instant::now();

@@ -204,11 +204,7 @@ mod tests {
                 fs::write(dir.path().join(format!("{s:020}.wal")), fake_segment(&refs)).unwrap();
             }
             let note = corrupt_wal(dir.path(), pick).unwrap();
-            let kind = if note.contains("header") {
-                "header"
-            } else {
-                note.split_whitespace().next().unwrap_or("")
-            };
+            let kind = if note.contains("header") { "header" } else { note.split_whitespace().next().unwrap_or("") };
             seen.insert(kind.to_string());
         }
         let want: std::collections::BTreeSet<String> =
