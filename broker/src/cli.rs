@@ -606,12 +606,13 @@ mod tests {
                     purged_index: 0,
                     repairing: false,
                 },
-                pb::ShardStatus { shard: 1, ..Default::default() },
+                pb::ShardStatus { shard: 1, repairing: true, ..Default::default() },
             ],
             shard_count: 2,
         };
         let t = format_status(&s);
         assert!(t.contains("127.0.0.1:7002") && t.contains("DOWN") && t.contains("alive"), "{t}");
+        assert!(t.contains("REPAIRING 1 shard(s)"), "a repairing node says so: {t}");
         assert!(t.contains("2:38") && t.contains("none"), "{t}");
         assert!(t.contains("1 shard(s) without a leader"), "{t}");
     }

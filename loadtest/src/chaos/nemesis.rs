@@ -17,8 +17,8 @@
 //! after the planned hold time (a fault that acts during its hold, like `flap`, does so in
 //! [`hold`]). To add a kind:
 //!
-//! 1. add a variant to [`FaultKind`], to [`FaultKind::ALL`] (and [`FaultKind::PROCESS`] or
-//!    [`FaultKind::NETWORK`]) and to its `name`;
+//! 1. add a variant to [`FaultKind`], to [`FaultKind::PROCESS`] or [`FaultKind::NETWORK`]
+//!    (and the length of [`FaultKind::ALL`]) and to its `name`;
 //! 2. give it a hold-time range in [`FaultKind::hold_range`];
 //! 3. add its arm to [`inject`] and a matching [`Undo`] variant handled by [`heal_fault`]
 //!    (network kinds: see `Undo::HealCuts`, `Undo::RestoreLink`).
@@ -99,23 +99,7 @@ pub enum FaultKind {
 
 impl FaultKind {
     /// Every kind, process then network.
-    pub const ALL: [FaultKind; 15] = [
-        FaultKind::KillLeader,
-        FaultKind::KillFollower,
-        FaultKind::KillRandom,
-        FaultKind::KillAll,
-        FaultKind::PauseLeader,
-        FaultKind::PowerLossNode,
-        FaultKind::PowerLossAll,
-        FaultKind::CorruptWal,
-        FaultKind::CorruptSnapshot,
-        FaultKind::PartitionLeader,
-        FaultKind::PartitionRandom,
-        FaultKind::Bridge,
-        FaultKind::Flap,
-        FaultKind::SlowLink,
-        FaultKind::LossyLink,
-    ];
+    pub const ALL: [FaultKind; 15] = concat_kinds(FaultKind::PROCESS, FaultKind::NETWORK);
 
     /// The kinds that act on processes (valid in every network mode).
     pub const PROCESS: [FaultKind; 9] = [
@@ -227,6 +211,25 @@ impl FaultKind {
             FaultKind::Flap => t.flap_ms,
         }
     }
+}
+
+/// `a` then `b`: [`FaultKind::ALL`] from the two lists, so a new kind is listed once.
+const fn concat_kinds<const A: usize, const B: usize, const N: usize>(
+    a: [FaultKind; A],
+    b: [FaultKind; B],
+) -> [FaultKind; N] {
+    assert!(A + B == N, "ALL must be as long as PROCESS and NETWORK together");
+    let mut out = [FaultKind::KillLeader; N];
+    let mut i = 0;
+    while i < A {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - A];
+        i += 1;
+    }
+    out
 }
 
 /// Durations of the schedule, ms (inclusive ranges).
