@@ -19,6 +19,8 @@ use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
 
 use futures::StreamExt;
 use openraft::storage::EntryResponder;
@@ -81,7 +83,28 @@ struct GroupRt {
     applied: watch::Sender<u64>,
     changes: broadcast::Sender<Change>,
     current: Mutex<Option<(SnapshotMeta, SnapshotData)>>,
+    /// `current`'s file as it was when every CRC of it was last read and checked (at open, or
+    /// by `current_snapshot_checked`; a file just built or received is read once more on its
+    /// first use).
+    checked: Mutex<Option<Checked>>,
 }
+
+/// A snapshot file whose every CRC was checked: its path, length and modification time then,
+/// and when.
+type Checked = (PathBuf, u64, std::time::SystemTime, Instant);
+
+/// `path`'s length and modification time, as a check records them.
+fn checked_now(path: &Path) -> Option<Checked> {
+    let m = fs::metadata(path).ok()?;
+    Some((path.to_path_buf(), m.len(), m.modified().ok()?, Instant::now()))
+}
+
+/// A snapshot file checked this recently, and not rewritten since (same length and
+/// modification time), is not read again before use. openraft asks for the current snapshot
+/// twice at start, right after the open checked every file; damage that leaves the file's
+/// metadata alone is caught at the next check after this (and by the receiver, which checks
+/// every CRC).
+const SNAPSHOT_RECHECK: Duration = Duration::from_secs(60);
 
 /// A conversation's own record: its last seq and retention limits (0 = none).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -427,11 +450,14 @@ impl StateStore {
         };
         let applied = self.applied_state_at(group, generation)?.0.map_or(0, |l| l.index);
         let current = self.inner.found_snapshots.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        // Found at open, which checked every CRC of it.
+        let checked = current.as_ref().and_then(|(_, d)| checked_now(d.path()));
         let rt = Arc::new(GroupRt {
             generation: AtomicU32::new(generation),
             applied: watch::channel(applied).0,
             changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             current: Mutex::new(current),
+            checked: Mutex::new(checked),
         });
         groups.insert(group, rt.clone());
         Ok(rt)
@@ -1123,8 +1149,26 @@ impl StateStore {
     ) -> Result<Option<(SnapshotMeta, SnapshotData)>, StoreError> {
         let cur = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some((meta, data)) = cur else { return Ok(None) };
+        let unchanged = {
+            let checked = rt.checked.lock().unwrap_or_else(|p| p.into_inner());
+            match (checked.as_ref(), fs::metadata(data.path())) {
+                (Some((p, len, mtime, at)), Ok(m)) => {
+                    p == data.path()
+                        && *len == m.len()
+                        && m.modified().is_ok_and(|t| t == *mtime)
+                        && at.elapsed() < SNAPSHOT_RECHECK
+                }
+                _ => false,
+            }
+        };
+        if unchanged {
+            return Ok(Some((meta, data)));
+        }
         match SnapshotReader::validate(data.path()) {
-            Ok(_) => Ok(Some((meta, data))),
+            Ok(_) => {
+                *rt.checked.lock().unwrap_or_else(|p| p.into_inner()) = checked_now(data.path());
+                Ok(Some((meta, data)))
+            }
             Err(e @ StoreError::Corrupt { .. }) => {
                 {
                     let mut cur = rt.current.lock().unwrap_or_else(|p| p.into_inner());
