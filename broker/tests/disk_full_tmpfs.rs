@@ -5,8 +5,8 @@
 //! Needs root (to mount the tmpfs); without it, or when the mount fails, each test prints
 //! `skipped: ...` and passes.
 //!
-//! Metrics: a node has no Prometheus (HTTP) listener (`config.rs` has no such setting and no
-//! exporter is installed), so `habar_disk_full` is not checked here.
+//! Metrics: node 3 serves Prometheus text (`--metrics-listen`); the first test checks
+//! `habar_disk_full` there.
 
 mod common;
 
@@ -119,9 +119,9 @@ impl TmpfsCluster {
 
     /// Starts node 3 first and waits until it serves, then node 1, then node 2 once every
     /// shard has a leader, so that node 3 usually leads some shards when its disk fills
-    /// (the handover is then exercised, not only the refusal). Returns how many shards
-    /// node 3 leads.
-    async fn start(&mut self) -> usize {
+    /// (the handover is then exercised, not only the refusal). Prints how many shards node 3
+    /// leads.
+    async fn start(&mut self) {
         self.nodes[2].start();
         let start = Instant::now();
         while status(&self.endpoint(3)).await.is_none() {
@@ -136,8 +136,11 @@ impl TmpfsCluster {
         }
         let s = wait_ready(&self.endpoint(1), Duration::from_secs(60)).await;
         let leaders: Vec<u64> = s.shards.iter().map(|sh| sh.leader).collect();
-        eprintln!("shard leaders at start: {leaders:?}");
-        leaders.iter().filter(|l| **l == 3).count()
+        let led = leaders.iter().filter(|l| **l == 3).count();
+        eprintln!(
+            "shard leaders at start: {leaders:?}; node 3 leads {led} of {SHARDS} before its disk fills ({:?})",
+            start.elapsed()
+        );
     }
 
     /// Whether node `id`'s process has exited (and how).
@@ -342,8 +345,7 @@ fn trouble_lines(log: &str) -> Vec<String> {
 async fn a_node_whose_tmpfs_fills_refuses_writes_hands_over_and_catches_up() {
     let Some(mut cluster) = TmpfsCluster::mount() else { return };
     let t0 = Instant::now();
-    let led = cluster.start().await;
-    eprintln!("node 3 leads {led} of {SHARDS} shards before its disk fills ({:?})", t0.elapsed());
+    cluster.start().await;
     let (ep1, ep3) = (cluster.endpoint(1), cluster.endpoint(3));
     let convs: Vec<String> = (0..12).map(|i| format!("tmpfs-{i}")).collect();
     let mut acked = Acked::new();
@@ -549,8 +551,7 @@ fn spawn_publishers(
 async fn enospc_on_node_3_loses_nothing_and_it_catches_up_after_space_returns() {
     let Some(mut cluster) = TmpfsCluster::mount() else { return };
     let t0 = Instant::now();
-    let led = cluster.start().await;
-    eprintln!("node 3 leads {led} of {SHARDS} shards before its disk fills ({:?})", t0.elapsed());
+    cluster.start().await;
     let eps: Vec<String> = (1..=3).map(|id| cluster.endpoint(id)).collect();
     let history: Arc<Mutex<History>> = Default::default();
     let stop = Arc::new(AtomicBool::new(false));

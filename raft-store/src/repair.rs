@@ -144,8 +144,9 @@ pub fn quarantine(quarantine_dir: &Path, path: &Path) -> Result<PathBuf, StoreEr
     Ok(dst)
 }
 
+/// Milliseconds since the Unix epoch (the marker's `since_unix_ms`, quarantine names).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    (crate::error::unix_nanos() / 1_000_000) as u64
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {

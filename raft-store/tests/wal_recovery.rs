@@ -26,14 +26,19 @@ fn append_sync(wal: &Wal, group: u32, range: std::ops::Range<u64>, term: u64) {
     wal.wait_durable_blocking(lsn).unwrap();
 }
 
+/// The newest segment (the only one in tests with default-sized segments).
 fn only_segment(dir: &Path) -> PathBuf {
-    let mut segs: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-        .collect();
-    segs.sort();
-    segs.pop().unwrap()
+    segments_of(dir).pop().unwrap()
+}
+
+/// Opens the WAL expecting corruption; returns the file, offset and reason it names.
+/// `what` says what damage must not open silently.
+fn open_corrupt(c: WalConfig, what: &str) -> (PathBuf, u64, String) {
+    match Wal::open(c) {
+        Err(WalError::Corrupt { path, offset, reason }) => (path, offset, reason),
+        Err(e) => panic!("{what}: expected corruption, got {e}"),
+        Ok(_) => panic!("{what} must not open silently"),
+    }
 }
 
 fn all(wal: &Wal, group: u32) -> Vec<WalEntry> {
@@ -102,34 +107,21 @@ fn flipped_byte_in_the_middle_is_reported_with_file_and_offset() {
     // Flip a byte inside the payload of the record that starts at `mid`.
     bytes[mid as usize + 30] ^= 0x40;
     fs::write(&seg, &bytes).unwrap();
-    match Wal::open(cfg(dir.path())) {
-        Err(WalError::Corrupt { path, offset, reason }) => {
-            assert_eq!(path, seg);
-            assert_eq!(offset, mid, "offset of the damaged record");
-            assert!(reason.contains("crc"), "{reason}");
-        }
-        Err(e) => panic!("expected corruption, got {e}"),
-        Ok(_) => panic!("a corrupt record in the middle must not open silently"),
-    }
+    let (path, offset, reason) = open_corrupt(cfg(dir.path()), "a corrupt record in the middle");
+    assert_eq!(path, seg);
+    assert_eq!(offset, mid, "offset of the damaged record");
+    assert!(reason.contains("crc"), "{reason}");
 }
 
 #[test]
 fn corrupt_non_last_segment_is_an_error_even_at_its_end() {
     let dir = tempfile::tempdir().unwrap();
-    let mut c = cfg(dir.path());
-    c.segment_bytes = 2048;
-    {
-        let wal = Wal::open(c.clone()).unwrap();
-        for i in 1..200 {
-            append_sync(&wal, 1, i..i + 1, 1);
-        }
-        assert!(wal.segments().len() > 2);
-    }
-    let first = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let c = small_segments(dir.path());
+    let first = segments_of(dir.path()).remove(0);
     let len = fs::metadata(&first).unwrap().len();
     // Truncating an older segment loses acknowledged data: never a silent cut.
     OpenOptions::new().write(true).open(&first).unwrap().set_len(len - 3).unwrap();
-    assert!(matches!(Wal::open(c), Err(WalError::Corrupt { .. })));
+    open_corrupt(c, "an older segment cut inside a record");
 }
 
 #[test]
@@ -272,14 +264,9 @@ fn older_segment_cut_at_a_record_boundary_is_detected() {
     assert_eq!(pos, bytes.len());
     for cut in [starts[starts.len() - 1], starts[starts.len() - 2]] {
         fs::write(victim, &bytes[..cut]).unwrap();
-        match Wal::open(c.clone()) {
-            Err(WalError::Corrupt { path, reason, .. }) => {
-                assert_eq!(&path, victim);
-                assert!(reason.contains("seal"), "{reason}");
-            }
-            Err(e) => panic!("expected corruption, got {e}"),
-            Ok(_) => panic!("a segment cut at a record boundary must not open silently (cut at {cut})"),
-        }
+        let (path, _, reason) = open_corrupt(c.clone(), &format!("a segment cut at a record boundary (at {cut})"));
+        assert_eq!(&path, victim);
+        assert!(reason.contains("seal"), "{reason}");
     }
 }
 
@@ -290,13 +277,8 @@ fn missing_middle_segment_is_detected() {
     let c = small_segments(dir.path());
     let segs = segments_of(dir.path());
     fs::remove_file(&segs[2]).unwrap();
-    match Wal::open(c) {
-        Err(WalError::Corrupt { reason, .. }) => {
-            assert!(reason.contains("missing") || reason.contains("hole"), "{reason}")
-        }
-        Err(e) => panic!("expected corruption, got {e}"),
-        Ok(_) => panic!("a missing segment must not open silently"),
-    }
+    let (_, _, reason) = open_corrupt(c, "a missing segment");
+    assert!(reason.contains("missing") || reason.contains("hole"), "{reason}");
 }
 
 /// Property (fault 6): a bit flip in the last, complete record of the last segment is
@@ -313,14 +295,9 @@ fn flipped_bit_in_the_last_complete_record_is_corruption() {
     let n = bytes.len();
     bytes[n - 2] ^= 0x01;
     fs::write(&seg, &bytes).unwrap();
-    match Wal::open(cfg(dir.path())) {
-        Err(WalError::Corrupt { path, reason, .. }) => {
-            assert_eq!(path, seg);
-            assert!(reason.contains("crc"), "{reason}");
-        }
-        Err(e) => panic!("expected corruption, got {e}"),
-        Ok(_) => panic!("a flipped bit in the last record must not be cut as a torn write"),
-    }
+    let (path, _, reason) = open_corrupt(cfg(dir.path()), "a flipped bit in the last record (not a torn write)");
+    assert_eq!(path, seg);
+    assert!(reason.contains("crc"), "{reason}");
 }
 
 /// Property: a crash right after a segment was sealed (before the next one exists) opens
