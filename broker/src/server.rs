@@ -23,6 +23,7 @@ use habar_raft_store::WalError;
 use openraft::SnapshotPolicy;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::config::NodeConfig;
 use crate::forward::ForwardRequest;
@@ -322,7 +323,7 @@ pub async fn serve_node(
         .add_service(AdminServer::new(AdminService::new(node.clone())))
         .add_service(ForwarderService::new(node.clone()).into_server())
         .add_service(transport.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(accept_nodelay(listener), shutdown)
         .await;
     for w in fatal_watch {
         w.abort();
@@ -391,6 +392,22 @@ fn spawn_fatal_watch(
         .collect()
 }
 
+/// The accepted connections, each with `TCP_NODELAY` set. tonic ignores its own
+/// `tcp_nodelay` setting for a listener passed in (`serve_with_incoming`), so without this
+/// every server socket ran Nagle's algorithm: a response written as several small frames
+/// (headers, data, trailers) waited for the peer's delayed ACK, up to 40 ms on Linux. That
+/// was the 30-45 ms tail of a single publisher (docs/BENCHMARKS.md).
+fn accept_nodelay(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    TcpListenerStream::new(listener).map(|conn| {
+        if let Ok(stream) = &conn {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY on an accepted connection");
+            }
+        }
+        conn
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +428,20 @@ mod tests {
     fn leaders_replicate_to_a_repaired_node_whose_log_reverted() {
         let c = raft_config(&NodeConfig::default()).expect("default config is valid");
         assert_eq!(c.allow_log_reversion, Some(true));
+    }
+
+    /// Property: every connection the node accepts has Nagle's algorithm off (tonic ignores
+    /// its own `tcp_nodelay` for a listener passed in; with Nagle on, one response in ~100
+    /// waited up to 40 ms for a delayed ACK).
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let mut incoming = Box::pin(accept_nodelay(listener));
+        for _ in 0..3 {
+            let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let accepted = incoming.next().await.expect("a connection").expect("accepted");
+            assert!(accepted.nodelay().expect("read TCP_NODELAY"), "an accepted connection runs Nagle's algorithm");
+        }
     }
 }
