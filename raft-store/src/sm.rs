@@ -57,7 +57,7 @@ use crate::types::TypeConfig;
 use crate::types::MESSAGE_ID_LEN;
 
 /// Default sled page cache. sled's RAM use is several times this.
-pub const DEFAULT_CACHE_CAPACITY: u64 = 64 << 20;
+pub const DEFAULT_CACHE_CAPACITY: u64 = 128 << 20;
 /// Bound on the records of one sled batch while installing a snapshot.
 const INSTALL_BATCH_RECORDS: usize = 2048;
 /// Where damaged snapshot files go, beside `snapshots/` (never read again).
