@@ -13,6 +13,7 @@
 pub mod chaos;
 pub mod openloop;
 pub mod plot;
+pub mod ramp;
 pub mod report;
 pub mod run;
 pub mod scenario;

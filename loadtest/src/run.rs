@@ -22,6 +22,8 @@ use serde::Serialize;
 
 use crate::openloop;
 use crate::openloop::Schedule;
+pub use crate::ramp::RampReport;
+pub use crate::ramp::RampStep;
 use crate::scenario::Mode;
 use crate::scenario::Phase;
 use crate::scenario::Scenario;
@@ -77,24 +79,6 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         Machine { cpus: std::thread::available_parallelism().map_or(1, |n| n.get()), cpu_model }
     }
-}
-
-/// One ramp step: its rate and the p99 it measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct RampStep {
-    pub rate: f64,
-    pub acknowledged: u64,
-    pub p99_ms: f64,
-    pub errors: u64,
-    pub held: bool,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct RampReport {
-    pub slo_p99_ms: f64,
-    pub steps: Vec<RampStep>,
-    /// The highest rate whose step held the p99 bound without errors (the capacity).
-    pub capacity: f64,
 }
 
 /// What the operations share.
@@ -304,28 +288,24 @@ async fn open_loop(ctx: &Arc<Ctx>, schedule: &Schedule, start: Instant) -> openl
 
 async fn ramp_up(ctx: &Arc<Ctx>, start: Instant) -> RampReport {
     let s = &ctx.scenario;
-    let mut steps = Vec::new();
-    let mut capacity = 0.0;
-    let mut rate = s.ramp_start;
-    let deadline = start + Duration::from_secs_f64(s.duration_secs.max(s.ramp_step_secs));
-    while Instant::now() + Duration::from_secs_f64(s.ramp_step_secs) <= deadline + Duration::from_secs(1) {
-        let step_start = Instant::now();
-        let from = step_start.duration_since(start).as_secs() as usize + 1; // skip the partial second
-        let errors_before = ctx.recorder.error_count();
-        let stats = open_loop(ctx, &Schedule::constant(rate, s.ramp_step_secs), step_start).await;
-        let to = start.elapsed().as_secs() as usize;
-        let (n, p99) = ctx.recorder.p99_between(Kind::Publish, from, to.max(from + 1));
-        let errors = ctx.recorder.error_count() - errors_before;
-        let held = p99 <= s.slo_p99_ms && errors == 0 && stats.overload == 0;
-        steps.push(RampStep { rate, acknowledged: n, p99_ms: p99, errors, held });
-        eprintln!("ramp: {rate:.0}/s -> p99 {p99:.2} ms, {errors} errors: {}", if held { "held" } else { "missed" });
-        if !held {
-            break;
+    let plan = crate::ramp::RampPlan {
+        start_rate: s.ramp_start,
+        step_rate: s.ramp_step,
+        step_secs: s.ramp_step_secs,
+        slo_p99_ms: s.slo_p99_ms,
+        warmup_secs: s.warmup_secs,
+        duration_secs: s.duration_secs,
+        max_outstanding: s.max_outstanding,
+    };
+    let c = ctx.clone();
+    crate::ramp::run(&plan, start, ctx.recorder.clone(), move |i| {
+        let c = c.clone();
+        async move {
+            let (kind, r) = c.op(i).await;
+            r.map(|n| (kind, n))
         }
-        capacity = rate;
-        rate += s.ramp_step;
-    }
-    RampReport { slo_p99_ms: s.slo_p99_ms, steps, capacity }
+    })
+    .await
 }
 
 /// Starts the live subscribers; returns once each has caught up with its conversations.
