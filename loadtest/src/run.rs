@@ -110,6 +110,13 @@ fn code_of(e: &ClientError) -> String {
 impl Ctx {
     /// One operation: a publish of `envelopes_per_publish` envelopes, or a read. Returns
     /// how many operations it was (envelopes for a publish) and its kind, or an error code.
+    /// Operation `seed` as the open loop and the ramp send it: its kind and count, or its
+    /// error label.
+    async fn send(self: Arc<Self>, seed: u64) -> Result<(Kind, u64), String> {
+        let (kind, r) = self.op(seed).await;
+        r.map(|n| (kind, n))
+    }
+
     async fn op(self: &Arc<Self>, seed: u64) -> (Kind, Result<u64, String>) {
         let mut rng = StdRng::seed_from_u64(self.scenario.seed ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if self.scenario.read_share > 0.0 && rng.gen_bool(self.scenario.read_share) {
@@ -276,14 +283,7 @@ async fn closed_loop(ctx: &Arc<Ctx>, start: Instant, total: Duration) {
 
 async fn open_loop(ctx: &Arc<Ctx>, schedule: &Schedule, start: Instant) -> openloop::OpenStats {
     let c = ctx.clone();
-    openloop::run(schedule, start, ctx.scenario.max_outstanding, ctx.recorder.clone(), move |i| {
-        let c = c.clone();
-        async move {
-            let (kind, r) = c.op(i).await;
-            r.map(|n| (kind, n))
-        }
-    })
-    .await
+    openloop::run(schedule, start, ctx.scenario.max_outstanding, ctx.recorder.clone(), move |i| c.clone().send(i)).await
 }
 
 async fn ramp_up(ctx: &Arc<Ctx>, start: Instant) -> RampReport {
@@ -298,14 +298,7 @@ async fn ramp_up(ctx: &Arc<Ctx>, start: Instant) -> RampReport {
         max_outstanding: s.max_outstanding,
     };
     let c = ctx.clone();
-    crate::ramp::run(&plan, start, ctx.recorder.clone(), move |i| {
-        let c = c.clone();
-        async move {
-            let (kind, r) = c.op(i).await;
-            r.map(|n| (kind, n))
-        }
-    })
-    .await
+    crate::ramp::run(&plan, start, ctx.recorder.clone(), move |i| c.clone().send(i)).await
 }
 
 /// Starts the live subscribers; returns once each has caught up with its conversations.
