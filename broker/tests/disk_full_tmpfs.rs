@@ -204,6 +204,27 @@ async fn publish_one(
     c.publish(req).await.map(|r| r.into_inner().appended[0].seq)
 }
 
+/// Publishes `rounds` envelopes to each of `convs` through `c` (envelope numbers from `n`),
+/// each of which must be acknowledged (`what` names the step if not), and records them in
+/// `acked`.
+async fn publish_rounds(
+    c: &mut pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    convs: &[String],
+    rounds: usize,
+    n: &mut u64,
+    acked: &mut Acked,
+    what: &str,
+) {
+    for _ in 0..rounds {
+        for conv in convs {
+            *n += 1;
+            let e = envelope(conv, *n);
+            let seq = publish_one(c, &e).await.unwrap_or_else(|s| panic!("{what}: {s}"));
+            acked.entry(conv.clone()).or_default().push((seq, e));
+        }
+    }
+}
+
 /// A whole conversation as node `endpoint` holds it (`stale`: its own replica; else a
 /// linearizable read), or `None` if the node did not answer.
 async fn try_read_all(endpoint: &str, conversation: &str, stale: bool) -> Option<Vec<pb::StoredEnvelope>> {
@@ -352,14 +373,7 @@ async fn a_node_whose_tmpfs_fills_refuses_writes_hands_over_and_catches_up() {
     let mut n = 0u64;
     let mut via1 = broker(&ep1).await;
     let mut via3 = broker(&ep3).await;
-    for _ in 0..4 {
-        for conv in &convs {
-            n += 1;
-            let e = envelope(conv, n);
-            let seq = publish_one(&mut via1, &e).await.expect("publish before the disk fills");
-            acked.entry(conv.clone()).or_default().push((seq, e));
-        }
-    }
+    publish_rounds(&mut via1, &convs, 4, &mut n, &mut acked, "publish before the disk fills").await;
 
     // Fill node 3's file system to about 8 MiB free.
     let mount = cluster.mount.clone();
@@ -420,14 +434,7 @@ async fn a_node_whose_tmpfs_fills_refuses_writes_hands_over_and_catches_up() {
     // conversations of their own, so node 3's replica of them shows whether it took
     // replication while full.
     let full_convs: Vec<String> = (0..12).map(|i| format!("tmpfs-full-{i}")).collect();
-    for _ in 0..8 {
-        for conv in &full_convs {
-            n += 1;
-            let e = envelope(conv, n);
-            let seq = publish_one(&mut via1, &e).await.expect("publish through node 1 while node 3 is full");
-            acked.entry(conv.clone()).or_default().push((seq, e));
-        }
-    }
+    publish_rounds(&mut via1, &full_convs, 8, &mut n, &mut acked, "publish through node 1 while node 3 is full").await;
     for conv in &full_convs {
         let on3 = try_read_all(&ep3, conv, true).await.expect("node 3 serves stale reads while full");
         assert!(on3.is_empty(), "{conv}: node 3 took replication while full ({} envelopes)", on3.len());
