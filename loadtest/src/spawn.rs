@@ -31,6 +31,19 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// The `habar` binary: `explicit`, else next to this executable.
+/// A fresh directory for a cluster's data and logs: deleted when the returned guard drops, or
+/// kept (no guard) with `keep`. Dropping a `TempDir` deletes it, so a kept one is released with
+/// `keep()` rather than dropped: dropping it while the nodes ran deleted their files under them.
+pub fn run_dir(prefix: &str, keep: bool) -> anyhow::Result<(Option<tempfile::TempDir>, PathBuf)> {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().context("temp dir")?;
+    if keep {
+        Ok((None, dir.keep()))
+    } else {
+        let path = dir.path().to_path_buf();
+        Ok((Some(dir), path))
+    }
+}
+
 pub fn habar_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
@@ -45,8 +58,7 @@ impl SpawnedCluster {
     /// Starts `n` nodes with `extra` flags each and waits until every shard has a leader.
     pub async fn start(n: u64, habar: &Path, extra: &[String], keep_data: bool) -> anyhow::Result<Self> {
         anyhow::ensure!((1..=9).contains(&n), "--spawn {n} is outside 1..=9");
-        let dir = tempfile::Builder::new().prefix("habar-load-").tempdir().context("temp dir")?;
-        let path = dir.path().to_path_buf();
+        let (dir, path) = run_dir("habar-load-", keep_data)?;
         let addrs: Vec<String> =
             (0..n).map(|_| free_port().map(|p| format!("127.0.0.1:{p}"))).collect::<anyhow::Result<_>>()?;
         let initial = addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
@@ -67,7 +79,7 @@ impl SpawnedCluster {
                 .with_context(|| format!("starting {}", habar.display()))?;
             nodes.push(SpawnedNode { id, addr: addr.clone(), child });
         }
-        let cluster = SpawnedCluster { nodes, dir: if keep_data { None } else { Some(dir) }, path };
+        let cluster = SpawnedCluster { nodes, dir, path };
         if keep_data {
             eprintln!("cluster data kept in {}", cluster.path.display());
         }
@@ -130,5 +142,28 @@ async fn wait_ready(endpoint: &str, timeout: Duration) -> anyhow::Result<()> {
         }
         anyhow::ensure!(start.elapsed() < timeout, "{endpoint} had no leader for every shard within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--keep-data` keeps the cluster's directory after the run, and without it the
+    /// directory goes when the cluster does. (A kept directory used to be deleted as soon as
+    /// the cluster had started, under the running nodes.)
+    #[test]
+    fn keep_data_keeps_the_directory_and_the_default_deletes_it() {
+        let (guard, kept) = run_dir("habar-keep-test-", true).unwrap();
+        assert!(guard.is_none());
+        std::fs::write(kept.join("n1.log"), b"x").unwrap();
+        drop(guard);
+        assert!(kept.join("n1.log").exists(), "a kept directory was deleted");
+        std::fs::remove_dir_all(&kept).unwrap();
+
+        let (guard, temp) = run_dir("habar-keep-test-", false).unwrap();
+        assert!(temp.exists());
+        drop(guard);
+        assert!(!temp.exists(), "a directory that is not kept outlived its guard");
     }
 }

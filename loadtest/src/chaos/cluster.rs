@@ -123,8 +123,7 @@ impl ChaosCluster {
             NetMode::Loopback => None,
             NetMode::Netns => Some(NetNs::setup(run_id, n)?),
         };
-        let dir = tempfile::Builder::new().prefix("habar-chaos-").tempdir().context("temp dir")?;
-        let path = dir.path().to_path_buf();
+        let (dir, path) = crate::spawn::run_dir("habar-chaos-", keep_data)?;
         let (addrs, initial): (Vec<String>, String) = match &net {
             None => {
                 let addrs: Vec<String> =
@@ -151,15 +150,8 @@ impl ChaosCluster {
                 }
             })
             .collect();
-        let mut cluster = ChaosCluster {
-            nodes,
-            habar: habar.to_path_buf(),
-            initial,
-            extra: extra.to_vec(),
-            dir: if keep_data { None } else { Some(dir) },
-            path,
-            net,
-        };
+        let mut cluster =
+            ChaosCluster { nodes, habar: habar.to_path_buf(), initial, extra: extra.to_vec(), dir, path, net };
         for id in cluster.ids() {
             cluster.launch(id)?;
         }
