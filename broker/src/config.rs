@@ -156,6 +156,9 @@ pub struct NodeConfig {
     /// Below this many free bytes in the data directory's file system the node takes no
     /// writes (`disk.rs`); 0 turns the guard off.
     pub min_free_disk_bytes: u64,
+    /// A WAL fdatasync, a state-machine apply or a Raft entry's commit slower than this is
+    /// logged as a warning (at most once a second per kind); 0 turns the warnings off.
+    pub slow_warn_ms: u64,
     /// `tracing` filter, e.g. `info` or `habar_broker=debug,openraft=warn`.
     pub log: String,
     /// Test only: shifts this node's raw clock (a machine with a wrong clock).
@@ -200,6 +203,7 @@ impl Default for NodeConfig {
             subscribe_max_conversations: 10_000,
             max_clock_skew_ms: 500,
             min_free_disk_bytes: 128 << 20,
+            slow_warn_ms: 100,
             log: "info,openraft=warn".into(),
             test_clock_offset_ms: 0,
             test_lose_unsynced_wal_writes: false,
@@ -308,6 +312,9 @@ pub struct ConfigLayer {
     /// Free bytes below which the node takes no writes (0: off).
     #[arg(long, env = "HABAR_MIN_FREE_DISK_BYTES")]
     pub min_free_disk_bytes: Option<u64>,
+    /// Warn of an fdatasync, apply or commit slower than this, ms (0: off).
+    #[arg(long, env = "HABAR_SLOW_WARN_MS")]
+    pub slow_warn_ms: Option<u64>,
     /// tracing filter (e.g. `info`, `habar_broker=debug`).
     #[arg(long, env = "HABAR_LOG")]
     pub log: Option<String>,
@@ -344,7 +351,7 @@ impl NodeConfig {
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, read_default_limit, read_max_limit,
             request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
             subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,
-            subscribe_max_conversations, max_clock_skew_ms, min_free_disk_bytes, log, test_clock_offset_ms,
+            subscribe_max_conversations, max_clock_skew_ms, min_free_disk_bytes, slow_warn_ms, log, test_clock_offset_ms,
             test_lose_unsynced_wal_writes);
         Ok(())
     }
@@ -460,6 +467,12 @@ impl NodeConfig {
             return Err(invalid(
                 "maintenance_interval_ms",
                 format!("{} is outside 10..=3600000", self.maintenance_interval_ms),
+            ));
+        }
+        if self.slow_warn_ms > 600_000 {
+            return Err(invalid(
+                "slow_warn_ms",
+                format!("{} is above 600000 (use 0 to turn the warnings off)", self.slow_warn_ms),
             ));
         }
         if !(1..=1_000_000).contains(&self.maintenance_max_removals) {

@@ -21,6 +21,8 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::sync::Semaphore;
 
+use habar_raft_store::slow::SlowLog;
+
 use crate::clock::Clock;
 use crate::error::BrokerError;
 use crate::node::HRaft;
@@ -60,7 +62,9 @@ pub fn write_error(group: GroupId, e: &RaftError<TypeConfig, ClientWriteError<Ty
 }
 
 /// Starts the proposer of `group`; it stops when every sender is dropped.
-pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>) -> mpsc::Sender<Pending> {
+/// `slow` (shared by the node's shards) warns of an entry slower than `slow_warn_ms` from its
+/// proposal to its apply.
+pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>, slow: Arc<SlowLog>) -> mpsc::Sender<Pending> {
     let (tx, mut rx) = mpsc::channel::<Pending>(QUEUE);
     tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -80,7 +84,7 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>) -> mpsc::Sender<Pen
                     Err(_) => break,
                 }
             }
-            let (raft, clock) = (raft.clone(), clock.clone());
+            let (raft, clock, slow) = (raft.clone(), clock.clone(), slow.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
                 let mut lens = Vec::with_capacity(batch.len());
@@ -91,7 +95,8 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>) -> mpsc::Sender<Pen
                     envelopes.extend(p.envelopes);
                     replies.push(p.reply);
                 }
-                metrics::histogram!("habar_entry_envelopes").record(envelopes.len() as f64);
+                let envelopes_n = envelopes.len();
+                metrics::histogram!("habar_entry_envelopes").record(envelopes_n as f64);
                 // For the fault suite's diagnosis: which conversation got which seq in which entry.
                 let convs: Vec<String> = if tracing::enabled!(tracing::Level::DEBUG) {
                     envelopes.iter().map(|e| e.conversation_id.clone()).collect()
@@ -100,7 +105,18 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>) -> mpsc::Sender<Pen
                 };
                 let res = raft.client_write(Command::Append { now_ms: clock.now_ms(), envelopes }).await;
                 drop(permit);
-                metrics::histogram!("habar_entry_commit_seconds").record(started.elapsed().as_secs_f64());
+                let took = started.elapsed();
+                metrics::histogram!("habar_entry_commit_seconds").record(took.as_secs_f64());
+                if let Some(left_out) = slow.check(took) {
+                    tracing::warn!(
+                        shard = group,
+                        envelopes = envelopes_n,
+                        ms = habar_raft_store::slow::ms(took),
+                        ok = res.is_ok(),
+                        left_out,
+                        "slow Raft entry: from proposal to applied on this leader (replication to a majority, their fdatasyncs, apply); the slow fdatasync and slow apply warnings of this node and its peers say which part"
+                    );
+                }
                 match res {
                     Ok(resp) => match resp.data {
                         CommandResponse::Appended(all) if all.len() == lens.iter().sum::<usize>() => {

@@ -77,6 +77,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     let mut wal_cfg = WalConfig::new(cfg.data_dir.join("wal"));
     wal_cfg.segment_bytes = cfg.wal_segment_bytes;
     wal_cfg.lose_unsynced_writes = cfg.test_lose_unsynced_wal_writes;
+    wal_cfg.slow_warn = Duration::from_millis(cfg.slow_warn_ms);
     if cfg.test_lose_unsynced_wal_writes {
         tracing::warn!("TEST MODE: WAL writes no fsync covered are held in memory and lost if this process dies");
     }
@@ -89,6 +90,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
     let (wal, repair) = open_wal(&cfg, wal_cfg)?;
     let store = StateStore::open(&cfg.data_dir.join("sm"), cfg.sled_cache_capacity_bytes)
         .context("opening the state machine")?;
+    store.set_slow_warn(Duration::from_millis(cfg.slow_warn_ms));
 
     let raft_cfg = raft_config(&cfg)?;
     let pool = PeerPool::new(cfg.id);
@@ -109,8 +111,12 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         rafts.push(raft);
     }
 
-    let proposers =
-        rafts.iter().enumerate().map(|(g, r)| crate::proposer::spawn(g as u32, r.clone(), clock.clone())).collect();
+    let slow_commit = Arc::new(habar_raft_store::slow::SlowLog::new(Duration::from_millis(cfg.slow_warn_ms)));
+    let proposers = rafts
+        .iter()
+        .enumerate()
+        .map(|(g, r)| crate::proposer::spawn(g as u32, r.clone(), clock.clone(), slow_commit.clone()))
+        .collect();
 
     let members: BTreeMap<NodeId, NodeAddr> =
         cfg.initial_cluster.iter().map(|(id, addr)| (*id, NodeAddr::new(addr.clone()))).collect();

@@ -97,6 +97,11 @@ fn invalid_settings_fail_the_start_with_one_line_naming_the_setting_and_the_limi
         (&["--id", "4", "--initial-cluster", "1=a:1,2=b:2"], &[], "does not contain this node's id 4"),
         (&["--initial-cluster", "1=a:1,two=b:2"], &[], "`two` in `two=b:2` is not a node id"),
         (&[], &[], "setting `initial_cluster`: is empty"),
+        (
+            &["--initial-cluster", "1=a:1"],
+            &[("HABAR_SLOW_WARN_MS", "700000")],
+            "setting `slow_warn_ms`: 700000 is above 600000 (use 0 to turn the warnings off)",
+        ),
     ];
     for (args, env, want) in cases {
         let err = print_config(args, env).unwrap_err();

@@ -11,6 +11,7 @@ pub mod error;
 pub mod keys;
 pub mod log_store;
 pub mod repair;
+pub mod slow;
 pub mod sm;
 pub mod snapshot;
 pub mod types;

@@ -227,6 +227,8 @@ struct Inner {
     erasures: watch::Sender<u64>,
     /// Newest snapshot file per group found at open, before the group's runtime exists.
     found_snapshots: Mutex<HashMap<GroupId, (SnapshotMeta, SnapshotData)>>,
+    /// Warns of an apply call slower than `slow_warn_ms`.
+    slow_apply: crate::slow::SlowLog,
 }
 
 /// The node's state-machine store. Cheap to clone.
@@ -386,6 +388,7 @@ impl StateStore {
                 groups: Mutex::new(HashMap::new()),
                 erasures: watch::channel(0).0,
                 found_snapshots: Mutex::new(found),
+                slow_apply: crate::slow::SlowLog::default(),
             }),
         };
         store.remove_inactive_generations()?;
@@ -744,6 +747,12 @@ impl StateStore {
     /// Moves each time a `DeleteConversation` was applied on this node (any group).
     pub fn watch_erasures(&self) -> watch::Receiver<u64> {
         self.inner.erasures.subscribe()
+    }
+
+    /// An apply call slower than this is logged as a warning (at most once a second); zero:
+    /// never. Default `slow::DEFAULT_SLOW_WARN`.
+    pub fn set_slow_warn(&self, threshold: Duration) {
+        self.inner.slow_apply.set_threshold(threshold);
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -1370,8 +1379,20 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             return Ok(());
         }
         let last = batch.last().map_or(0, |e| e.log_id.index);
+        let entries = batch.len();
+        let started = Instant::now();
         let (responses, changed, erasures) =
             self.blocking(move |s, g, rt| s.apply_blocking(g, rt.generation.load(Ordering::Acquire), &batch)).await?;
+        let took = started.elapsed();
+        if let Some(left_out) = self.store.inner.slow_apply.check(took) {
+            tracing::warn!(
+                shard = self.group,
+                entries,
+                ms = crate::slow::ms(took),
+                left_out,
+                "slow apply to the state machine: responses of this shard waited for it (`left_out`: slow ones since the last warning)"
+            );
+        }
         for (r, resp) in responders.into_iter().zip(responses) {
             if let Some(r) = r {
                 r.send(resp);

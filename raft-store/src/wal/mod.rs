@@ -90,11 +90,20 @@ pub struct WalConfig {
     /// only when an fsync covers them, so killing the process loses every write no fsync
     /// covered, as a power cut would.
     pub lose_unsynced_writes: bool,
+    /// An fdatasync slower than this is logged as a warning (at most once a second); zero:
+    /// never.
+    pub slow_warn: std::time::Duration,
 }
 
 impl WalConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), segment_bytes: 64 << 20, max_record_bytes: 64 << 20, lose_unsynced_writes: false }
+        Self {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            max_record_bytes: 64 << 20,
+            lose_unsynced_writes: false,
+            slow_warn: crate::slow::DEFAULT_SLOW_WARN,
+        }
     }
 }
 
@@ -883,6 +892,7 @@ fn apply_replayed(
 /// The group-commit loop: fdatasync whatever was written, then release every waiter the
 /// sync covered. Writes that land while a sync runs wait for the next one.
 fn sync_loop(sh: &Shared) {
+    let slow = crate::slow::SlowLog::new(sh.cfg.slow_warn);
     loop {
         // Only the active segment can hold unsynced writes: a full one is synced before the
         // next is created (`maybe_rotate`).
@@ -905,7 +915,16 @@ fn sync_loop(sh: &Shared) {
         }
         sh.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("habar_wal_fsyncs_total").increment(1);
-        metrics::histogram!("habar_wal_fsync_seconds").record(t0.elapsed().as_secs_f64());
+        let took = t0.elapsed();
+        metrics::histogram!("habar_wal_fsync_seconds").record(took.as_secs_f64());
+        if let Some(left_out) = slow.check(took) {
+            tracing::warn!(
+                dir = %sh.cfg.dir.display(),
+                ms = crate::slow::ms(took),
+                left_out,
+                "slow fdatasync of the WAL: every acknowledgement on this node waited for it (the disk, not Habar; `left_out`: slow ones since the last warning)"
+            );
+        }
 
         let ready: Vec<Done> = {
             let mut st = sh.lock();
