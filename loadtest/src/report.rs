@@ -34,6 +34,16 @@ pub fn table(r: &Report) -> String {
         "measured {:.1} s after {:.1} s warm-up on {} CPUs ({})",
         r.measured_secs, s.warmup_secs, r.machine.cpus, r.machine.cpu_model
     );
+    if let Some(steal) = r.machine.cpu_steal_pct {
+        let _ =
+            writeln!(out, "CPU steal during the run: {steal:.1}% of all CPU time (the hypervisor gave it to others)");
+    }
+    if r.machine.damon_pageout {
+        let _ = writeln!(
+            out,
+            "note: the kernel's DAMON page reclaim (pageout) is on; it stalls processes now and then (docs/BENCHMARKS.md)"
+        );
+    }
     let _ = writeln!(
         out,
         "{:<9} {:>11} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9}",

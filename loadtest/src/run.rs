@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -68,17 +69,70 @@ pub struct Report {
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
+    /// Share of all CPU time the hypervisor gave to others while the run lasted (steal, from
+    /// `/proc/stat`), in percent; `None` where the kernel does not say.
+    pub cpu_steal_pct: Option<f64>,
+    /// The kernel reclaims pages on its own (DAMON with a `pageout` scheme): on the reference
+    /// VM it stalled nodes 20-60 ms every few seconds (BENCHMARKS.md), so a reader of the
+    /// figures should know.
+    pub damon_pageout: bool,
 }
 
 impl Machine {
-    pub fn here() -> Self {
+    /// This machine; `cpu_at_start` is [`cpu_ticks`] when the run started.
+    pub fn here(cpu_at_start: Option<CpuTicks>) -> Self {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.to_string()))
             .and_then(|l| l.split_once(':').map(|(_, m)| m.trim().to_string()))
             .unwrap_or_else(|| "unknown".into());
-        Machine { cpus: std::thread::available_parallelism().map_or(1, |n| n.get()), cpu_model }
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model,
+            cpu_steal_pct: cpu_at_start.zip(cpu_ticks()).and_then(|(a, b)| steal_pct(a, b)),
+            damon_pageout: damon_pageout_on(Path::new("/sys/kernel/mm/damon/admin/kdamonds")),
+        }
     }
+}
+
+/// Aggregate CPU time so far: (steal, all), in clock ticks.
+pub type CpuTicks = (u64, u64);
+
+pub fn cpu_ticks() -> Option<CpuTicks> {
+    parse_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The first line of `/proc/stat`: `cpu user nice system idle iowait irq softirq steal guest
+/// guest_nice`; guest time is already inside user, so the total is the first eight.
+fn parse_cpu_ticks(stat: &str) -> Option<CpuTicks> {
+    let mut fields = stat.lines().next()?.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields.take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    let steal = *v.get(7)?;
+    Some((steal, v.iter().sum()))
+}
+
+fn steal_pct(before: CpuTicks, after: CpuTicks) -> Option<f64> {
+    let all = after.1.checked_sub(before.1).filter(|&t| t > 0)?;
+    let steal = after.0.checked_sub(before.0)?;
+    Some(100.0 * steal as f64 / all as f64)
+}
+
+/// Whether any running DAMON context has a `pageout` scheme (`kdamonds/<n>/state` is `on`).
+fn damon_pageout_on(kdamonds: &Path) -> bool {
+    let Ok(daemons) = std::fs::read_dir(kdamonds) else { return false };
+    daemons.flatten().any(|d| {
+        let on = std::fs::read_to_string(d.path().join("state")).is_ok_and(|s| s.trim() == "on");
+        let Ok(contexts) = std::fs::read_dir(d.path().join("contexts")) else { return false };
+        on && contexts.flatten().any(|c| {
+            let Ok(schemes) = std::fs::read_dir(c.path().join("schemes")) else { return false };
+            schemes
+                .flatten()
+                .any(|s| std::fs::read_to_string(s.path().join("action")).is_ok_and(|a| a.trim() == "pageout"))
+        })
+    })
 }
 
 /// What the operations share.
@@ -182,6 +236,7 @@ pub async fn run(
     let run_id: u64 = rand::thread_rng().gen();
     let workload = Workload::new(&scenario, run_id)?;
     let start = Instant::now();
+    let cpu_at_start = cpu_ticks();
     let recorder = Arc::new(Recorder::starting_at(start, Duration::from_secs_f64(scenario.warmup_secs)));
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -240,7 +295,7 @@ pub async fn run(
     };
     Ok(Report {
         scenario,
-        machine: Machine::here(),
+        machine: Machine::here(cpu_at_start),
         endpoints,
         measured_secs,
         publish: sums.get(&Kind::Publish).cloned().unwrap_or_default(),
@@ -395,4 +450,40 @@ async fn verify_run(ctx: &Arc<Ctx>, acked: Vec<(u32, u64, u64)>) -> anyhow::Resu
         logs.insert(conv, log);
     }
     Ok(verify::verify(&acked, &logs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Steal is the eighth number of `/proc/stat`'s `cpu` line, and its share is taken of the
+    /// first eight (guest time is already counted in user).
+    #[test]
+    fn steal_share_comes_from_the_cpu_line() {
+        let before = parse_cpu_ticks("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(before, (35, 1000));
+        let after = parse_cpu_ticks("cpu  200 0 100 1500 20 0 10 70 99 0\n").unwrap();
+        assert_eq!(after, (70, 1900));
+        let pct = steal_pct(before, after).unwrap();
+        assert!((pct - 100.0 * 35.0 / 900.0).abs() < 1e-9, "{pct}");
+        assert_eq!(steal_pct(after, after), None, "no time passed");
+        assert_eq!(parse_cpu_ticks("intr 1 2 3\n"), None);
+    }
+
+    /// The DAMON note appears only for a running context with a pageout scheme.
+    #[test]
+    fn damon_pageout_is_seen_only_when_on_with_a_pageout_scheme() {
+        let dir = tempfile::tempdir().unwrap();
+        let kd = dir.path().join("kdamonds");
+        let scheme = kd.join("0/contexts/0/schemes/0");
+        std::fs::create_dir_all(&scheme).unwrap();
+        std::fs::write(scheme.join("action"), "pageout\n").unwrap();
+        std::fs::write(kd.join("0/state"), "off\n").unwrap();
+        assert!(!damon_pageout_on(&kd));
+        std::fs::write(kd.join("0/state"), "on\n").unwrap();
+        assert!(damon_pageout_on(&kd));
+        std::fs::write(scheme.join("action"), "stat\n").unwrap();
+        assert!(!damon_pageout_on(&kd));
+        assert!(!damon_pageout_on(&dir.path().join("absent")));
+    }
 }
