@@ -114,7 +114,7 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>, slow: Arc<SlowLog>)
                         ms = habar_raft_store::slow::ms(took),
                         ok = res.is_ok(),
                         left_out,
-                        "slow Raft entry: from proposal to applied on this leader (replication to a majority, their fdatasyncs, apply); the slow fdatasync and slow apply warnings of this node and its peers say which part"
+                        "slow Raft entry (proposal to applied on this leader; see the slow fdatasync/apply warnings of the nodes)"
                     );
                 }
                 match res {

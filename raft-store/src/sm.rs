@@ -1390,7 +1390,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 entries,
                 ms = crate::slow::ms(took),
                 left_out,
-                "slow apply to the state machine: responses of this shard waited for it (`left_out`: slow ones since the last warning)"
+                "slow apply to the state machine (responses of this shard waited)"
             );
         }
         for (r, resp) in responders.into_iter().zip(responses) {

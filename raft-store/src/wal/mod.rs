@@ -922,7 +922,7 @@ fn sync_loop(sh: &Shared) {
                 dir = %sh.cfg.dir.display(),
                 ms = crate::slow::ms(took),
                 left_out,
-                "slow fdatasync of the WAL: every acknowledgement on this node waited for it (the disk, not Habar; `left_out`: slow ones since the last warning)"
+                "slow fdatasync of the WAL (the disk; acknowledgements on this node waited)"
             );
         }
 
