@@ -107,16 +107,7 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>, slow: Arc<SlowLog>)
                 drop(permit);
                 let took = started.elapsed();
                 metrics::histogram!("habar_entry_commit_seconds").record(took.as_secs_f64());
-                if let Some(left_out) = slow.check(took) {
-                    tracing::warn!(
-                        shard = group,
-                        envelopes = envelopes_n,
-                        ms = habar_raft_store::slow::ms(took),
-                        ok = res.is_ok(),
-                        left_out,
-                        "slow Raft entry (proposal to applied on this leader; see the slow fdatasync/apply warnings of the nodes)"
-                    );
-                }
+                let ok = res.is_ok();
                 match res {
                     Ok(resp) => match resp.data {
                         CommandResponse::Appended(all) if all.len() == lens.iter().sum::<usize>() => {
@@ -139,6 +130,17 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>, slow: Arc<SlowLog>)
                             let _ = reply.send(Err(write_error(group, &e)));
                         }
                     }
+                }
+                // After the replies, so a slow log sink never delays them.
+                if let Some(left_out) = slow.check(took) {
+                    tracing::warn!(
+                        group,
+                        envelopes = envelopes_n,
+                        ms = habar_raft_store::slow::ms(took),
+                        ok,
+                        left_out,
+                        "slow Raft entry (proposal to applied on this leader; see the slow fdatasync/apply warnings of the nodes)"
+                    );
                 }
             });
         }

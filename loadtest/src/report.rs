@@ -35,14 +35,22 @@ pub fn table(r: &Report) -> String {
         r.measured_secs, s.warmup_secs, r.machine.cpus, r.machine.cpu_model
     );
     if let Some(steal) = r.machine.cpu_steal_pct {
-        let _ =
-            writeln!(out, "CPU steal during the run: {steal:.1}% of all CPU time (the hypervisor gave it to others)");
-    }
-    if r.machine.damon_pageout {
         let _ = writeln!(
             out,
-            "note: the kernel's DAMON page reclaim (pageout) is on; it stalls processes now and then (docs/BENCHMARKS.md)"
+            "CPU steal from start to end of load: {steal:.1}% of all CPU time (the hypervisor gave it to others)"
         );
+    }
+    match r.machine.damon_pageout {
+        Some(true) => {
+            let _ = writeln!(
+                out,
+                "note: the kernel's DAMON page reclaim (pageout) is on; it stalls processes now and then (docs/BENCHMARKS.md)"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "note: could not tell whether the kernel's DAMON page reclaim is on (needs root)");
+        }
+        Some(false) => {}
     }
     let _ = writeln!(
         out,

@@ -69,18 +69,20 @@ pub struct Report {
 pub struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
-    /// Share of all CPU time the hypervisor gave to others while the run lasted (steal, from
-    /// `/proc/stat`), in percent; `None` where the kernel does not say.
+    /// Share of all CPU time the hypervisor gave to others from the start of the run (warm-up
+    /// included) to the end of its load (steal, from `/proc/stat`), in percent; `None` where
+    /// the kernel does not say.
     pub cpu_steal_pct: Option<f64>,
-    /// The kernel reclaims pages on its own (DAMON with a `pageout` scheme): on the reference
-    /// VM it stalled nodes 20-60 ms every few seconds (BENCHMARKS.md), so a reader of the
-    /// figures should know.
-    pub damon_pageout: bool,
+    /// The kernel reclaims pages on its own (DAMON with a `pageout` scheme, or the
+    /// `damon_reclaim` module): on the reference VM it stalled single applies 20-63 ms
+    /// (BENCHMARKS.md), so a reader of the figures should know. `None`: could not tell (the
+    /// DAMON files are readable by root only).
+    pub damon_pageout: Option<bool>,
 }
 
 impl Machine {
-    /// This machine; `cpu_at_start` is [`cpu_ticks`] when the run started.
-    pub fn here(cpu_at_start: Option<CpuTicks>) -> Self {
+    /// This machine; `cpu` is [`cpu_ticks`] when the run started and when its load ended.
+    pub fn here(cpu: (Option<CpuTicks>, Option<CpuTicks>)) -> Self {
         let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.to_string()))
@@ -89,8 +91,11 @@ impl Machine {
         Machine {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             cpu_model,
-            cpu_steal_pct: cpu_at_start.zip(cpu_ticks()).and_then(|(a, b)| steal_pct(a, b)),
-            damon_pageout: damon_pageout_on(Path::new("/sys/kernel/mm/damon/admin/kdamonds")),
+            cpu_steal_pct: cpu.0.zip(cpu.1).and_then(|(a, b)| steal_pct(a, b)),
+            damon_pageout: damon_pageout_on(
+                Path::new("/sys/kernel/mm/damon/admin/kdamonds"),
+                Path::new("/sys/module/damon_reclaim/parameters/enabled"),
+            ),
         }
     }
 }
@@ -120,19 +125,41 @@ fn steal_pct(before: CpuTicks, after: CpuTicks) -> Option<f64> {
     Some(100.0 * steal as f64 / all as f64)
 }
 
-/// Whether any running DAMON context has a `pageout` scheme (`kdamonds/<n>/state` is `on`).
-fn damon_pageout_on(kdamonds: &Path) -> bool {
-    let Ok(daemons) = std::fs::read_dir(kdamonds) else { return false };
-    daemons.flatten().any(|d| {
-        let on = std::fs::read_to_string(d.path().join("state")).is_ok_and(|s| s.trim() == "on");
-        let Ok(contexts) = std::fs::read_dir(d.path().join("contexts")) else { return false };
-        on && contexts.flatten().any(|c| {
-            let Ok(schemes) = std::fs::read_dir(c.path().join("schemes")) else { return false };
-            schemes
-                .flatten()
-                .any(|s| std::fs::read_to_string(s.path().join("action")).is_ok_and(|a| a.trim() == "pageout"))
-        })
-    })
+/// Whether the kernel reclaims pages with DAMON: the `damon_reclaim` module is enabled, or a
+/// running DAMON context (`kdamonds/<n>/state` is `on`) has a `pageout` scheme. `None` when a
+/// file that would tell could not be read (they are root's only); absent files mean no.
+fn damon_pageout_on(kdamonds: &Path, reclaim_module: &Path) -> Option<bool> {
+    let read = |p: &Path| match std::fs::read_to_string(p) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(_) => Err(()),
+    };
+    let dirs = |p: &Path| -> Result<Vec<std::path::PathBuf>, ()> {
+        match std::fs::read_dir(p) {
+            Ok(d) => Ok(d.flatten().map(|e| e.path()).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(_) => Err(()),
+        }
+    };
+    let found = || -> Result<bool, ()> {
+        if read(reclaim_module)?.is_some_and(|v| v == "Y" || v == "1") {
+            return Ok(true);
+        }
+        for d in dirs(kdamonds)? {
+            if read(&d.join("state"))?.as_deref() != Some("on") {
+                continue;
+            }
+            for c in dirs(&d.join("contexts"))? {
+                for s in dirs(&c.join("schemes"))? {
+                    if read(&s.join("action"))?.as_deref() == Some("pageout") {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    };
+    found().ok()
 }
 
 /// What the operations share.
@@ -279,6 +306,7 @@ pub async fn run(
         Mode::Ramp => ramp = Some(ramp_up(&ctx, start).await),
     }
     let measured_secs = (start.elapsed().as_secs_f64() - scenario.warmup_secs).max(0.001);
+    let cpu_at_end = cpu_ticks();
     // Let subscribers receive what was acknowledged last.
     tokio::time::sleep(Duration::from_millis(if scenario.subscribers > 0 { 500 } else { 0 })).await;
     stop.store(true, Ordering::Relaxed);
@@ -295,7 +323,7 @@ pub async fn run(
     };
     Ok(Report {
         scenario,
-        machine: Machine::here(cpu_at_start),
+        machine: Machine::here((cpu_at_start, cpu_at_end)),
         endpoints,
         measured_secs,
         publish: sums.get(&Kind::Publish).cloned().unwrap_or_default(),
@@ -470,20 +498,25 @@ mod tests {
         assert_eq!(parse_cpu_ticks("intr 1 2 3\n"), None);
     }
 
-    /// The DAMON note appears only for a running context with a pageout scheme.
+    /// The DAMON note appears for a running context with a pageout scheme or the enabled
+    /// reclaim module, not otherwise; no DAMON files at all means no.
     #[test]
     fn damon_pageout_is_seen_only_when_on_with_a_pageout_scheme() {
         let dir = tempfile::tempdir().unwrap();
         let kd = dir.path().join("kdamonds");
+        let module = dir.path().join("enabled");
         let scheme = kd.join("0/contexts/0/schemes/0");
         std::fs::create_dir_all(&scheme).unwrap();
         std::fs::write(scheme.join("action"), "pageout\n").unwrap();
         std::fs::write(kd.join("0/state"), "off\n").unwrap();
-        assert!(!damon_pageout_on(&kd));
+        assert_eq!(damon_pageout_on(&kd, &module), Some(false));
         std::fs::write(kd.join("0/state"), "on\n").unwrap();
-        assert!(damon_pageout_on(&kd));
+        assert_eq!(damon_pageout_on(&kd, &module), Some(true));
         std::fs::write(scheme.join("action"), "stat\n").unwrap();
-        assert!(!damon_pageout_on(&kd));
-        assert!(!damon_pageout_on(&dir.path().join("absent")));
+        assert_eq!(damon_pageout_on(&kd, &module), Some(false));
+        std::fs::write(&module, "Y\n").unwrap();
+        assert_eq!(damon_pageout_on(&kd, &module), Some(true), "the reclaim module");
+        let absent = dir.path().join("absent");
+        assert_eq!(damon_pageout_on(&absent, &absent), Some(false));
     }
 }

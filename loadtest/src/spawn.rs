@@ -30,7 +30,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The `habar` binary: `explicit`, else next to this executable.
 /// A fresh directory for a cluster's data and logs: deleted when the returned guard drops, or
 /// kept (no guard) with `keep`. Dropping a `TempDir` deletes it, so a kept one is released with
 /// `keep()` rather than dropped: dropping it while the nodes ran deleted their files under them.
@@ -44,6 +43,7 @@ pub fn run_dir(prefix: &str, keep: bool) -> anyhow::Result<(Option<tempfile::Tem
     }
 }
 
+/// The `habar` binary: `explicit`, else next to this executable.
 pub fn habar_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());

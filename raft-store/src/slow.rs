@@ -2,8 +2,10 @@
 //! request took too long": an operator sees which stage of the write path stalled (the disk,
 //! the state machine, or the round trip to the peers) and when, without a profiler.
 //!
-//! At most one warning per second per kind; the ones left out are counted into the next. The
-//! threshold is `slow_warn_ms` (0 turns the warnings off); it can be changed while running.
+//! An operation warns when it takes longer than the threshold (`slow_warn_ms`; 0 turns the
+//! warnings off). At most one warning per second per kind; the ones left out are counted into
+//! the next (one that races with a warning may be counted into that warning instead: the total
+//! is never lost).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -47,10 +49,10 @@ impl SlowLog {
 
     fn check_at(&self, took: Duration, now: Duration) -> Option<u64> {
         let threshold = self.threshold_us.load(Ordering::Relaxed);
-        if threshold == 0 || micros(took) < threshold {
+        if threshold == 0 || micros(took) <= threshold {
             return None;
         }
-        let now_us = micros(now) + 1;
+        let now_us = micros(now).saturating_add(1);
         let last = self.last_warn_us.load(Ordering::Relaxed);
         if last != 0 && now_us.saturating_sub(last) < micros(WARN_EVERY) {
             self.left_out.fetch_add(1, Ordering::Relaxed);
@@ -93,12 +95,12 @@ mod tests {
     #[test]
     fn warns_once_a_second_and_counts_what_it_left_out() {
         let s = SlowLog::new(100 * MS);
-        assert_eq!(s.check_at(99 * MS, 5 * MS), None);
-        assert_eq!(s.check_at(100 * MS, 10 * MS), Some(0));
+        assert_eq!(s.check_at(100 * MS, Duration::ZERO), None, "not slower than the threshold");
+        assert_eq!(s.check_at(101 * MS, Duration::ZERO), Some(0), "the first warning, at time zero");
         assert_eq!(s.check_at(300 * MS, 500 * MS), None);
-        assert_eq!(s.check_at(150 * MS, 900 * MS), None);
-        assert_eq!(s.check_at(50 * MS, 1500 * MS), None, "a fast operation is not counted");
-        assert_eq!(s.check_at(120 * MS, 1011 * MS), Some(2));
+        assert_eq!(s.check_at(150 * MS, 999 * MS), None);
+        assert_eq!(s.check_at(50 * MS, 999 * MS), None, "a fast operation is not counted");
+        assert_eq!(s.check_at(120 * MS, 1000 * MS), Some(2), "a second after the last warning");
         assert_eq!(s.check_at(120 * MS, 1500 * MS), None);
         assert_eq!(s.check_at(120 * MS, 2100 * MS), Some(1));
     }
@@ -110,5 +112,7 @@ mod tests {
         assert_eq!(s.check_at(Duration::from_secs(30), MS), None);
         s.set_threshold(10 * MS);
         assert_eq!(s.check_at(11 * MS, 2 * MS), Some(0));
+        s.set_threshold(Duration::ZERO);
+        assert_eq!(s.check_at(Duration::from_secs(30), Duration::from_secs(5)), None);
     }
 }

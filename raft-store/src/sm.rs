@@ -1384,19 +1384,20 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let (responses, changed, erasures) =
             self.blocking(move |s, g, rt| s.apply_blocking(g, rt.generation.load(Ordering::Acquire), &batch)).await?;
         let took = started.elapsed();
+        for (r, resp) in responders.into_iter().zip(responses) {
+            if let Some(r) = r {
+                r.send(resp);
+            }
+        }
+        // After the responses, so a slow log sink never delays them.
         if let Some(left_out) = self.store.inner.slow_apply.check(took) {
             tracing::warn!(
-                shard = self.group,
+                group = self.group,
                 entries,
                 ms = crate::slow::ms(took),
                 left_out,
                 "slow apply to the state machine (responses of this shard waited)"
             );
-        }
-        for (r, resp) in responders.into_iter().zip(responses) {
-            if let Some(r) = r {
-                r.send(resp);
-            }
         }
         self.rt.applied.send_replace(last);
         if !changed.is_empty() {

@@ -917,14 +917,6 @@ fn sync_loop(sh: &Shared) {
         metrics::counter!("habar_wal_fsyncs_total").increment(1);
         let took = t0.elapsed();
         metrics::histogram!("habar_wal_fsync_seconds").record(took.as_secs_f64());
-        if let Some(left_out) = slow.check(took) {
-            tracing::warn!(
-                dir = %sh.cfg.dir.display(),
-                ms = crate::slow::ms(took),
-                left_out,
-                "slow fdatasync of the WAL (the disk; acknowledgements on this node waited)"
-            );
-        }
 
         let ready: Vec<Done> = {
             let mut st = sh.lock();
@@ -953,6 +945,16 @@ fn sync_loop(sh: &Shared) {
                 Ok(()) => d(Ok(())),
                 Err(e) => d(Err(io::Error::new(e.kind(), format!("WAL fdatasync failed: {e}")))),
             }
+        }
+        // Logged after the waiters are released, so a slow log sink never delays them.
+        if let Some(left_out) = slow.check(took) {
+            tracing::warn!(
+                dir = %sh.cfg.dir.display(),
+                ms = crate::slow::ms(took),
+                dir_sync = dir_dirty,
+                left_out,
+                "slow fdatasync of the WAL (the disk; acknowledgements on this node waited)"
+            );
         }
     }
 }
