@@ -61,7 +61,7 @@ pub struct Report {
     pub verify: Option<VerifyReport>,
     /// Peak RSS per spawned node (id, bytes).
     pub peak_rss: Vec<(u64, u64)>,
-    /// Publish requests the client sent (batching: envelopes / requests).
+    /// Publish requests the client sent after the warm-up (batching: envelopes / requests).
     pub client_publish_requests: u64,
 }
 
@@ -274,7 +274,17 @@ pub async fn run(
         counter: AtomicU64::new(0),
         issued: AtomicU64::new(0),
     });
-    let requests_before = client.stats().publish_requests;
+    // Publish requests are counted from the end of the warm-up, like the envelopes, so that
+    // "envelopes per request" compares the same window.
+    let requests_before = Arc::new(AtomicU64::new(client.stats().publish_requests));
+    let warmup_mark = {
+        let (client, mark) = (client.clone(), requests_before.clone());
+        let warmup = Duration::from_secs_f64(scenario.warmup_secs);
+        tokio::spawn(async move {
+            tokio::time::sleep_until((start + warmup).into()).await;
+            mark.store(client.stats().publish_requests, Ordering::Relaxed);
+        })
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let subscribers = start_subscribers(&ctx, stop.clone()).await?;
@@ -307,6 +317,9 @@ pub async fn run(
     }
     let measured_secs = (start.elapsed().as_secs_f64() - scenario.warmup_secs).max(0.001);
     let cpu_at_end = cpu_ticks();
+    warmup_mark.abort();
+    let client_publish_requests =
+        client.stats().publish_requests.saturating_sub(requests_before.load(Ordering::Relaxed));
     // Let subscribers receive what was acknowledged last.
     tokio::time::sleep(Duration::from_millis(if scenario.subscribers > 0 { 500 } else { 0 })).await;
     stop.store(true, Ordering::Relaxed);
@@ -334,7 +347,7 @@ pub async fn run(
         ramp,
         verify,
         peak_rss: Vec::new(),
-        client_publish_requests: client.stats().publish_requests - requests_before,
+        client_publish_requests,
     })
 }
 

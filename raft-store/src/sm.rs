@@ -219,7 +219,7 @@ fn push_range(out: &mut Vec<(u64, u64)>, from: u64, to: u64, forward: bool) {
 struct Inner {
     db: sled::Db,
     data: sled::Tree,
-    /// group (u32 BE) -> active generation (u32 BE), as a framed value.
+    /// group (u32 BE) -> active generation (u64 BE holding a u32), as a framed value.
     heads: sled::Tree,
     snap_dir: PathBuf,
     groups: Mutex<HashMap<GroupId, Arc<GroupRt>>>,
