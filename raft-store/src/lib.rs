@@ -3,11 +3,15 @@
 //! - [`wal`]: one write-ahead log per node, shared by all Raft groups, with group commit.
 //! - [`log_store`]: openraft's log storage for one group, on top of the WAL.
 //! - [`repair`]: quarantine of damaged files and the repair marker.
+//! - [`envseg`]: append-only envelope segments (the envelope store's files; not yet used by [`sm`]).
+//! - [`frame`]: the record frame both kinds of segment files use.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
 //! This crate knows nothing of gRPC.
 
+pub mod envseg;
 pub mod error;
+pub mod frame;
 pub mod keys;
 pub mod log_store;
 pub mod repair;

@@ -149,7 +149,7 @@ pub fn now_ms() -> u64 {
     (crate::error::unix_nanos() / 1_000_000) as u64
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 

@@ -15,7 +15,7 @@
 //! See `record.rs` for the byte layout and `ARCHITECTURE.md` for the durability contract.
 
 pub mod record;
-mod seg_file;
+pub(crate) mod seg_file;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
@@ -666,12 +666,11 @@ impl Wal {
             buf.resize(len, 0);
             file.read_exact_at(&mut buf, loc.offset).map_err(io_err(&path))?;
             let corrupt = |reason: String| WalError::Corrupt { path: path.clone(), offset: loc.offset, reason };
-            let body_len = record::le_u32(&buf[..4]) as usize;
-            let crc = record::le_u32(&buf[4..8]);
-            if body_len != loc.body_len as usize || crc32c::crc32c(&buf[record::FRAME_LEN..]) != crc {
-                return Err(corrupt("record changed on disk since it was written (crc or length)".into()));
-            }
-            match record::decode_body(&buf[record::FRAME_LEN..]).map_err(corrupt)? {
+            let body = match crate::frame::parse(&buf, 0, loc.body_len as usize) {
+                Ok((body, end)) if end == len => body,
+                _ => return Err(corrupt("record changed on disk since it was written (crc or length)".into())),
+            };
+            match record::decode_body(body).map_err(corrupt)? {
                 Body::Entry { group: g, index, term, payload } if g == group && index == idx => {
                     out.push(WalEntry { index, term, payload: payload.to_vec() })
                 }
@@ -777,34 +776,16 @@ fn replay_segment(
         // Decide whether a bad record at `pos` is a torn tail (cut it) or corruption:
         // `complete` says the record's frame fits in the file.
         let torn_ok = |complete: bool| -> bool { is_last && (!complete || data[pos..].iter().all(|b| *b == 0)) };
-        if len - pos < record::FRAME_LEN {
-            if torn_ok(false) {
-                break;
+        let (body, end) = match crate::frame::parse(&data, pos, max_record) {
+            Ok(record) => record,
+            Err(damage) => {
+                // Only a CRC mismatch means the whole record is in the file.
+                if torn_ok(damage == crate::frame::Damage::CrcMismatch) {
+                    break;
+                }
+                return Err(corrupt(pos, damage.to_string()));
             }
-            return Err(corrupt(pos, "incomplete record frame".into()));
-        }
-        let body_len = record::le_u32(&data[pos..]) as usize;
-        let crc = record::le_u32(&data[pos + 4..]);
-        if body_len > max_record {
-            if torn_ok(false) {
-                break;
-            }
-            return Err(corrupt(pos, format!("record length {body_len} over the limit {max_record}")));
-        }
-        let end = pos + record::FRAME_LEN + body_len;
-        if end > len {
-            if torn_ok(false) {
-                break;
-            }
-            return Err(corrupt(pos, format!("record of {body_len} bytes runs past the end of the file")));
-        }
-        let body = &data[pos + record::FRAME_LEN..end];
-        if crc32c::crc32c(body) != crc {
-            if torn_ok(true) {
-                break;
-            }
-            return Err(corrupt(pos, "record crc mismatch".into()));
-        }
+        };
         let parsed = match record::decode_body(body) {
             Ok(b) => b,
             Err(reason) => {
@@ -827,7 +808,7 @@ fn replay_segment(
             }
             sealed_at = Some(pos);
         }
-        apply_replayed(parsed, seq, pos as u64, body_len as u32, groups).map_err(|e| match e {
+        apply_replayed(parsed, seq, pos as u64, body.len() as u32, groups).map_err(|e| match e {
             WalError::Hole { group, index, last } => {
                 corrupt(pos, format!("group {group}: entry {index} follows {last} (a hole)"))
             }

@@ -27,8 +27,7 @@ pub const FORMAT_VERSION: u8 = 2;
 /// Oldest segment version still read (version 1: no SEAL records).
 pub const MIN_FORMAT_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 24;
-/// `body_len` + `crc`.
-pub const FRAME_LEN: usize = 8;
+pub use crate::frame::FRAME_LEN;
 /// `kind` + `group`.
 pub const BODY_PREFIX_LEN: usize = 5;
 
@@ -72,18 +71,14 @@ pub fn decode_header(h: &[u8]) -> Result<(u64, u8), String> {
     Ok((le_u64(&h[12..20]), h[8]))
 }
 
-/// Appends one framed record to `buf`: reserves the frame, lets `body` write the body,
-/// then fills in its length and CRC.
+/// Appends one framed record of `kind` and `group` to `buf`; `body` writes the
+/// kind-specific fields.
 pub fn push_record(buf: &mut Vec<u8>, kind: u8, group: GroupId, body: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&[0u8; FRAME_LEN]);
-    buf.push(kind);
-    buf.extend_from_slice(&group.to_le_bytes());
-    body(buf);
-    let body_len = (buf.len() - start - FRAME_LEN) as u32;
-    let crc = crc32c::crc32c(&buf[start + FRAME_LEN..]);
-    buf[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    crate::frame::push(buf, |b| {
+        b.push(kind);
+        b.extend_from_slice(&group.to_le_bytes());
+        body(b);
+    });
 }
 
 pub fn le_u64(b: &[u8]) -> u64 {

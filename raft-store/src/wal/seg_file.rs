@@ -94,6 +94,12 @@ impl SegFile {
         self.file.sync_data()
     }
 
+    /// Cuts the file to `len` bytes (held writes are moved to the file first).
+    pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
+        self.release()?;
+        self.file.set_len(len)
+    }
+
     pub(crate) fn sync_all(&self) -> io::Result<()> {
         self.release()?;
         self.file.sync_all()
