@@ -4,6 +4,7 @@
 //! - [`log_store`]: openraft's log storage for one group, on top of the WAL.
 //! - [`repair`]: quarantine of damaged files and the repair marker.
 //! - [`envseg`]: append-only envelope segments (the envelope store's files; not yet used by [`sm`]).
+//! - [`overlay`]: a write-back layer over sled whose writes reach it only in checkpoints (not yet used by [`sm`]).
 //! - [`frame`]: the record frame both kinds of segment files use.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
@@ -14,6 +15,7 @@ pub mod error;
 pub mod frame;
 pub mod keys;
 pub mod log_store;
+pub mod overlay;
 pub mod repair;
 pub mod slow;
 pub mod sm;
