@@ -22,6 +22,9 @@ pub enum StoreError {
     Busy(String),
     #[error(transparent)]
     Wal(#[from] WalError),
+    /// A state-machine checkpoint failed; the state machine applies nothing more.
+    #[error("{0}")]
+    Checkpoint(String),
 }
 
 impl From<StoreError> for io::Error {

@@ -8,8 +8,15 @@
 //! Two layers sit on sled: `active` (every write goes here) and `frozen` (the previous
 //! `active`, while a checkpoint writes it to sled). A read looks in `active`, then `frozen`,
 //! then sled, and a range read merges the three in key order, so a checkpoint in progress is
-//! invisible to readers. `epoch` counts finished checkpoints: a read that must see one
-//! consistent state (several keys) compares it before and after and retries if it moved.
+//! invisible to readers.
+//!
+//! sled's iterators are not isolated from a concurrent `apply_batch`: a range read while a
+//! batch lands can see part of it, and a reverse range was seen to end early and then resume
+//! (a test of the broker caught a page with seqs twice). So a range read holds the read side
+//! of `gate` from the moment it copies the overlay's entries until it is dropped, and a
+//! checkpoint's batch (and any other bulk write to the tree, through [`Overlay::exclusive`])
+//! takes the write side: a merged range is one consistent state. Single-key reads need no
+//! gate (sled reads one key atomically).
 //!
 //! Bounded: the caller checkpoints when [`Overlay::pending_bytes`] passes its limit.
 
@@ -19,6 +26,8 @@ use std::ops::RangeBounds;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
+use std::sync::RwLock;
+use std::sync::RwLockReadGuard;
 
 use sled::IVec;
 
@@ -36,7 +45,6 @@ struct Layers {
     active: Pending,
     active_bytes: usize,
     frozen: Option<Arc<Pending>>,
-    epoch: u64,
 }
 
 /// The overlay of one tree (or of one group's part of it).
@@ -45,6 +53,8 @@ pub struct Overlay {
     layers: Mutex<Layers>,
     /// Held for a whole checkpoint: one at a time.
     checkpointing: Mutex<()>,
+    /// Read side: a range read in progress. Write side: a batch landing in sled.
+    gate: RwLock<()>,
 }
 
 fn entry_bytes(k: &[u8], v: &Option<Vec<u8>>) -> usize {
@@ -78,11 +88,6 @@ impl Overlay {
         l.active.is_empty() && l.frozen.is_none()
     }
 
-    /// Counts finished checkpoints.
-    pub fn epoch(&self) -> u64 {
-        self.lock().epoch
-    }
-
     /// The value of `key`: the overlay's if it has one (a delete is `None`), else sled's.
     pub fn get(&self, tree: &sled::Tree, key: &[u8]) -> sled::Result<Option<IVec>> {
         {
@@ -110,13 +115,18 @@ impl Overlay {
 
     /// Every key in `range` with its current value, in key order (`forward`) or reverse,
     /// merging the overlay over sled.
-    pub fn range<R: RangeBounds<Vec<u8>> + Clone>(&self, tree: &sled::Tree, range: R, forward: bool) -> Merged {
+    ///
+    /// Holds the read side of the gate until dropped: do not hold one while starting another
+    /// on the same thread (a waiting checkpoint would block the second, and so both).
+    pub fn range<R: RangeBounds<Vec<u8>> + Clone>(&self, tree: &sled::Tree, range: R, forward: bool) -> Merged<'_> {
+        let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let mut pending = self.pending_in(range.clone());
         if !forward {
             pending.reverse();
         }
         let base = tree.range(range);
         Merged {
+            _gate: gate,
             pending: pending.into_iter().peekable(),
             base: if forward { Box::new(base) } else { Box::new(base.rev()) },
             base_next: None,
@@ -125,7 +135,7 @@ impl Overlay {
     }
 
     /// Every key that starts with `prefix`, in key order.
-    pub fn scan_prefix(&self, tree: &sled::Tree, prefix: &[u8]) -> Merged {
+    pub fn scan_prefix(&self, tree: &sled::Tree, prefix: &[u8]) -> Merged<'_> {
         let start = Bound::Included(prefix.to_vec());
         let end = match prefix_end(prefix) {
             Some(e) => Bound::Excluded(e),
@@ -161,14 +171,18 @@ impl Overlay {
             }
         }
         extra(&mut batch);
-        tree.apply_batch(batch)?;
+        self.exclusive(|| tree.apply_batch(batch))?;
         if flush {
             tree.flush()?;
         }
-        let mut l = self.lock();
-        l.frozen = None;
-        l.epoch += 1;
+        self.lock().frozen = None;
         Ok(frozen.len())
+    }
+
+    /// Runs `write` (a bulk write to the tree) while no range read is in progress.
+    pub fn exclusive<T>(&self, write: impl FnOnce() -> T) -> T {
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        write()
     }
 
     /// Forgets everything pending (a snapshot install replaces the state it would change).
@@ -178,7 +192,6 @@ impl Overlay {
         l.active.clear();
         l.active_bytes = 0;
         l.frozen = None;
-        l.epoch += 1;
     }
 }
 
@@ -194,8 +207,10 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// A merged range: the overlay's entries over sled's, in one direction.
-pub struct Merged {
+/// A merged range: the overlay's entries over sled's, in one direction; one consistent
+/// state (no checkpoint lands while it lives).
+pub struct Merged<'a> {
+    _gate: RwLockReadGuard<'a, ()>,
     pending: std::iter::Peekable<std::vec::IntoIter<PendingEntry>>,
     base: Box<dyn Iterator<Item = KvResult> + Send>,
     /// sled's next item, read ahead.
@@ -203,7 +218,7 @@ pub struct Merged {
     forward: bool,
 }
 
-impl Iterator for Merged {
+impl Iterator for Merged<'_> {
     type Item = KvResult;
 
     fn next(&mut self) -> Option<KvResult> {
@@ -269,9 +284,8 @@ mod tests {
         assert_eq!(o.pending_bytes(), one - 90);
         o.write([(b"a".to_vec(), None), (b"b".to_vec(), None)]);
         assert_eq!(o.pending_bytes(), 2 * entry_bytes(b"a", &None));
-        let epoch = o.epoch();
         let n = o.checkpoint(&tree, |b| b.insert(b"meta".as_slice(), b"1".as_slice()), true).expect("checkpoint");
-        assert_eq!((n, o.pending_bytes(), o.epoch(), o.is_empty()), (2, 0, epoch + 1, true));
+        assert_eq!((n, o.pending_bytes(), o.is_empty()), (2, 0, true));
         assert_eq!(tree.get(b"meta").expect("get").as_deref(), Some(&b"1"[..]));
         assert_eq!(tree.len(), 1);
     }
@@ -298,7 +312,7 @@ mod tests {
         vec![7, k / 8, k]
     }
 
-    fn collect(m: Merged) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn collect(m: Merged<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
         m.map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec()))).collect::<sled::Result<_>>().expect("iterate")
     }
 

@@ -2,13 +2,16 @@
 //!
 //! Per group it keeps, under its active generation (see `keys.rs`): each conversation's last
 //! `seq`, every envelope under (conversation, seq), and the last applied log id with the
-//! membership. One `apply` call writes all of that in one atomic sled batch, so a crash
-//! never leaves data and applied state apart.
+//! membership. Applies write into an in-memory overlay (`overlay.rs`); a checkpoint (at
+//! least once a second, on the `habar-sm-checkpoint` thread) moves it to sled in one atomic
+//! batch that carries the applied log ids with the data, so sled is always the state at the
+//! applied id it stores, and a crash never leaves data and applied state apart.
 //!
 //! Durability: applies are not flushed one by one (the WAL is the durable record and
 //! openraft re-applies from the durable applied state after a restart, up to the saved
-//! committed id). sled is flushed before a snapshot is reported built, because openraft
-//! purges the log behind a snapshot, and around the generation switch of an install.
+//! committed id). A checkpoint is written and sled flushed before a snapshot is reported
+//! built, because openraft purges the log behind a snapshot, and before and around the
+//! generation switch of an install.
 
 use std::collections::HashMap;
 use std::fs;
@@ -35,6 +38,8 @@ use crate::error::io_err;
 use crate::error::unix_nanos;
 use crate::error::StoreError;
 use crate::keys;
+use crate::overlay::Merged;
+use crate::overlay::Overlay;
 use crate::snapshot::SnapshotData;
 use crate::snapshot::SnapshotFileWriter;
 use crate::snapshot::SnapshotReader;
@@ -229,6 +234,94 @@ struct Inner {
     found_snapshots: Mutex<HashMap<GroupId, (SnapshotMeta, SnapshotData)>>,
     /// Warns of an apply call slower than `slow_warn_ms`.
     slow_apply: crate::slow::SlowLog,
+    /// Every state-machine write since the last checkpoint (ARCHITECTURE.md, "Checkpoints"):
+    /// sled only ever holds what a checkpoint wrote, so it is always the state at the
+    /// applied log id stored with it.
+    overlay: Overlay,
+    /// When the last checkpoint finished.
+    last_checkpoint: Mutex<Instant>,
+    /// Set when a checkpoint failed: applies fail from then on (the node stops, as after a
+    /// failed WAL fsync), since what the overlay holds could no longer be made durable.
+    checkpoint_failed: Mutex<Option<String>>,
+}
+
+impl Inner {
+    /// A key's value as the state machine sees it (the overlay over sled).
+    fn get(&self, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
+        self.overlay.get(&self.data, key)
+    }
+
+    fn range<R: std::ops::RangeBounds<Vec<u8>> + Clone>(&self, range: R) -> Merged<'_> {
+        self.overlay.range(&self.data, range, true)
+    }
+
+    fn range_rev<R: std::ops::RangeBounds<Vec<u8>> + Clone>(&self, range: R) -> Merged<'_> {
+        self.overlay.range(&self.data, range, false)
+    }
+
+    fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Merged<'_> {
+        self.overlay.scan_prefix(&self.data, prefix.as_ref())
+    }
+
+    /// Writes everything in the overlay to sled in one batch (and flushes sled if `flush`).
+    fn checkpoint(&self, flush: bool) -> Result<(), StoreError> {
+        if let Some(e) = self.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(StoreError::Checkpoint(e));
+        }
+        let started = Instant::now();
+        let done = self.overlay.checkpoint(&self.data, |_| {}, flush);
+        let took = started.elapsed();
+        match done {
+            Ok(writes) => {
+                *self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                metrics::counter!("habar_sm_checkpoints_total").increment(1);
+                metrics::histogram!("habar_sm_checkpoint_seconds").record(took.as_secs_f64());
+                metrics::histogram!("habar_sm_checkpoint_writes").record(writes as f64);
+                Ok(())
+            }
+            Err(e) => {
+                let msg = format!("state-machine checkpoint failed: {e}");
+                tracing::error!(error = %e, "state-machine checkpoint failed; this node stops applying");
+                *self.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A checkpoint is due: the overlay holds [`CHECKPOINT_BYTES`], or anything at all and
+    /// the last checkpoint is [`CHECKPOINT_INTERVAL`] old.
+    fn checkpoint_due(&self) -> bool {
+        let bytes = self.overlay.pending_bytes();
+        bytes >= CHECKPOINT_BYTES
+            || (bytes > 0
+                && self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= CHECKPOINT_INTERVAL)
+    }
+}
+
+/// A checkpoint is written at least this often while anything is pending.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(1000);
+/// ... or as soon as the overlay holds this many bytes.
+pub const CHECKPOINT_BYTES: usize = 16 << 20;
+/// An apply that finds the overlay this full writes a checkpoint itself before it goes on
+/// (back-pressure when sled falls behind: the overlay's memory stays bounded).
+const OVERLAY_MAX_BYTES: usize = 2 * CHECKPOINT_BYTES;
+/// How often the checkpoint thread looks whether a checkpoint is due.
+const CHECKPOINT_TICK: Duration = Duration::from_millis(50);
+
+/// The store's checkpoint thread: writes the overlay to sled when a checkpoint is due, and
+/// ends when the store is dropped.
+fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
+    loop {
+        std::thread::sleep(CHECKPOINT_TICK);
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            return;
+        }
+        if inner.checkpoint_due() {
+            // A failure is recorded in `checkpoint_failed` and logged; applies report it.
+            let _ = inner.checkpoint(false);
+        }
+    }
 }
 
 /// The node's state-machine store. Cheap to clone.
@@ -317,9 +410,6 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
 
 type AppliedState = (Option<LogId>, StoredMembership);
 
-/// One sled record as an iterator yields it.
-type KvResult = sled::Result<(sled::IVec, sled::IVec)>;
-
 /// What one apply call produced: responses, conversations extended (with their new last
 /// seq), and how many erasures it applied.
 type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
@@ -389,9 +479,17 @@ impl StateStore {
                 erasures: watch::channel(0).0,
                 found_snapshots: Mutex::new(found),
                 slow_apply: crate::slow::SlowLog::default(),
+                overlay: Overlay::default(),
+                last_checkpoint: Mutex::new(Instant::now()),
+                checkpoint_failed: Mutex::new(None),
             }),
         };
         store.remove_inactive_generations()?;
+        let weak = Arc::downgrade(&store.inner);
+        std::thread::Builder::new()
+            .name("habar-sm-checkpoint".into())
+            .spawn(move || checkpoint_loop(weak))
+            .map_err(io_err(dir))?;
         Ok(store)
     }
 
@@ -423,17 +521,21 @@ impl StateStore {
     fn delete_range(&self, range: std::ops::Range<Vec<u8>>) -> Result<usize, StoreError> {
         let mut n = 0;
         loop {
-            let mut batch = sled::Batch::default();
-            let mut k = 0;
-            for item in self.inner.data.range(range.clone()).take(INSTALL_BATCH_RECORDS) {
-                let (key, _) = item?;
-                batch.remove(key);
-                k += 1;
-            }
+            // Under the overlay's gate: no merged read is in progress while sled changes.
+            let k = self.inner.overlay.exclusive(|| -> Result<usize, StoreError> {
+                let mut batch = sled::Batch::default();
+                let mut k = 0;
+                for item in self.inner.data.range(range.clone()).take(INSTALL_BATCH_RECORDS) {
+                    let (key, _) = item?;
+                    batch.remove(key);
+                    k += 1;
+                }
+                self.inner.data.apply_batch(batch)?;
+                Ok(k)
+            })?;
             if k == 0 {
                 return Ok(n);
             }
-            self.inner.data.apply_batch(batch)?;
             n += k;
         }
     }
@@ -468,7 +570,7 @@ impl StateStore {
 
     fn applied_state_at(&self, group: GroupId, generation: u32) -> Result<AppliedState, StoreError> {
         let k = keys::meta_key(group, generation);
-        match self.inner.data.get(&k)? {
+        match self.inner.get(&k)? {
             None => Ok((None, StoredMembership::default())),
             Some(v) => {
                 let body = keys::decode_value(&v).map_err(|e| corrupt_key(&k, e))?;
@@ -481,7 +583,7 @@ impl StateStore {
     /// A conversation's record under `generation`, if it has one.
     fn conv_meta_at(&self, group: GroupId, generation: u32, conv: &[u8]) -> Result<Option<ConvMeta>, StoreError> {
         let k = keys::conv_key(group, generation, conv);
-        match self.inner.data.get(&k)? {
+        match self.inner.get(&k)? {
             Some(v) => Ok(Some(ConvMeta::decode(&k, &v)?)),
             None => Ok(None),
         }
@@ -512,7 +614,7 @@ impl StateStore {
             let start = keys::env_key(group, generation, conv, from_seq);
             let end = keys::env_key(group, generation, conv, u64::MAX);
             let mut out = Vec::with_capacity(limit.min(1024));
-            for item in self.inner.data.range(start..=end).take(limit) {
+            for item in self.inner.range(start..=end).take(limit) {
                 let (k, v) = item?;
                 out.push(decode_envelope(&k, &v, conversation_id, env_seq(&k)?)?);
             }
@@ -536,7 +638,7 @@ impl StateStore {
     ) -> Result<ReadPage, StoreError> {
         self.at_stable_generation(group, |generation| {
             let conv = conversation_id.as_bytes();
-            let data = &self.inner.data;
+            let data = &*self.inner;
             let last_seq = self.last_seq_at(group, generation, conv)?;
             let lo = keys::env_key(group, generation, conv, 1);
             let hi = keys::env_key(group, generation, conv, u64::MAX);
@@ -547,9 +649,9 @@ impl StateStore {
             let mut page = ReadPage { last_seq, first_seq, ..ReadPage::default() };
             let forward = direction == Direction::Forward;
             // `expected`: the next seq this read accounts for, in its direction.
-            let (mut expected, iter): (u64, Box<dyn Iterator<Item = KvResult>>) = if forward {
+            let (mut expected, iter): (u64, Merged) = if forward {
                 let from = start.max(1);
-                (from, Box::new(data.range(keys::env_key(group, generation, conv, from)..=hi)))
+                (from, data.range(keys::env_key(group, generation, conv, from)..=hi))
             } else {
                 let below = if start == 0 || start > last_seq { last_seq.saturating_add(1) } else { start };
                 if below <= 1 {
@@ -557,7 +659,7 @@ impl StateStore {
                     page.next = below;
                     return Ok(page);
                 }
-                (below - 1, Box::new(data.range(lo..=keys::env_key(group, generation, conv, below - 1)).rev()))
+                (below - 1, data.range_rev(lo..=keys::env_key(group, generation, conv, below - 1)))
             };
             let mut skipped = 0usize;
             let mut exhausted = true;
@@ -623,7 +725,7 @@ impl StateStore {
     ) -> Result<(Vec<CursorRecord>, bool, u64), StoreError> {
         self.at_stable_generation(group, |generation| {
             let conv = conversation_id.as_bytes();
-            let data = &self.inner.data;
+            let data = &*self.inner;
             let last_seq = self.last_seq_at(group, generation, conv)?;
             if let Some(r) = reader {
                 let k = keys::cursor_key(group, generation, conv, r.as_bytes());
@@ -663,7 +765,7 @@ impl StateStore {
     /// proposes one, so an idle cluster writes no housekeeping entries).
     pub fn needs_maintenance(&self, group: GroupId, now_ms: u64, dedupe_window_ms: u64) -> Result<bool, StoreError> {
         self.at_stable_generation(group, |generation| {
-            let data = &self.inner.data;
+            let data = &*self.inner;
             let first_time = |kind: u8| -> Result<Option<u64>, StoreError> {
                 let prefix = keys::kind_prefix(group, generation, kind);
                 match data.scan_prefix(&prefix).next() {
@@ -686,12 +788,16 @@ impl StateStore {
             if first_time(keys::KIND_DEDUPE_TIME)?.is_some_and(|t| t.saturating_add(dedupe_window_ms) < now_ms) {
                 return Ok(true);
             }
+            // Collected first: a merged read must end before the next one starts.
+            let mut retained = Vec::new();
             for item in data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_RETENTION)) {
                 let (k, _) = item?;
-                let conv = match keys::decode_key(&k) {
-                    Ok(keys::Key::Retention { conversation }) => conversation,
+                match keys::decode_key(&k) {
+                    Ok(keys::Key::Retention { conversation }) => retained.push(conversation),
                     _ => return Err(corrupt_key(&k, keys::DecodeError("bad retention key".into()))),
-                };
+                }
+            }
+            for conv in retained {
                 let Some(meta) = self.conv_meta_at(group, generation, &conv)? else { continue };
                 let prefix = keys::conv_prefix(group, generation, keys::KIND_ENV, &conv);
                 if let Some(item) = data.scan_prefix(&prefix).next() {
@@ -706,7 +812,8 @@ impl StateStore {
         })
     }
 
-    /// The group's last applied log id (durable once sled is flushed).
+    /// The group's last applied log id (durable once a checkpoint has written it and sled is
+    /// flushed).
     pub fn applied(&self, group: GroupId) -> Result<Option<LogId>, StoreError> {
         self.at_stable_generation(group, |generation| Ok(self.applied_state_at(group, generation)?.0))
     }
@@ -755,7 +862,15 @@ impl StateStore {
         self.inner.slow_apply.set_threshold(threshold);
     }
 
+    /// Writes a checkpoint now (everything applied so far goes to sled, not fsynced).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.inner.checkpoint(false)
+    }
+
+    /// Writes a checkpoint (everything applied so far) and flushes sled: what was applied is
+    /// durable in the state machine when this returns.
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.checkpoint(true)?;
         self.inner.db.flush()?;
         Ok(())
     }
@@ -769,7 +884,7 @@ impl StateStore {
     pub fn dump_group(&self, group: GroupId) -> Result<Vec<crate::snapshot::Record>, StoreError> {
         self.at_stable_generation(group, |generation| {
             let mut out = Vec::new();
-            for item in self.inner.data.scan_prefix(keys::gen_prefix(group, generation)) {
+            for item in self.inner.scan_prefix(keys::gen_prefix(group, generation)) {
                 let (k, v) = item?;
                 out.push((k[keys::GEN_PREFIX_LEN..].to_vec(), v.to_vec()));
             }
@@ -787,6 +902,12 @@ impl StateStore {
     /// (maintenance, erasure, retention) are each applied in a batch of their own, after
     /// what precedes them is written, so every read they do sees the entries before them.
     fn apply_blocking(&self, group: GroupId, generation: u32, entries: &[Entry]) -> Result<Applied, StoreError> {
+        if self.inner.overlay.pending_bytes() >= OVERLAY_MAX_BYTES {
+            // sled fell behind the applies: wait for it here rather than grow the overlay.
+            self.inner.checkpoint(false)?;
+        } else if let Some(e) = self.inner.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Err(StoreError::Checkpoint(e));
+        }
         let (applied, membership) = self.applied_state_at(group, generation)?;
         let mut run = Run { group, generation, applied, membership, ..Run::default() };
         let mut changed: HashMap<String, u64> = HashMap::new();
@@ -857,7 +978,7 @@ impl StateStore {
             let dedupe_key = keys::dedupe_key(group, generation, conv.as_bytes(), &e.message_id);
             let seen = match run.dedupe.get(&dedupe_key) {
                 Some(p) => Some(*p),
-                None => match self.inner.data.get(&dedupe_key)? {
+                None => match self.inner.get(&dedupe_key)? {
                     Some(v) => Some(decode_pair(&dedupe_key, &v)?),
                     None => None,
                 },
@@ -907,7 +1028,7 @@ impl StateStore {
         let key = keys::cursor_key(run.group, run.generation, conv.as_bytes(), reader.as_bytes());
         let (cur, cur_at) = match run.cursors.get(&key) {
             Some(c) => *c,
-            None => match self.inner.data.get(&key)? {
+            None => match self.inner.get(&key)? {
                 Some(v) => decode_pair(&key, &v)?,
                 None => (0, 0),
             },
@@ -922,7 +1043,7 @@ impl StateStore {
     }
 
     /// Removes one envelope (by its key and decoded value) and its expiry entry.
-    fn remove_envelope(batch: &mut sled::Batch, group: GroupId, generation: u32, conv: &[u8], e: &StoredEnvelope) {
+    fn remove_envelope(batch: &mut Ops, group: GroupId, generation: u32, conv: &[u8], e: &StoredEnvelope) {
         batch.remove(keys::env_key(group, generation, conv, e.seq));
         if e.envelope.expires_at_ms != 0 {
             batch.remove(keys::expiry_key(group, generation, e.envelope.expires_at_ms, conv, e.seq));
@@ -937,7 +1058,7 @@ impl StateStore {
         max_removals: u32,
     ) -> Result<CommandResponse, StoreError> {
         let (group, generation) = (run.group, run.generation);
-        let data = &self.inner.data;
+        let data = &*self.inner;
         let mut budget = max_removals.max(1) as u64;
         let mut report = MaintainReport::default();
 
@@ -1031,7 +1152,7 @@ impl StateStore {
     ) -> Result<(u64, bool), StoreError> {
         let (group, generation) = (run.group, run.generation);
         let mut n = 0;
-        for item in self.inner.data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
+        for item in self.inner.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
             let (k, v) = item?;
             let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
             if !meta.retention_removes(e.seq, e.committed_at_ms, now_ms) {
@@ -1053,7 +1174,7 @@ impl StateStore {
         reset_seq: bool,
     ) -> Result<CommandResponse, StoreError> {
         let (group, generation) = (run.group, run.generation);
-        let data = &self.inner.data;
+        let data = &*self.inner;
         let conv = conversation_id.as_bytes();
         let meta = self.conv_meta_at(group, generation, conv)?;
         let mut envelopes = 0;
@@ -1119,7 +1240,7 @@ impl StateStore {
         let state =
             postcard::to_allocvec(&(run.applied, &run.membership)).map_err(|e| StoreError::Encode(e.to_string()))?;
         run.batch.insert(keys::meta_key(group, generation), keys::encode_value(&state));
-        self.inner.data.apply_batch(std::mem::take(&mut run.batch))?;
+        self.inner.overlay.write(std::mem::take(&mut run.batch).0);
         run.dedupe.clear();
         run.cursors.clear();
         Ok(())
@@ -1131,7 +1252,10 @@ impl StateStore {
         group: GroupId,
         rt: &GroupRt,
     ) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
-        self.inner.db.flush()?;
+        // openraft holds this group's state machine: nothing of it is applied meanwhile, so
+        // after this checkpoint sled alone holds its state (and the log can be purged
+        // behind the snapshot: recovery no longer needs it).
+        self.inner.checkpoint(true)?;
         let generation = rt.generation.load(Ordering::Acquire);
         let (last_log_id, last_membership) = self.applied_state_at(group, generation)?;
         let meta = SnapshotMeta { last_log_id, last_membership };
@@ -1139,7 +1263,8 @@ impl StateStore {
         let idx = last_log_id.map_or(0, |l| l.index);
         let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.tmp"));
         let mut w = SnapshotFileWriter::create(tmp.clone(), group, &meta)?;
-        for item in self.inner.data.scan_prefix(keys::gen_prefix(group, generation)) {
+        // Merged, for the gate: other groups' checkpoints wait until the scan is done.
+        for item in self.inner.scan_prefix(keys::gen_prefix(group, generation)) {
             let (k, v) = item?;
             w.record(&k[keys::GEN_PREFIX_LEN..], &v)?;
         }
@@ -1245,6 +1370,9 @@ impl StateStore {
                 reason: format!("snapshot of group {} offered to group {group}", reader.group),
             });
         }
+        // What the overlay holds goes to sled first, so that the install's direct writes and
+        // generation switch are not overtaken by a later checkpoint of older writes.
+        self.inner.checkpoint(true)?;
         let old = rt.generation.load(Ordering::Acquire);
         let new = old.checked_add(1).ok_or_else(|| StoreError::Encode("generation counter exhausted".into()))?;
         let new_prefix = keys::gen_prefix(group, new);
@@ -1264,7 +1392,8 @@ impl StateStore {
             n += 1;
             batch.insert(key, v);
             if n >= INSTALL_BATCH_RECORDS || bytes >= INSTALL_BATCH_BYTES {
-                self.inner.data.apply_batch(std::mem::take(&mut batch))?;
+                let b = std::mem::take(&mut batch);
+                self.inner.overlay.exclusive(|| self.inner.data.apply_batch(b))?;
                 n = 0;
                 bytes = 0;
                 batches += 1;
@@ -1276,7 +1405,7 @@ impl StateStore {
         let state = postcard::to_allocvec(&(meta.last_log_id, meta.last_membership.clone()))
             .map_err(|e| StoreError::Encode(e.to_string()))?;
         batch.insert(keys::meta_key(group, new), keys::encode_value(&state));
-        self.inner.data.apply_batch(batch)?;
+        self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
         self.inner.db.flush()?;
@@ -1297,14 +1426,29 @@ impl StateStore {
     }
 }
 
-/// What one apply call has read and written but not yet handed to sled.
+/// Writes collected for the overlay: `Some` puts, `None` deletes, later ones win.
+#[derive(Default)]
+struct Ops(Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+impl Ops {
+    fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.0.push((key, Some(value)));
+    }
+
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.0.push((key.as_ref().to_vec(), None));
+    }
+}
+
+/// What one apply call has read and written but not yet handed to the overlay.
 #[derive(Default)]
 struct Run {
     group: GroupId,
     generation: u32,
     applied: Option<LogId>,
     membership: StoredMembership,
-    batch: sled::Batch,
+    /// Writes of this run, in order, for the overlay.
+    batch: Ops,
     /// Conversation records read or changed (dirty: changed).
     convs: HashMap<String, (ConvMeta, bool)>,
     /// Dedupe entries added in this run (sled does not see the batch until it is written).

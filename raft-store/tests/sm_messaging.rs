@@ -31,7 +31,12 @@ enum Op {
     Delete(u8, bool),
     Retention(u8, u64, u64),
     Tick(u64),
+    /// A clean restart: the store is flushed (as the node does at shutdown) and reopened.
     Reopen,
+    /// A crash: the store is dropped without a flush, so everything applied since its last
+    /// checkpoint is gone from it; the entries after its durable applied id are applied
+    /// again, as openraft does from the log at start.
+    Crash,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -43,6 +48,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3, prop_oneof![Just(0u64), (1u64..10).prop_map(|x| x * 50)], prop_oneof![Just(0u64), 1u64..6]).prop_map(|(c, a, n)| Op::Retention(c, a, n)),
         3 => (1u64..4).prop_map(|x| Op::Tick(x * 50)),
         1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -130,7 +136,7 @@ impl Model {
                 mc.max_count = *count;
                 mc.retain(now);
             }
-            Op::Tick(_) | Op::Reopen => {}
+            Op::Tick(_) | Op::Reopen | Op::Crash => {}
         }
     }
 }
@@ -160,7 +166,7 @@ fn command(now: u64, op: &Op) -> Option<Command> {
         Op::Retention(c, age, count) => {
             Command::SetRetention { now_ms: now, conversation_id: conv(*c), max_age_ms: *age, max_count: *count }
         }
-        Op::Tick(_) | Op::Reopen => return None,
+        Op::Tick(_) | Op::Reopen | Op::Crash => return None,
     })
 }
 
@@ -234,8 +240,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// Property: after any sequence of appends (with repeated message ids), cursor
-    /// commits, housekeeping, erasures, retention changes, clock ticks and reopens,
-    /// applied in arbitrary batches, reads and cursors equal the model's.
+    /// commits, housekeeping, erasures, retention changes, clock ticks, reopens and crashes
+    /// (with the entries after the durable applied id applied again), applied in arbitrary
+    /// batches, reads and cursors equal the model's: replay after a crash assigns the same
+    /// seqs and dedupe answers as the first apply did.
     #[test]
     fn messaging_state_matches_the_model(
         ops in proptest::collection::vec(op(), 1..60),
@@ -249,20 +257,34 @@ proptest! {
             let mut now = 1_000_000u64;
             let mut index = 0u64;
             let mut pending = Vec::new();
+            // Every entry, as the Raft log holds them.
+            let mut log: Vec<Entry> = Vec::new();
             for (i, op) in ops.iter().enumerate() {
                 match op {
                     Op::Tick(ms) => now += ms,
                     Op::Reopen => {
                         apply(&mut sm, std::mem::take(&mut pending)).await;
+                        store.flush().unwrap();
                         drop(sm);
                         drop(store);
                         (store, sm) = open(dir.path());
+                    }
+                    Op::Crash => {
+                        apply(&mut sm, std::mem::take(&mut pending)).await;
+                        drop(sm);
+                        drop(store);
+                        (store, sm) = open(dir.path());
+                        let durable = store.applied(GROUP).unwrap().map_or(0, |l| l.index);
+                        let replay: Vec<Entry> = log.iter().filter(|e| e.log_id.index > durable).cloned().collect();
+                        apply(&mut sm, replay).await;
                     }
                     _ => {}
                 }
                 if let Some(cmd) = command(now, op) {
                     index += 1;
-                    pending.push(Entry { log_id: LogId::new_term_index(1, index), payload: EntryPayload::Normal(cmd) });
+                    let entry = Entry { log_id: LogId::new_term_index(1, index), payload: EntryPayload::Normal(cmd) };
+                    log.push(entry.clone());
+                    pending.push(entry);
                 }
                 model.apply(now, op);
                 if cuts[i] {
