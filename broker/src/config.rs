@@ -185,7 +185,7 @@ impl Default for NodeConfig {
             snapshot_logs_since_last: 20_000,
             max_in_snapshot_log_to_keep: 1_000,
             max_payload_entries: 300,
-            sled_cache_capacity_bytes: 128 << 20,
+            sled_cache_capacity_bytes: habar_raft_store::sm::DEFAULT_CACHE_CAPACITY,
             wal_segment_bytes: 64 << 20,
             max_ciphertext_bytes: 1 << 20,
             max_envelopes_per_request: 1000,

@@ -57,8 +57,10 @@ pub struct Overlay {
     gate: RwLock<()>,
 }
 
+/// What one pending write costs in memory, roughly: its bytes, the map's share (two `Vec`
+/// headers and node slack) and the allocator's headers.
 fn entry_bytes(k: &[u8], v: &Option<Vec<u8>>) -> usize {
-    k.len() + v.as_ref().map_or(0, Vec::len) + 32
+    k.len() + v.as_ref().map_or(0, Vec::len) + 96
 }
 
 impl Overlay {
