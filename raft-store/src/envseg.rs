@@ -249,6 +249,9 @@ pub struct Segments {
     generation: u32,
     cfg: SegConfig,
     state: Mutex<State>,
+    /// Held through a whole `sync`: a second one must not return its mark while the first
+    /// is still making the directory durable.
+    syncing: Mutex<()>,
 }
 
 impl Segments {
@@ -263,7 +266,7 @@ impl Segments {
         durable: Option<Durable>,
         cfg: SegConfig,
     ) -> Result<Segments, StoreError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::repair::create_dir_durably(dir).map_err(io_err(dir))?;
         let mut on_disk = Vec::new();
         for item in fs::read_dir(dir).map_err(io_err(dir))? {
             let path = item.map_err(io_err(dir))?.path();
@@ -285,15 +288,15 @@ impl Segments {
             reason,
         };
         let keep_to = durable.map_or(0, |d| d.segment);
-        let mut removed = false;
-        for &seq in on_disk.iter().filter(|s| **s > keep_to) {
-            let path = segment_path(dir, seq);
-            fs::remove_file(&path).map_err(io_err(&path))?;
-            removed = true;
-        }
         let mut sealed = BTreeMap::new();
         for &seq in on_disk.iter().filter(|s| **s < keep_to) {
             sealed.insert(seq, None);
+        }
+        // Sealed segments run without a gap up to the mark's (older ones may be gone).
+        if let Some(&first) = sealed.keys().next() {
+            if let Some(missing) = (first..keep_to).find(|s| !sealed.contains_key(s)) {
+                return Err(corrupt(missing, 0, "the checkpoint covers this segment but it is missing".into()));
+            }
         }
         let open_rw = |path: &Path| OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path));
         let active = match durable {
@@ -320,8 +323,19 @@ impl Segments {
                     seg.set_len(d.end).map_err(io_err(&path))?;
                     seg.sync_data().map_err(io_err(&path))?;
                 }
-                Active { seq: d.segment, file: Arc::new(seg), len: d.end }
+                Some(Active { seq: d.segment, file: Arc::new(seg), len: d.end })
             }
+            None => None,
+        };
+        // Only now that the mark is known to fit these files: what it does not cover goes.
+        let mut removed = false;
+        for &seq in on_disk.iter().filter(|s| **s > keep_to) {
+            let path = segment_path(dir, seq);
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed = true;
+        }
+        let active = match active {
+            Some(a) => a,
             None => Self::create(dir, group, generation, 1, &cfg)?,
         };
         let dir_dirty = removed || durable.is_none();
@@ -330,6 +344,7 @@ impl Segments {
             group,
             generation,
             cfg,
+            syncing: Mutex::new(()),
             state: Mutex::new(State {
                 active,
                 sealed,
@@ -420,8 +435,21 @@ impl Segments {
     /// whole) and starts the next.
     fn roll(&self, st: &mut State) -> Result<(), StoreError> {
         let old = &st.active;
-        old.file.sync_data().map_err(io_err(&segment_path(&self.dir, old.seq)))?;
-        let next = Self::create(&self.dir, self.group, self.generation, old.seq + 1, &self.cfg)?;
+        let next = old
+            .file
+            .sync_data()
+            .map_err(io_err(&segment_path(&self.dir, old.seq)))
+            .and_then(|()| Self::create(&self.dir, self.group, self.generation, old.seq + 1, &self.cfg));
+        let next = match next {
+            Ok(next) => next,
+            Err(e) => {
+                // As after a failed `sync`: the sealed segment may have lost pages (and a
+                // half-made next one may exist), so nothing goes on until a reopen cuts back
+                // to the last mark.
+                st.poisoned = true;
+                return Err(e);
+            }
+        };
         let old = std::mem::replace(&mut st.active, next);
         st.sealed.insert(old.seq, None);
         st.dir_dirty = true;
@@ -432,6 +460,7 @@ impl Segments {
     /// the directory if a segment was created) and returns the mark for the checkpoint.
     /// Appends may continue meanwhile; the mark covers those before the call.
     pub fn sync(&self) -> Result<Durable, StoreError> {
+        let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let (mark, file, dirty, dir_dirty) = {
             let mut st = self.lock();
             self.check_poisoned(&st)?;

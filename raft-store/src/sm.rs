@@ -19,6 +19,7 @@ use std::io;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -242,6 +243,9 @@ struct Inner {
     overlay: Overlay,
     /// When the last checkpoint finished.
     last_checkpoint: Mutex<Instant>,
+    /// [`CHECKPOINT_INTERVAL`] unless a test or a benchmark set another
+    /// ([`StateStore::set_checkpoint_interval`]), in ms.
+    checkpoint_interval_ms: AtomicU64,
     /// Set when a checkpoint failed: applies fail from then on (the node stops, as after a
     /// failed WAL fsync), since what the overlay holds could no longer be made durable.
     checkpoint_failed: Mutex<Option<String>>,
@@ -296,7 +300,8 @@ impl Inner {
         let bytes = self.overlay.pending_bytes();
         bytes >= CHECKPOINT_BYTES
             || (bytes > 0
-                && self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= CHECKPOINT_INTERVAL)
+                && self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
+                    >= Duration::from_millis(self.checkpoint_interval_ms.load(Ordering::Relaxed)))
     }
 }
 
@@ -434,12 +439,12 @@ fn crash_point(point: &str, db: &sled::Db) {
 impl StateStore {
     /// Opens (or creates) the store in `dir`. `cache_capacity` is sled's page cache in bytes.
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::repair::create_dir_durably(dir).map_err(io_err(dir))?;
         let db = open_sled(&dir.join("db"), cache_capacity)?;
         let data = db.open_tree("sm.v1")?;
         let heads = db.open_tree("heads.v1")?;
         let snap_dir = dir.join("snapshots");
-        fs::create_dir_all(&snap_dir).map_err(io_err(&snap_dir))?;
+        crate::repair::create_dir_durably(&snap_dir).map_err(io_err(&snap_dir))?;
 
         // Newest valid snapshot per group; leftovers of crashed builds or transfers go.
         let mut found: HashMap<GroupId, (SnapshotMeta, SnapshotData)> = HashMap::new();
@@ -486,6 +491,7 @@ impl StateStore {
                 slow_apply: crate::slow::SlowLog::default(),
                 overlay: Overlay::default(),
                 last_checkpoint: Mutex::new(Instant::now()),
+                checkpoint_interval_ms: AtomicU64::new(CHECKPOINT_INTERVAL.as_millis() as u64),
                 checkpoint_failed: Mutex::new(None),
             }),
         };
@@ -575,12 +581,15 @@ impl StateStore {
 
     fn applied_state_at(&self, group: GroupId, generation: u32) -> Result<AppliedState, StoreError> {
         let k = keys::meta_key(group, generation);
-        match self.inner.get(&k)? {
+        Self::decode_applied_state(&k, self.inner.get(&k)?)
+    }
+
+    fn decode_applied_state(k: &[u8], v: Option<sled::IVec>) -> Result<AppliedState, StoreError> {
+        match v {
             None => Ok((None, StoredMembership::default())),
             Some(v) => {
-                let body = keys::decode_value(&v).map_err(|e| corrupt_key(&k, e))?;
-                postcard::from_bytes(body)
-                    .map_err(|e| corrupt_key(&k, keys::DecodeError(format!("applied state: {e}"))))
+                let body = keys::decode_value(&v).map_err(|e| corrupt_key(k, e))?;
+                postcard::from_bytes(body).map_err(|e| corrupt_key(k, keys::DecodeError(format!("applied state: {e}"))))
             }
         }
     }
@@ -865,6 +874,14 @@ impl StateStore {
     /// never. Default `slow::DEFAULT_SLOW_WARN`.
     pub fn set_slow_warn(&self, threshold: Duration) {
         self.inner.slow_apply.set_threshold(threshold);
+    }
+
+    /// How old the last checkpoint may get while anything is pending (default
+    /// [`CHECKPOINT_INTERVAL`]); the size trigger and the back-pressure stay. Tests set it
+    /// long to decide themselves where checkpoints fall.
+    pub fn set_checkpoint_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self.inner.checkpoint_interval_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Writes a checkpoint now (everything applied so far goes to sled, not fsynced).
@@ -1262,7 +1279,10 @@ impl StateStore {
         // behind the snapshot: recovery no longer needs it).
         self.inner.checkpoint(true)?;
         let generation = rt.generation.load(Ordering::Acquire);
-        let (last_log_id, last_membership) = self.applied_state_at(group, generation)?;
+        // The applied state from sled, like the data scanned below: the file's meta and its
+        // records come from one source.
+        let meta_key = keys::meta_key(group, generation);
+        let (last_log_id, last_membership) = Self::decode_applied_state(&meta_key, self.inner.data.get(&meta_key)?)?;
         let meta = SnapshotMeta { last_log_id, last_membership };
         let nanos = unix_nanos();
         let idx = last_log_id.map_or(0, |l| l.index);

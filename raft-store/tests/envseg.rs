@@ -159,6 +159,40 @@ fn damage_is_reported_with_the_file_and_offset() {
     expect_corrupt(r.map(|_| ()), "not group 4");
 }
 
+/// Property: a mark that does not fit the files (another group's, or with a sealed segment
+/// missing before it) is refused before anything is deleted: the segments after it are still
+/// there for the right mark.
+#[test]
+fn a_mark_that_does_not_fit_deletes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = open(dir.path(), None, cfg(1024, false));
+    let envs: Vec<NewEnvelope> = (0..30).map(|n| envelope("c", n, 150)).collect();
+    let locs = append(&s, &envs, 0);
+    let mark = s.sync().expect("sync");
+    drop(s);
+    let segments = |d: &Path| std::fs::read_dir(d).expect("ls").count();
+    let before = segments(dir.path());
+    assert!(mark.segment >= 4 && before as u64 == mark.segment, "{mark:?}, {before} files");
+    // An older mark of another group: refused, and the later segments stay.
+    let older = Durable { segment: 2, end: HEADER_LEN as u64 };
+    let r = Segments::open(dir.path(), 4, 1, Some(older), cfg(1024, false));
+    expect_corrupt(r.map(|_| ()), "not group 4");
+    assert_eq!(segments(dir.path()), before, "nothing deleted on a refused mark");
+    // A sealed segment missing in the middle: named, nothing deleted.
+    let middle = dir.path().join(format!("{:020}.env", 2));
+    let kept = std::fs::read(&middle).expect("read");
+    std::fs::remove_file(&middle).expect("rm");
+    let r = Segments::open(dir.path(), 3, 1, Some(mark), cfg(1024, false));
+    let text = expect_corrupt(r.map(|_| ()), "missing");
+    assert!(text.contains(&middle.display().to_string()), "{text}");
+    assert_eq!(segments(dir.path()), before - 1);
+    // Put back, the right mark opens everything.
+    std::fs::write(&middle, kept).expect("write");
+    let s = open(dir.path(), Some(mark), cfg(1024, false));
+    let last = locs.last().copied().expect("records");
+    assert_eq!(s.read(last).expect("last record").envelope.envelope, envs[29]);
+}
+
 /// Property: a record over the limit is refused before anything is written, with the limit
 /// named; the store keeps working.
 #[test]

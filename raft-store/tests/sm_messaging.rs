@@ -37,6 +37,9 @@ enum Op {
     /// checkpoint is gone from it; the entries after its durable applied id are applied
     /// again, as openraft does from the log at start.
     Crash,
+    /// A checkpoint (not flushed): the only place one falls, since the store's timer is set
+    /// long, so a later `Crash` goes back to exactly here (or to the last `Reopen`).
+    Checkpoint,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -49,6 +52,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1u64..4).prop_map(|x| Op::Tick(x * 50)),
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
+        1 => Just(Op::Checkpoint),
     ]
 }
 
@@ -136,7 +140,7 @@ impl Model {
                 mc.max_count = *count;
                 mc.retain(now);
             }
-            Op::Tick(_) | Op::Reopen | Op::Crash => {}
+            Op::Tick(_) | Op::Reopen | Op::Crash | Op::Checkpoint => {}
         }
     }
 }
@@ -166,7 +170,7 @@ fn command(now: u64, op: &Op) -> Option<Command> {
         Op::Retention(c, age, count) => {
             Command::SetRetention { now_ms: now, conversation_id: conv(*c), max_age_ms: *age, max_count: *count }
         }
-        Op::Tick(_) | Op::Reopen | Op::Crash => return None,
+        Op::Tick(_) | Op::Reopen | Op::Crash | Op::Checkpoint => return None,
     })
 }
 
@@ -177,6 +181,7 @@ async fn apply(sm: &mut GroupStateMachine, es: Vec<Entry>) {
 
 fn open(dir: &Path) -> (StateStore, GroupStateMachine) {
     let store = StateStore::open(dir, 8 << 20).unwrap();
+    store.set_checkpoint_interval(std::time::Duration::from_secs(3600));
     let sm = store.group(GROUP).unwrap();
     (store, sm)
 }
@@ -268,6 +273,10 @@ proptest! {
                         drop(sm);
                         drop(store);
                         (store, sm) = open(dir.path());
+                    }
+                    Op::Checkpoint => {
+                        apply(&mut sm, std::mem::take(&mut pending)).await;
+                        store.checkpoint().unwrap();
                     }
                     Op::Crash => {
                         apply(&mut sm, std::mem::take(&mut pending)).await;

@@ -382,6 +382,8 @@ async fn a_crash_between_checkpoints_replays_to_the_same_answers() {
     ];
     let (before, before_reads) = {
         let s = open(dir.path());
+        // No timed checkpoint: the one below is the last before the "crash".
+        s.set_checkpoint_interval(std::time::Duration::from_secs(3600));
         let mut sm = s.group(6).unwrap();
         apply(&mut sm, vec![append(1, vec![env("a", 1), env("a", 2)]), append(2, vec![env("b", 2)])]).await;
         s.flush().unwrap();

@@ -297,7 +297,7 @@ impl Wal {
     /// Opens (or creates) the WAL in `cfg.dir`, replaying every segment. A torn tail of the
     /// last segment is cut off; corruption anywhere else is an error naming file and offset.
     pub fn open(cfg: WalConfig) -> Result<Wal, WalError> {
-        fs::create_dir_all(&cfg.dir).map_err(io_err(&cfg.dir))?;
+        crate::repair::create_dir_durably(&cfg.dir).map_err(io_err(&cfg.dir))?;
         let dir = File::open(&cfg.dir).map_err(io_err(&cfg.dir))?;
 
         let mut seqs = Vec::new();
