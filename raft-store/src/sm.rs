@@ -931,7 +931,25 @@ impl StateStore {
             return Err(StoreError::Checkpoint(e));
         }
         let (applied, membership) = self.applied_state_at(group, generation)?;
-        let mut run = Run { group, generation, applied, membership, ..Run::default() };
+        // Sized for the appends up front: growing these one push at a time was ~3% of all
+        // CPU under load (reallocs of a batch of thousands of writes).
+        let envelopes: usize = entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(Command::Append { envelopes, .. }) => envelopes.len(),
+                _ => 0,
+            })
+            .sum();
+        let mut run = Run {
+            group,
+            generation,
+            applied,
+            membership,
+            batch: Ops(Vec::with_capacity(3 * envelopes + entries.len() + 1)),
+            convs: HashMap::with_capacity(envelopes),
+            dedupe: HashMap::with_capacity(envelopes),
+            ..Run::default()
+        };
         let mut changed: HashMap<String, u64> = HashMap::new();
         let mut erasures = 0u64;
         let mut responses = Vec::with_capacity(entries.len());
