@@ -131,6 +131,9 @@ pub struct NodeConfig {
     /// Largest encoded request a client may send (one Publish becomes at most one Raft
     /// entry per shard, which must fit a Raft message).
     pub max_request_bytes: usize,
+    /// Bytes of publishes a node holds in progress (received, not yet answered) before it
+    /// refuses more with RESOURCE_EXHAUSTED (`admission.rs`).
+    pub max_pending_publish_bytes: usize,
     pub read_default_limit: u32,
     pub read_max_limit: u32,
     /// Deadline of a call whose client set none.
@@ -191,6 +194,7 @@ impl Default for NodeConfig {
             max_envelopes_per_request: 1000,
             max_sender_bytes: 1024,
             max_request_bytes: 16 << 20,
+            max_pending_publish_bytes: 32 << 20,
             read_default_limit: 100,
             read_max_limit: 1000,
             request_timeout_ms: 10_000,
@@ -276,6 +280,9 @@ pub struct ConfigLayer {
     /// Largest encoded client request, bytes.
     #[arg(long, env = "HABAR_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
+    /// Bytes of publishes in progress on a node before it refuses more (RESOURCE_EXHAUSTED).
+    #[arg(long, env = "HABAR_MAX_PENDING_PUBLISH_BYTES")]
+    pub max_pending_publish_bytes: Option<usize>,
     /// Envelopes returned by a Read that asks for limit 0.
     #[arg(long, env = "HABAR_READ_DEFAULT_LIMIT")]
     pub read_default_limit: Option<u32>,
@@ -348,8 +355,8 @@ impl NodeConfig {
             election_timeout_min_ms, election_timeout_max_ms, install_snapshot_timeout_ms,
             snapshot_logs_since_last, max_in_snapshot_log_to_keep, max_payload_entries,
             sled_cache_capacity_bytes, wal_segment_bytes, max_ciphertext_bytes,
-            max_envelopes_per_request, max_sender_bytes, max_request_bytes, read_default_limit, read_max_limit,
-            request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
+            max_envelopes_per_request, max_sender_bytes, max_request_bytes, max_pending_publish_bytes, read_default_limit,
+            read_max_limit, request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
             subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,
             subscribe_max_conversations, max_clock_skew_ms, min_free_disk_bytes, slow_warn_ms, log, test_clock_offset_ms,
             test_lose_unsynced_wal_writes);
@@ -447,6 +454,18 @@ impl NodeConfig {
         let cap = crate::raft_net::MAX_MESSAGE_BYTES / 2;
         if self.max_request_bytes < 1024 || self.max_request_bytes > cap {
             return Err(invalid("max_request_bytes", format!("{} is outside 1024..={cap}", self.max_request_bytes)));
+        }
+        if self.max_pending_publish_bytes < self.max_request_bytes || self.max_pending_publish_bytes > u32::MAX as usize
+        {
+            return Err(invalid(
+                "max_pending_publish_bytes",
+                format!(
+                    "{} is outside max_request_bytes ({})..={}: the node must be able to take one request",
+                    self.max_pending_publish_bytes,
+                    self.max_request_bytes,
+                    u32::MAX
+                ),
+            ));
         }
         if self.max_ciphertext_bytes >= self.max_request_bytes {
             return Err(invalid(
@@ -694,6 +713,10 @@ mod tests {
             ),
             (ConfigLayer { max_envelopes_per_request: Some(0), ..layer("1=a:1") }, "max_envelopes_per_request"),
             (ConfigLayer { max_request_bytes: Some(10), ..layer("1=a:1") }, "setting `max_request_bytes`"),
+            (
+                ConfigLayer { max_pending_publish_bytes: Some(1 << 20), ..layer("1=a:1") },
+                "setting `max_pending_publish_bytes`: 1048576 is outside max_request_bytes (16777216)",
+            ),
             (ConfigLayer { max_sender_bytes: Some(0), ..layer("1=a:1") }, "setting `max_sender_bytes`"),
             (ConfigLayer { read_max_limit: Some(0), ..layer("1=a:1") }, "setting `read_max_limit`"),
             (

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use habar_raft_store::types::NodeId;
 
-/// Errors of broker operations. `Unavailable` and `DeadlineExceeded` are retryable by the
-/// caller; the rest are not.
+/// Errors of broker operations. `Unavailable`, `Overloaded` and `DeadlineExceeded` are
+/// retryable by the caller; the rest are not.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("{0}")]
@@ -20,6 +20,10 @@ pub enum BrokerError {
     /// another node.
     #[error("{0}")]
     DiskFull(String),
+    /// The node has too many publish bytes in progress (`admission.rs`): retry later or
+    /// on another node.
+    #[error("{0}")]
+    Overloaded(String),
     #[error("storage error: {0}")]
     Storage(String),
     #[error("internal error: {0}")]
@@ -28,7 +32,7 @@ pub enum BrokerError {
 
 impl BrokerError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::NotLeader { .. } | Self::DiskFull(_))
+        matches!(self, Self::Unavailable { .. } | Self::NotLeader { .. } | Self::DiskFull(_) | Self::Overloaded(_))
     }
 }
 
@@ -41,6 +45,7 @@ impl From<BrokerError> for tonic::Status {
                 tonic::Status::unavailable(msg)
             }
             BrokerError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
+            BrokerError::Overloaded(_) => tonic::Status::resource_exhausted(msg),
             BrokerError::Storage(_) | BrokerError::Internal(_) => tonic::Status::internal(msg),
         }
     }

@@ -10,6 +10,7 @@
 //! - [`repair`]: a node whose WAL was corrupt rejoins without a vote until caught up.
 //! - [`config`], [`cli`], [`dev`], [`validate`]: settings, the `habar` binary, limits.
 
+pub mod admission;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -67,6 +67,8 @@ pub struct Node {
     pub signals: broadcast::Sender<Arc<pb::StoredEnvelope>>,
     /// Per shard: the task that combines concurrent appends into one Raft entry.
     pub proposers: Vec<tokio::sync::mpsc::Sender<proposer::Pending>>,
+    /// Bytes of publishes in progress, bounded (`max_pending_publish_bytes`).
+    pub admission: crate::admission::Admission,
     /// Set when the node starts shutting down: open subscriptions end with UNAVAILABLE
     /// (a graceful gRPC shutdown waits for open streams).
     pub stopping: tokio::sync::watch::Sender<bool>,

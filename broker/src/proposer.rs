@@ -41,7 +41,7 @@ pub struct Pending {
 }
 
 fn size(envs: &[NewEnvelope]) -> usize {
-    envs.iter().map(|e| e.ciphertext.len() + e.conversation_id.len() + e.sender.len() + 40).sum()
+    envs.iter().map(crate::admission::envelope_bytes).sum()
 }
 
 /// Maps a failed write to what every waiter of the entry gets.

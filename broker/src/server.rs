@@ -134,6 +134,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         }
     }
 
+    let admission = crate::admission::Admission::new(cfg.max_pending_publish_bytes);
     Ok(Arc::new(Node {
         id: cfg.id,
         cfg,
@@ -148,6 +149,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         last_seen: Mutex::new(HashMap::new()),
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
         proposers,
+        admission,
         stopping: tokio::sync::watch::channel(false).0,
     }))
 }

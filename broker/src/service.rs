@@ -165,6 +165,8 @@ impl Broker for BrokerService {
             self.node.publish_ephemeral(envelopes, deadline).await;
             return Ok(Response::new(pb::PublishResponse { appended }));
         }
+        let bytes = envelopes.iter().map(crate::admission::envelope_bytes).sum();
+        let _admitted = self.node.admission.admit(bytes)?;
         let appended = self.publish_stored(envelopes, deadline).await?;
         Ok(Response::new(pb::PublishResponse { appended }))
     }
