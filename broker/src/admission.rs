@@ -5,37 +5,35 @@
 //! queue (4,096 requests per shard, each up to `max_request_bytes`) and by how many calls
 //! the clients open.
 //!
-//! A publish takes its size from the budget for as long as it is in progress; when the
-//! budget cannot cover it, it fails at once with `RESOURCE_EXHAUSTED` naming the setting
-//! (`max_pending_publish_bytes`). A request the node forwards to a shard's leader counts on
-//! the node that received it; the leader holds at most what each node admitted.
+//! A node has two budgets of `max_pending_publish_bytes` each: one for the publishes it
+//! received and has not answered (taken in the `Publish` handler, given back when the
+//! handler ends), and one for the envelopes queued for or in its shards' proposers as a
+//! leader, whether received here or forwarded (taken before the queue, given back when the
+//! entry is answered, even if the caller gave up meanwhile). When a budget cannot cover a
+//! request, it fails at once with `RESOURCE_EXHAUSTED` naming the setting, with a
+//! `retry-after-ms` hint.
 
 use std::sync::Arc;
 
-use habar_raft_store::types::NewEnvelope;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::Semaphore;
 
 use crate::error::BrokerError;
 
-/// What one envelope costs in the budget: its variable fields and a fixed share for the
-/// rest (message id, expiry, the structures that carry it).
-pub fn envelope_bytes(e: &NewEnvelope) -> usize {
-    e.ciphertext.len() + e.conversation_id.len() + e.sender.len() + 64
-}
-
 /// The node's budget of publish bytes in progress.
 pub struct Admission {
     budget: Arc<Semaphore>,
     limit: usize,
+    /// What the budget holds, for the refusal ("publishes in progress").
+    what: &'static str,
 }
 
 /// A publish's share of the budget, given back when dropped.
 pub struct Admitted(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
 
 impl Admission {
-    pub fn new(limit: usize) -> Self {
-        Admission { budget: Arc::new(Semaphore::new(limit)), limit }
+    pub fn new(limit: usize, what: &'static str) -> Self {
+        Admission { budget: Arc::new(Semaphore::new(limit)), limit, what }
     }
 
     /// Bytes of publishes in progress now.
@@ -65,9 +63,10 @@ impl Admission {
 
     fn refusal(&self, bytes: usize) -> BrokerError {
         BrokerError::Overloaded(format!(
-            "this node has {} bytes of publishes in progress; {bytes} more would pass its limit of {} \
+            "this node has {} bytes of {}; {bytes} more would pass its limit of {} \
              (max_pending_publish_bytes): retry later or on another node",
             self.in_progress(),
+            self.what,
             self.limit
         ))
     }
@@ -81,7 +80,7 @@ mod tests {
     /// the setting and the limit, and takes a request back when its share is dropped.
     #[test]
     fn admits_up_to_the_limit_and_refuses_beyond_it() {
-        let a = Admission::new(1000);
+        let a = Admission::new(1000, "publishes in progress");
         let first = a.admit(600).expect("fits");
         assert_eq!(a.in_progress(), 600);
         let e = a.admit(500).err().expect("over the limit");

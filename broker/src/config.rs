@@ -131,8 +131,9 @@ pub struct NodeConfig {
     /// Largest encoded request a client may send (one Publish becomes at most one Raft
     /// entry per shard, which must fit a Raft message).
     pub max_request_bytes: usize,
-    /// Bytes of publishes a node holds in progress (received, not yet answered) before it
-    /// refuses more with RESOURCE_EXHAUSTED (`admission.rs`).
+    /// Bytes of publishes a node holds in progress (received, not yet answered), and again
+    /// queued for its shards' Raft logs as a leader, before it refuses more with
+    /// RESOURCE_EXHAUSTED (`admission.rs`).
     pub max_pending_publish_bytes: usize,
     pub read_default_limit: u32,
     pub read_max_limit: u32,

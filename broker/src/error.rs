@@ -36,6 +36,9 @@ impl BrokerError {
     }
 }
 
+/// The wait a refused publish is told to leave before retrying (`retry-after-ms`).
+pub const OVERLOADED_RETRY_AFTER_MS: u64 = 100;
+
 impl From<BrokerError> for tonic::Status {
     fn from(e: BrokerError) -> Self {
         let msg = e.to_string();
@@ -45,7 +48,12 @@ impl From<BrokerError> for tonic::Status {
                 tonic::Status::unavailable(msg)
             }
             BrokerError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
-            BrokerError::Overloaded(_) => tonic::Status::resource_exhausted(msg),
+            BrokerError::Overloaded(_) => {
+                let mut s = tonic::Status::resource_exhausted(msg);
+                s.metadata_mut()
+                    .insert("retry-after-ms", tonic::metadata::MetadataValue::from(OVERLOADED_RETRY_AFTER_MS));
+                s
+            }
             BrokerError::Storage(_) | BrokerError::Internal(_) => tonic::Status::internal(msg),
         }
     }

@@ -67,8 +67,12 @@ pub struct Node {
     pub signals: broadcast::Sender<Arc<pb::StoredEnvelope>>,
     /// Per shard: the task that combines concurrent appends into one Raft entry.
     pub proposers: Vec<tokio::sync::mpsc::Sender<proposer::Pending>>,
-    /// Bytes of publishes in progress, bounded (`max_pending_publish_bytes`).
+    /// Bytes of publishes in progress on this node as the node that received them,
+    /// bounded (`max_pending_publish_bytes`).
     pub admission: crate::admission::Admission,
+    /// Bytes of envelopes queued for or in this node's proposers (as a shard's leader, for
+    /// publishes received here or forwarded), bounded by the same setting.
+    pub queue_admission: crate::admission::Admission,
     /// Set when the node starts shutting down: open subscriptions end with UNAVAILABLE
     /// (a graceful gRPC shutdown waits for open streams).
     pub stopping: tokio::sync::watch::Sender<bool>,
@@ -225,8 +229,10 @@ impl Node {
             if let Some(leader) = raft.metrics().borrow_watched().current_leader.filter(|l| *l != self.id) {
                 return Err(BrokerError::NotLeader { shard: group, leader: Some(leader) });
             }
+            let admitted = self.queue_admission.admit(proposer::size(&envelopes))?;
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let queued = tokio::time::timeout(remaining, proposer.send(proposer::Pending { envelopes, reply: tx }));
+            let queued =
+                tokio::time::timeout(remaining, proposer.send(proposer::Pending { envelopes, reply: tx, admitted }));
             match queued.await {
                 Err(_) => return Err(BrokerError::DeadlineExceeded(remaining)),
                 Ok(Err(_)) => {

@@ -38,10 +38,14 @@ const MAX_BYTES: usize = 8 << 20;
 pub struct Pending {
     pub envelopes: Vec<NewEnvelope>,
     pub reply: oneshot::Sender<Result<Vec<Appended>, BrokerError>>,
+    /// Its share of the leader's queue budget (`admission.rs`), held until its entry is
+    /// answered: the envelopes live that long, whether or not the caller still waits.
+    pub admitted: crate::admission::Admitted,
 }
 
-fn size(envs: &[NewEnvelope]) -> usize {
-    envs.iter().map(crate::admission::envelope_bytes).sum()
+/// What `envs` cost in a byte budget or an entry's size bound.
+pub fn size(envs: &[NewEnvelope]) -> usize {
+    envs.iter().map(|e| e.ciphertext.len() + e.conversation_id.len() + e.sender.len() + 40).sum()
 }
 
 /// Maps a failed write to what every waiter of the entry gets.
@@ -84,16 +88,24 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>, slow: Arc<SlowLog>)
                     Err(_) => break,
                 }
             }
+            // A caller that gave up (deadline, cancelled) gets no answer: its envelopes are not
+            // proposed (it was not acknowledged; a retry carries the same message ids).
+            batch.retain(|p| !p.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
             let (raft, clock, slow) = (raft.clone(), clock.clone(), slow.clone());
             tokio::spawn(async move {
                 let started = Instant::now();
                 let mut lens = Vec::with_capacity(batch.len());
                 let mut envelopes = Vec::with_capacity(n);
                 let mut replies = Vec::with_capacity(batch.len());
+                let mut admitted = Vec::with_capacity(batch.len());
                 for p in batch {
                     lens.push(p.envelopes.len());
                     envelopes.extend(p.envelopes);
                     replies.push(p.reply);
+                    admitted.push(p.admitted);
                 }
                 let envelopes_n = envelopes.len();
                 metrics::histogram!("habar_entry_envelopes").record(envelopes_n as f64);
@@ -131,6 +143,7 @@ pub fn spawn(group: GroupId, raft: HRaft, clock: Arc<Clock>, slow: Arc<SlowLog>)
                         }
                     }
                 }
+                drop(admitted);
                 // After the replies, so a slow log sink never delays them.
                 if let Some(left_out) = slow.check(took) {
                     tracing::warn!(

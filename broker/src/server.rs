@@ -73,7 +73,8 @@ pub fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
 /// Opens the node's storage and starts its Raft groups. A node with empty storage
 /// initializes each shard with `initial_cluster`; a node with data ignores it.
 pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    habar_raft_store::repair::create_dir_durably(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let mut wal_cfg = WalConfig::new(cfg.data_dir.join("wal"));
     wal_cfg.segment_bytes = cfg.wal_segment_bytes;
     wal_cfg.lose_unsynced_writes = cfg.test_lose_unsynced_wal_writes;
@@ -134,7 +135,9 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         }
     }
 
-    let admission = crate::admission::Admission::new(cfg.max_pending_publish_bytes);
+    let admission = crate::admission::Admission::new(cfg.max_pending_publish_bytes, "publishes in progress");
+    let queue_admission =
+        crate::admission::Admission::new(cfg.max_pending_publish_bytes, "envelopes queued for its shards' Raft logs");
     Ok(Arc::new(Node {
         id: cfg.id,
         cfg,
@@ -150,6 +153,7 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         signals: tokio::sync::broadcast::channel(crate::node::SIGNAL_CAPACITY).0,
         proposers,
         admission,
+        queue_admission,
         stopping: tokio::sync::watch::channel(false).0,
     }))
 }

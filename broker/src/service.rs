@@ -151,6 +151,8 @@ impl Broker for BrokerService {
         let req = request.into_inner();
         let ephemeral = req.ephemeral;
         let envelopes = validate::publish_request(req, &self.limits)?;
+        // Ephemeral ones too: they are held while handed to the other nodes.
+        let _admitted = self.node.admission.admit(crate::proposer::size(&envelopes))?;
         if ephemeral {
             let now = self.node.now_ms();
             let appended = envelopes
@@ -165,8 +167,6 @@ impl Broker for BrokerService {
             self.node.publish_ephemeral(envelopes, deadline).await;
             return Ok(Response::new(pb::PublishResponse { appended }));
         }
-        let bytes = envelopes.iter().map(crate::admission::envelope_bytes).sum();
-        let _admitted = self.node.admission.admit(bytes)?;
         let appended = self.publish_stored(envelopes, deadline).await?;
         Ok(Response::new(pb::PublishResponse { appended }))
     }

@@ -1,12 +1,15 @@
-//! Admission of publishes (`admission.rs`): a node with too many publish bytes in progress
-//! refuses more at once, with an error naming the setting, and keeps serving.
+//! Admission of publishes (`admission.rs`): a node with too many publish bytes in progress,
+//! or queued for its shards' Raft logs, refuses more at once, with an error naming the
+//! setting, and keeps serving.
 
 mod common;
 
 use std::time::Duration;
+use std::time::Instant;
 
 use common::*;
 use habar_proto::v1 as pb;
+use openraft::rt::watch::WatchReceiver;
 
 const KIB: usize = 1024;
 
@@ -20,10 +23,21 @@ fn publish(envelopes: Vec<pb::Envelope>, timeout: Duration) -> tonic::Request<pb
     r
 }
 
-/// Property: while publishes that cannot complete (no majority) hold the node's budget, a
-/// further publish is refused at once with RESOURCE_EXHAUSTED naming
-/// `max_pending_publish_bytes`; other calls are still served; once the held publishes end,
-/// the budget is back and publishes are admitted again.
+/// Waits (bounded) until `f` holds.
+async fn until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what} did not happen within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Property: on a shard's leader that lost its majority, a publish that cannot complete
+/// holds both budgets; a further publish is refused at once with RESOURCE_EXHAUSTED naming
+/// `max_pending_publish_bytes` (with a retry hint), and other calls are still served. When
+/// the held publish's caller gives up, the handler's budget comes back but the queue's does
+/// not: its envelopes are still in the leader's Raft entry, so the next publish is refused by
+/// the queue budget until that entry is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_over_its_publish_budget_refuses_with_resource_exhausted_and_keeps_serving() {
     let mut cluster = start_cluster_with(3, 1, |c| {
@@ -32,51 +46,54 @@ async fn a_node_over_its_publish_budget_refuses_with_resource_exhausted_and_keep
         c.max_pending_publish_bytes = 256 * KIB;
     })
     .await;
-    // A publish that goes through first: the budget does not get in the way of normal work.
-    let endpoint = cluster.nodes[0].endpoint();
+    let leader_id = cluster.nodes[0].node.rafts[0].metrics().borrow_watched().current_leader.expect("a leader");
+    let li = cluster.nodes.iter().position(|n| n.id == leader_id).expect("leader is a node");
+    let endpoint = cluster.nodes[li].endpoint();
     let mut client = broker(&endpoint).await;
+    // A publish that goes through first: the budgets do not get in the way of normal work.
     client.publish(publish(vec![big("c", 1, 150 * KIB)], Duration::from_secs(20))).await.expect("normal publish");
+    let leader = cluster.nodes[li].node.clone();
+    until("both budgets empty after the normal publish", || {
+        leader.admission.in_progress() == 0 && leader.queue_admission.in_progress() == 0
+    })
+    .await;
 
-    // No majority any more: node 1's publishes wait until their deadline.
-    cluster.nodes[1].stop().await;
-    cluster.nodes[2].stop().await;
+    // No majority any more: the leader's entries cannot commit.
+    for i in (0..3).filter(|&i| i != li) {
+        cluster.nodes[i].stop().await;
+    }
     let mut holder = broker(&endpoint).await;
     let held =
         tokio::spawn(
-            async move { holder.publish(publish(vec![big("c", 2, 150 * KIB)], Duration::from_secs(4))).await },
+            async move { holder.publish(publish(vec![big("c", 2, 150 * KIB)], Duration::from_secs(3))).await },
         );
-    // Until the held publish is in progress, a second one may still be admitted (and wait
-    // itself); retry until the refusal shows, which it must well before the deadline.
-    let refused = loop {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!held.is_finished(), "the held publish ended before any refusal");
-        match client.publish(publish(vec![big("c", 3, 150 * KIB)], Duration::from_millis(300))).await {
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => break s,
-            _ => continue,
-        }
-    };
+    until("the held publish to be in progress", || leader.admission.in_progress() >= 150 * KIB).await;
+    let refused = client
+        .publish(publish(vec![big("c", 3, 150 * KIB)], Duration::from_secs(3)))
+        .await
+        .expect_err("over the budget");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     let msg = refused.message();
     assert!(msg.contains("max_pending_publish_bytes") && msg.contains(&(256 * KIB).to_string()), "{msg}");
+    assert!(refused.metadata().get("retry-after-ms").is_some(), "a retry hint: {:?}", refused.metadata());
 
     // The node still answers other calls.
     cluster_client(&endpoint).await.status(pb::StatusRequest {}).await.expect("status while over budget");
 
-    // The held publish ends without an answer (no majority): its deadline passed on the node
-    // (DEADLINE_EXCEEDED, or CANCELLED when tonic's timeout cut the call) or no leader.
-    let held = held.await.expect("task");
-    let code = held.expect_err("no majority").code();
-    let ended = [tonic::Code::DeadlineExceeded, tonic::Code::Cancelled, tonic::Code::Unavailable];
-    assert!(ended.contains(&code), "{code:?}");
-    // Its share comes back when the node finishes it (the client may give up a moment
-    // before the node does): then the next publish is admitted (and waits, for lack of a
-    // majority) instead of being refused.
-    let start = std::time::Instant::now();
-    loop {
-        let again = client.publish(publish(vec![big("c", 4, 150 * KIB)], Duration::from_millis(500))).await;
-        let code = again.expect_err("still no majority").code();
-        if code != tonic::Code::ResourceExhausted {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "the budget never came back after the held publish ended");
-    }
+    // The held publish ends without an answer (its deadline passed on the node: DEADLINE_EXCEEDED,
+    // or CANCELLED when tonic's timeout cut the call).
+    let code = held.await.expect("task").expect_err("no majority").code();
+    assert!([tonic::Code::DeadlineExceeded, tonic::Code::Cancelled].contains(&code), "{code:?}");
+    until("the handler's budget to come back", || leader.admission.in_progress() == 0).await;
+    assert!(
+        leader.queue_admission.in_progress() >= 150 * KIB,
+        "the stuck entry's envelopes still count: {}",
+        leader.queue_admission.in_progress()
+    );
+    let refused = client
+        .publish(publish(vec![big("c", 4, 150 * KIB)], Duration::from_secs(3)))
+        .await
+        .expect_err("the queue budget is still taken");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("queued"), "{}", refused.message());
 }

@@ -327,10 +327,13 @@ impl Segments {
             }
             None => None,
         };
-        // Only now that the mark is known to fit these files: what it does not cover goes.
+        // Only now that the mark is known to fit these files: what it does not cover goes
+        // (without a mark, nothing was checkpointed: every segment is re-created by the
+        // re-apply).
         let mut removed = false;
         for &seq in on_disk.iter().filter(|s| **s > keep_to) {
             let path = segment_path(dir, seq);
+            tracing::info!(path = %path.display(), "deleting an envelope segment no checkpoint covers");
             fs::remove_file(&path).map_err(io_err(&path))?;
             removed = true;
         }

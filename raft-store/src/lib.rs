@@ -4,7 +4,8 @@
 //! - [`log_store`]: openraft's log storage for one group, on top of the WAL.
 //! - [`repair`]: quarantine of damaged files and the repair marker.
 //! - [`envseg`]: append-only envelope segments (the envelope store's files; not yet used by [`sm`]).
-//! - [`overlay`]: a write-back layer over sled whose writes reach it only in checkpoints (not yet used by [`sm`]).
+//! - [`overlay`]: the write-back layer over sled that [`sm`] writes into; its writes reach
+//!   sled only in checkpoints.
 //! - [`frame`]: the record frame both kinds of segment files use.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!

@@ -155,7 +155,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 /// `create_dir_all`, durable: every directory it creates is fsynced into its parent, so a
 /// power loss cannot take a new directory (and the fsynced files in it) away.
-pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     let mut created = Vec::new();
     let mut d = Some(dir);
     while let Some(p) = d.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
@@ -163,7 +163,9 @@ pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
         d = p.parent();
     }
     fs::create_dir_all(dir)?;
-    for parent in created.iter().filter_map(|p| p.parent()).filter(|q| !q.as_os_str().is_empty()) {
+    for p in created {
+        // A relative path's top directory has the empty path as parent: the current one.
+        let parent = p.parent().filter(|q| !q.as_os_str().is_empty()).unwrap_or(Path::new("."));
         File::open(parent)?.sync_all()?;
     }
     Ok(())
