@@ -29,7 +29,7 @@ pub struct Admission {
 }
 
 /// A publish's share of the budget, given back when dropped.
-pub struct Admitted(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct Admitted(#[allow(dead_code)] OwnedSemaphorePermit);
 
 impl Admission {
     pub fn new(limit: usize, what: &'static str) -> Self {
@@ -49,11 +49,8 @@ impl Admission {
         let Ok(want32) = u32::try_from(want) else {
             return Err(self.refusal(bytes));
         };
-        if want32 == 0 {
-            return Ok(Admitted(None));
-        }
         match self.budget.clone().try_acquire_many_owned(want32) {
-            Ok(p) => Ok(Admitted(Some(p))),
+            Ok(p) => Ok(Admitted(p)),
             Err(_) => {
                 metrics::counter!("habar_publish_refused_total", "reason" => "overloaded").increment(1);
                 Err(self.refusal(bytes))

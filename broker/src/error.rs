@@ -36,8 +36,15 @@ impl BrokerError {
     }
 }
 
-/// The wait a refused publish is told to leave before retrying (`retry-after-ms`).
-pub const OVERLOADED_RETRY_AFTER_MS: u64 = 100;
+/// The wait a refused call (an overloaded publish, a cut-off subscriber) is told to leave
+/// before retrying.
+pub const RETRY_AFTER_MS: u64 = 100;
+
+/// Adds the `retry-after-ms` hint (`RETRY_AFTER_MS`) that the client reads from a refusal.
+pub fn with_retry_after(mut status: tonic::Status) -> tonic::Status {
+    status.metadata_mut().insert("retry-after-ms", tonic::metadata::MetadataValue::from(RETRY_AFTER_MS));
+    status
+}
 
 impl From<BrokerError> for tonic::Status {
     fn from(e: BrokerError) -> Self {
@@ -48,12 +55,7 @@ impl From<BrokerError> for tonic::Status {
                 tonic::Status::unavailable(msg)
             }
             BrokerError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(msg),
-            BrokerError::Overloaded(_) => {
-                let mut s = tonic::Status::resource_exhausted(msg);
-                s.metadata_mut()
-                    .insert("retry-after-ms", tonic::metadata::MetadataValue::from(OVERLOADED_RETRY_AFTER_MS));
-                s
-            }
+            BrokerError::Overloaded(_) => with_retry_after(tonic::Status::resource_exhausted(msg)),
             BrokerError::Storage(_) | BrokerError::Internal(_) => tonic::Status::internal(msg),
         }
     }

@@ -43,8 +43,6 @@ use crate::validate;
 
 /// Envelopes read from the store per page.
 const PAGE: usize = 256;
-/// Suggested pause before a cut-off subscriber resumes.
-const RETRY_AFTER_MS: u64 = 100;
 
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeEvent, Status>> + Send>>;
 
@@ -325,8 +323,8 @@ impl Sub {
             .map(|(k, c)| pb::ConversationFrom { conversation_id: k.clone(), from_seq: c.next })
             .collect();
         positions.sort_by(|a, b| a.conversation_id.cmp(&b.conversation_id));
-        let details = pb::ResumePositions { positions, retry_after_ms: RETRY_AFTER_MS }.encode_to_vec();
-        let mut status = Status::with_details(
+        let details = pb::ResumePositions { positions, retry_after_ms: crate::error::RETRY_AFTER_MS }.encode_to_vec();
+        let status = Status::with_details(
             tonic::Code::ResourceExhausted,
             format!(
                 "subscriber did not read for {} ms with {} events buffered (subscribe_stall_timeout_ms, \
@@ -336,9 +334,6 @@ impl Sub {
             ),
             details.into(),
         );
-        if let Ok(v) = RETRY_AFTER_MS.to_string().parse() {
-            status.metadata_mut().insert("retry-after-ms", v);
-        }
-        status
+        crate::error::with_retry_after(status)
     }
 }

@@ -145,7 +145,7 @@ async fn snapshot_round_trip_and_damage_detection() {
     assert_eq!(b.applied_state().await.unwrap().0, snap.meta.last_log_id);
     assert_eq!(b.get_current_snapshot().await.unwrap().unwrap().meta, snap.meta);
     // Appends after the install continue each conversation's seqs exactly as on the source
-    // (the installed generation's conversations are known to the receiver's lookups).
+    // (the receiver's lookups see the installed generation, not its old data).
     apply(&mut a, entries(31, 5)).await;
     apply(&mut b, entries(31, 5)).await;
     assert_eq!(s1.dump_group(5).unwrap(), s2.dump_group(5).unwrap(), "the same state after appends");
