@@ -60,6 +60,10 @@ pub enum ForwardResponse {
     Unavailable(String),
     Error(String),
     RaftPosition(crate::repair::RaftPosition),
+    /// The leader refused the write for its publish budget (`admission.rs`): the caller
+    /// gets RESOURCE_EXHAUSTED at once rather than retrying until its deadline. Last, so
+    /// the earlier variants keep their postcard tags.
+    Overloaded(String),
 }
 
 fn encode<T: Serialize>(group: GroupId, v: &T) -> Result<ForwardMessage, BrokerError> {
@@ -140,6 +144,7 @@ impl ForwarderService {
         match res {
             Ok(r) => r,
             Err(BrokerError::NotLeader { leader, .. }) => ForwardResponse::NotLeader { leader },
+            Err(BrokerError::Overloaded(m)) => ForwardResponse::Overloaded(m),
             Err(e) if e.is_retryable() => ForwardResponse::Unavailable(e.to_string()),
             Err(e) => ForwardResponse::Error(e.to_string()),
         }

@@ -194,6 +194,7 @@ impl Node {
                 let req = ForwardRequest::Write(op.clone());
                 match self.forward(group, leader, &req, deadline).await {
                     Ok(ForwardResponse::Written(r)) => return Ok(r),
+                    Ok(ForwardResponse::Overloaded(m)) => return Err(BrokerError::Overloaded(m)),
                     Ok(ForwardResponse::NotLeader { .. }) | Ok(ForwardResponse::Unavailable(_)) => {}
                     Ok(ForwardResponse::Error(e)) => return Err(BrokerError::Internal(e)),
                     Ok(other) => return Err(BrokerError::Internal(format!("unexpected forward answer {other:?}"))),

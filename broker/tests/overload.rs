@@ -97,3 +97,36 @@ async fn a_node_over_its_publish_budget_refuses_with_resource_exhausted_and_keep
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("queued"), "{}", refused.message());
 }
+
+/// Property: a publish that reaches a follower, which forwards it to a leader whose queue
+/// budget is full, is refused at once with RESOURCE_EXHAUSTED (the leader's words, naming the
+/// setting, with a retry hint), not retried by the follower until the caller's deadline
+/// (which would end in DEADLINE_EXCEEDED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_forwarded_to_an_overloaded_leader_is_refused_at_once() {
+    let cluster = start_cluster_with(3, 1, |c| {
+        c.max_request_bytes = 256 * KIB;
+        c.max_ciphertext_bytes = 200 * KIB;
+        c.max_pending_publish_bytes = 256 * KIB;
+    })
+    .await;
+    let leader_id = cluster.nodes[0].node.rafts[0].metrics().borrow_watched().current_leader.expect("a leader");
+    let li = cluster.nodes.iter().position(|n| n.id == leader_id).expect("leader is a node");
+    let fi = (li + 1) % 3;
+    let mut via_follower = broker(&cluster.nodes[fi].endpoint()).await;
+    via_follower.publish(publish(vec![big("c", 1, 1024)], Duration::from_secs(20))).await.expect("forwarded publish");
+
+    // The leader's queue budget taken whole, as by entries that wait for their majority.
+    let held = cluster.nodes[li].node.queue_admission.admit(256 * KIB).expect("the budget is free");
+    let deadline = Duration::from_secs(10);
+    let refused = via_follower
+        .publish(publish(vec![big("c", 2, 1024)], deadline))
+        .await
+        .expect_err("the leader's queue budget is full");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("max_pending_publish_bytes"), "{}", refused.message());
+    assert!(refused.metadata().get("retry-after-ms").is_some(), "a retry hint: {:?}", refused.metadata());
+
+    drop(held);
+    via_follower.publish(publish(vec![big("c", 3, 1024)], Duration::from_secs(20))).await.expect("served again");
+}
