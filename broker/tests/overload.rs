@@ -32,6 +32,19 @@ async fn until(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// A 3-node, one-shard cluster whose publish budgets hold 256 KiB, and its leader's index.
+async fn budgeted_cluster() -> (InProcCluster, usize) {
+    let cluster = start_cluster_with(3, 1, |c| {
+        c.max_request_bytes = 256 * KIB;
+        c.max_ciphertext_bytes = 200 * KIB;
+        c.max_pending_publish_bytes = 256 * KIB;
+    })
+    .await;
+    let leader_id = cluster.nodes[0].node.rafts[0].metrics().borrow_watched().current_leader.expect("a leader");
+    let li = cluster.nodes.iter().position(|n| n.id == leader_id).expect("leader is a node");
+    (cluster, li)
+}
+
 /// Property: on a shard's leader that lost its majority, a publish that cannot complete
 /// holds both budgets; a further publish is refused at once with RESOURCE_EXHAUSTED naming
 /// `max_pending_publish_bytes` (with a retry hint), and other calls are still served. When
@@ -40,14 +53,7 @@ async fn until(what: &str, f: impl Fn() -> bool) {
 /// the queue budget until that entry is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_over_its_publish_budget_refuses_with_resource_exhausted_and_keeps_serving() {
-    let mut cluster = start_cluster_with(3, 1, |c| {
-        c.max_request_bytes = 256 * KIB;
-        c.max_ciphertext_bytes = 200 * KIB;
-        c.max_pending_publish_bytes = 256 * KIB;
-    })
-    .await;
-    let leader_id = cluster.nodes[0].node.rafts[0].metrics().borrow_watched().current_leader.expect("a leader");
-    let li = cluster.nodes.iter().position(|n| n.id == leader_id).expect("leader is a node");
+    let (mut cluster, li) = budgeted_cluster().await;
     let endpoint = cluster.nodes[li].endpoint();
     let mut client = broker(&endpoint).await;
     // A publish that goes through first: the budgets do not get in the way of normal work.
@@ -104,14 +110,7 @@ async fn a_node_over_its_publish_budget_refuses_with_resource_exhausted_and_keep
 /// (which would end in DEADLINE_EXCEEDED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_forwarded_to_an_overloaded_leader_is_refused_at_once() {
-    let cluster = start_cluster_with(3, 1, |c| {
-        c.max_request_bytes = 256 * KIB;
-        c.max_ciphertext_bytes = 200 * KIB;
-        c.max_pending_publish_bytes = 256 * KIB;
-    })
-    .await;
-    let leader_id = cluster.nodes[0].node.rafts[0].metrics().borrow_watched().current_leader.expect("a leader");
-    let li = cluster.nodes.iter().position(|n| n.id == leader_id).expect("leader is a node");
+    let (cluster, li) = budgeted_cluster().await;
     let fi = (li + 1) % 3;
     let mut via_follower = broker(&cluster.nodes[fi].endpoint()).await;
     via_follower.publish(publish(vec![big("c", 1, 1024)], Duration::from_secs(20))).await.expect("forwarded publish");
