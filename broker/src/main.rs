@@ -1,5 +1,5 @@
-/// jemalloc instead of glibc's malloc for the node: measured +20% closed-loop throughput at
-/// the same peak RSS (docs/BENCHMARKS.md, 2026-12-04). sled's copy-on-write leaves and the
+/// jemalloc instead of glibc's malloc for the node: measured +20% closed-loop throughput for
+/// ~10 MiB more peak RSS (docs/BENCHMARKS.md, 2026-12-04). sled's copy-on-write leaves and the
 /// overlay's batches allocate and free many small buffers across threads; glibc spent ~20%
 /// of all CPU in `_int_malloc`, `unlink_chunk` and `malloc_consolidate` on them.
 #[cfg(not(target_env = "msvc"))]
