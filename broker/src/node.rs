@@ -87,10 +87,32 @@ const SIGNAL_FANOUT_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum WriteOp {
     Append(Vec<NewEnvelope>),
-    CommitCursor { conversation_id: String, reader_id: String, seq: u64 },
-    DeleteConversation { conversation_id: String, reset_seq: bool },
-    SetRetention { conversation_id: String, max_age_ms: u64, max_count: u64 },
-    Maintain { dedupe_window_ms: u64, max_removals: u32 },
+    CommitCursor {
+        conversation_id: String,
+        reader_id: String,
+        seq: u64,
+    },
+    /// One unbounded erasure step: only an older node forwards it (this one proposes
+    /// `EraseConversation`); kept so the variants after it keep their postcard tags.
+    DeleteConversation {
+        conversation_id: String,
+        reset_seq: bool,
+    },
+    SetRetention {
+        conversation_id: String,
+        max_age_ms: u64,
+        max_count: u64,
+    },
+    Maintain {
+        dedupe_window_ms: u64,
+        max_removals: u32,
+    },
+    /// One bounded step of an erasure (`Command::EraseConversation`).
+    EraseConversation {
+        conversation_id: String,
+        reset_seq: bool,
+        max_removals: u32,
+    },
 }
 
 impl WriteOp {
@@ -108,6 +130,9 @@ impl WriteOp {
             }
             WriteOp::Maintain { dedupe_window_ms, max_removals } => {
                 Command::Maintain { now_ms, dedupe_window_ms, max_removals }
+            }
+            WriteOp::EraseConversation { conversation_id, reset_seq, max_removals } => {
+                Command::EraseConversation { now_ms, conversation_id, reset_seq, max_removals }
             }
         }
     }

@@ -275,21 +275,50 @@ impl Broker for BrokerService {
         let deadline = deadline_of(&request, &self.node.cfg);
         let req = request.into_inner();
         validate::delete_conversation_request(&req, &self.limits)?;
-        let conv = req.conversation_id.clone();
-        let op = WriteOp::DeleteConversation { conversation_id: req.conversation_id, reset_seq: req.reset_seq };
-        match self.write_one(&conv, op, deadline).await? {
-            CommandResponse::Deleted { existed: false, .. } => {
-                Err(Status::not_found(format!("conversation_id `{conv}` has no envelopes, cursors or state")))
+        let conv = req.conversation_id;
+        // Bounded steps, each one Raft entry of at most `maintenance_max_removals` keys: one
+        // step for a big conversation was one sled batch of millions of keys (node-wide
+        // stalls of seconds and GiBs of memory). The last step answers `more: false`.
+        let op = WriteOp::EraseConversation {
+            conversation_id: conv.clone(),
+            reset_seq: req.reset_seq,
+            max_removals: self.node.cfg.maintenance_max_removals,
+        };
+        let (mut existed, mut envelopes, mut cursors, mut steps) = (false, 0u64, 0u64, 0u64);
+        loop {
+            let step = match self.write_one(&conv, op.clone(), deadline).await {
+                Ok(r) => r,
+                Err(st) if steps > 0 => {
+                    // Say what was done: the envelopes removed so far are gone for good,
+                    // and calling again finishes the erasure.
+                    let msg = format!(
+                        "erasure of conversation_id `{conv}` stopped after {steps} steps ({envelopes} envelopes and \
+                         {cursors} cursors removed so far; DeleteConversation again finishes it): {}",
+                        st.message()
+                    );
+                    return Err(Status::with_metadata(st.code(), msg, st.metadata().clone()));
+                }
+                Err(st) => return Err(st),
+            };
+            let CommandResponse::Erased { existed: e, envelopes: n, cursors: c, next_seq, more } = step else {
+                return Err(unexpected("DeleteConversation", step));
+            };
+            steps += 1;
+            existed |= e;
+            envelopes += n;
+            cursors += c;
+            if more {
+                continue;
             }
-            CommandResponse::Deleted { envelopes, cursors, next_seq, .. } => {
-                metrics::counter!("habar_erasures_total").increment(1);
-                Ok(Response::new(pb::DeleteConversationResponse {
-                    removed_envelopes: envelopes,
-                    removed_cursors: cursors,
-                    next_seq,
-                }))
+            if !existed {
+                return Err(Status::not_found(format!("conversation_id `{conv}` has no envelopes, cursors or state")));
             }
-            other => Err(unexpected("DeleteConversation", other)),
+            metrics::counter!("habar_erasures_total").increment(1);
+            return Ok(Response::new(pb::DeleteConversationResponse {
+                removed_envelopes: envelopes,
+                removed_cursors: cursors,
+                next_seq,
+            }));
         }
     }
 }

@@ -979,6 +979,14 @@ impl StateStore {
                         Command::SetRetention { now_ms, conversation_id, max_age_ms, max_count } => {
                             self.apply_retention(&mut run, *now_ms, conversation_id, *max_age_ms, *max_count)?
                         }
+                        Command::EraseConversation { conversation_id, reset_seq, max_removals, .. } => {
+                            let resp = self.apply_erase(&mut run, conversation_id, *reset_seq, *max_removals)?;
+                            // Compaction follows the finished erasure, not each step.
+                            if matches!(resp, CommandResponse::Erased { more: false, .. }) {
+                                erasures += 1;
+                            }
+                            resp
+                        }
                         Command::Append { .. } | Command::CommitCursor { .. } => CommandResponse::Empty,
                     };
                     run.applied = Some(entry.log_id);
@@ -1241,6 +1249,60 @@ impl StateStore {
             meta.map_or(1, |m| m.last_seq + 1)
         };
         Ok(CommandResponse::Deleted { existed, envelopes, cursors, next_seq })
+    }
+
+    /// One step of an erasure (`Command::EraseConversation`): at most `max_removals` keys,
+    /// envelopes first (lowest seqs, each with its expiry entry), then dedupe entries, then
+    /// cursors. The step that finds nothing left within its budget finishes it.
+    fn apply_erase(
+        &self,
+        run: &mut Run,
+        conversation_id: &str,
+        reset_seq: bool,
+        max_removals: u32,
+    ) -> Result<CommandResponse, StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let data = &*self.inner;
+        let conv = conversation_id.as_bytes();
+        let meta = self.conv_meta_at(group, generation, conv)?;
+        let mut budget = u64::from(max_removals.max(1));
+        let (mut envelopes, mut cursors, mut more) = (0u64, 0u64, false);
+        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
+            if budget == 0 {
+                more = true;
+                break;
+            }
+            let (k, v) = item?;
+            let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
+            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
+            envelopes += 1;
+            budget -= 1;
+        }
+        for kind in [keys::KIND_DEDUPE, keys::KIND_CURSOR] {
+            if more {
+                break;
+            }
+            for item in data.scan_prefix(keys::conv_prefix(group, generation, kind, conv)) {
+                if budget == 0 {
+                    more = true;
+                    break;
+                }
+                run.batch.remove(item?.0);
+                budget -= 1;
+                if kind == keys::KIND_CURSOR {
+                    cursors += 1;
+                }
+            }
+        }
+        let existed = meta.is_some() || envelopes > 0 || cursors > 0;
+        let next_seq = if reset_seq && !more {
+            run.batch.remove(keys::conv_key(group, generation, conv));
+            run.batch.remove(keys::retention_key(group, generation, conv));
+            1
+        } else {
+            meta.map_or(1, |m| m.last_seq + 1)
+        };
+        Ok(CommandResponse::Erased { existed, envelopes, cursors, next_seq, more })
     }
 
     fn apply_retention(

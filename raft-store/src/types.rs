@@ -109,11 +109,21 @@ pub enum Command {
     /// <= now_ms`, envelopes beyond their conversation's retention, and dedupe entries
     /// older than `now_ms - dedupe_window_ms`; at most `max_removals` keys per command.
     Maintain { now_ms: u64, dedupe_window_ms: u64, max_removals: u32 },
-    /// Erasure: removes the conversation's envelopes, cursors and dedupe entries.
-    /// `reset_seq`: the next envelope of this id gets seq 1; else seqs continue.
+    /// Erasure in one step: removes the conversation's envelopes, cursors and dedupe
+    /// entries, however many. `reset_seq`: the next envelope of this id gets seq 1; else
+    /// seqs continue. No longer proposed (one step of a big conversation was one sled batch
+    /// of millions of keys); applied as before when an older log holds it.
     DeleteConversation { now_ms: u64, conversation_id: String, reset_seq: bool },
     /// Replaces a conversation's retention (0 = no limit) and enforces it at once.
     SetRetention { now_ms: u64, conversation_id: String, max_age_ms: u64, max_count: u64 },
+    /// One bounded step of an erasure: removes at most `max_removals` keys of the
+    /// conversation, its envelopes first (lowest seqs first, each with its expiry entry),
+    /// then its dedupe entries, then its cursors. The step that finds nothing left within
+    /// its budget finishes the erasure (with `reset_seq`, the conversation's record goes
+    /// too, so the next envelope gets seq 1) and answers `more: false`; the node proposes
+    /// steps until then. Between steps a reader sees the oldest envelopes gone, as with
+    /// retention.
+    EraseConversation { now_ms: u64, conversation_id: String, reset_seq: bool, max_removals: u32 },
 }
 
 impl Command {
@@ -124,7 +134,8 @@ impl Command {
             | Command::CommitCursor { now_ms, .. }
             | Command::Maintain { now_ms, .. }
             | Command::DeleteConversation { now_ms, .. }
-            | Command::SetRetention { now_ms, .. } => *now_ms,
+            | Command::SetRetention { now_ms, .. }
+            | Command::EraseConversation { now_ms, .. } => *now_ms,
         }
     }
 }
@@ -140,6 +151,9 @@ impl fmt::Display for Command {
             }
             Command::SetRetention { now_ms, max_age_ms, max_count, .. } => {
                 write!(f, "SetRetention(now_ms={now_ms}, max_age_ms={max_age_ms}, max_count={max_count})")
+            }
+            Command::EraseConversation { now_ms, reset_seq, max_removals, .. } => {
+                write!(f, "EraseConversation(now_ms={now_ms}, reset_seq={reset_seq}, max_removals={max_removals})")
             }
         }
     }
@@ -167,6 +181,16 @@ pub enum CommandResponse {
     },
     RetentionSet {
         removed: u64,
+    },
+    /// One step of an erasure (`EraseConversation`): what it removed; `existed`: the
+    /// conversation had a record, envelopes or cursors when the step began; `more`: it
+    /// stopped at its budget with keys left, so the erasure is not finished.
+    Erased {
+        existed: bool,
+        envelopes: u64,
+        cursors: u64,
+        next_seq: u64,
+        more: bool,
     },
 }
 

@@ -29,6 +29,8 @@ enum Op {
     Cursor(u8, u8, u64), // (conversation, reader, seq)
     Maintain,
     Delete(u8, bool),
+    /// One bounded step of an erasure: (conversation, reset, at most this many keys).
+    Erase(u8, bool, u32),
     Retention(u8, u64, u64),
     Tick(u64),
     /// A clean restart: the store is flushed (as the node does at shutdown) and reopened.
@@ -48,6 +50,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..3, 0u8..3, 0u64..30).prop_map(|(c, r, s)| Op::Cursor(c, r, s)),
         2 => Just(Op::Maintain),
         1 => (0u8..3, any::<bool>()).prop_map(|(c, r)| Op::Delete(c, r)),
+        2 => (0u8..3, any::<bool>(), 1u32..5).prop_map(|(c, r, n)| Op::Erase(c, r, n)),
         1 => (0u8..3, prop_oneof![Just(0u64), (1u64..10).prop_map(|x| x * 50)], prop_oneof![Just(0u64), 1u64..6]).prop_map(|(c, a, n)| Op::Retention(c, a, n)),
         3 => (1u64..4).prop_map(|x| Op::Tick(x * 50)),
         1 => Just(Op::Reopen),
@@ -134,6 +137,34 @@ impl Model {
                     mc.cursors.clear();
                 }
             }
+            Op::Erase(c, reset, budget) => {
+                // Envelopes by seq, then dedupe entries by message id, then cursors by
+                // reader: the store's key order.
+                let Some(mc) = self.convs.get_mut(&conv(*c)) else { return };
+                let mut budget = *budget as usize;
+                let n = budget.min(mc.envs.len());
+                let gone: Vec<u64> = mc.envs.keys().take(n).copied().collect();
+                for seq in gone {
+                    mc.envs.remove(&seq);
+                }
+                budget -= n;
+                let mut ids: Vec<u8> = mc.dedupe.keys().copied().collect();
+                ids.sort();
+                let n = budget.min(ids.len());
+                for m in &ids[..n] {
+                    mc.dedupe.remove(m);
+                }
+                budget -= n;
+                let n = budget.min(mc.cursors.len());
+                let readers: Vec<String> = mc.cursors.keys().take(n).cloned().collect();
+                for r in readers {
+                    mc.cursors.remove(&r);
+                }
+                let done = mc.envs.is_empty() && mc.dedupe.is_empty() && mc.cursors.is_empty();
+                if *reset && done {
+                    self.convs.remove(&conv(*c));
+                }
+            }
             Op::Retention(c, age, count) => {
                 let mc = self.convs.entry(conv(*c)).or_default();
                 mc.max_age = *age;
@@ -167,6 +198,12 @@ fn command(now: u64, op: &Op) -> Option<Command> {
         Op::Delete(c, reset) => {
             Command::DeleteConversation { now_ms: now, conversation_id: conv(*c), reset_seq: *reset }
         }
+        Op::Erase(c, reset, budget) => Command::EraseConversation {
+            now_ms: now,
+            conversation_id: conv(*c),
+            reset_seq: *reset,
+            max_removals: *budget,
+        },
         Op::Retention(c, age, count) => {
             Command::SetRetention { now_ms: now, conversation_id: conv(*c), max_age_ms: *age, max_count: *count }
         }
