@@ -98,6 +98,7 @@ pub enum WriteOp {
         conversation_id: String,
         reset_seq: bool,
     },
+    /// Unbounded: only an older node forwards it (this one proposes `SetRetentionStep`).
     SetRetention {
         conversation_id: String,
         max_age_ms: u64,
@@ -111,6 +112,13 @@ pub enum WriteOp {
     EraseConversation {
         conversation_id: String,
         reset_seq: bool,
+        max_removals: u32,
+    },
+    /// One bounded step of a retention change (`Command::SetRetentionStep`).
+    SetRetentionStep {
+        conversation_id: String,
+        max_age_ms: u64,
+        max_count: u64,
         max_removals: u32,
     },
 }
@@ -133,6 +141,9 @@ impl WriteOp {
             }
             WriteOp::EraseConversation { conversation_id, reset_seq, max_removals } => {
                 Command::EraseConversation { now_ms, conversation_id, reset_seq, max_removals }
+            }
+            WriteOp::SetRetentionStep { conversation_id, max_age_ms, max_count, max_removals } => {
+                Command::SetRetentionStep { now_ms, conversation_id, max_age_ms, max_count, max_removals }
             }
         }
     }

@@ -346,16 +346,39 @@ impl Admin for AdminService {
         let req = request.into_inner();
         validate::set_retention_request(&req, &self.limits)?;
         let group = shard_of(&req.conversation_id, self.node.shards());
-        let op = WriteOp::SetRetention {
-            conversation_id: req.conversation_id,
+        let conv = req.conversation_id;
+        // Bounded steps like an erasure's (`delete_conversation`): the limits are set by the
+        // first step, and each step removes at most `maintenance_max_removals` envelopes.
+        let op = WriteOp::SetRetentionStep {
+            conversation_id: conv.clone(),
             max_age_ms: req.max_age_ms,
             max_count: req.max_count,
+            max_removals: self.node.cfg.maintenance_max_removals,
         };
-        match self.node.write(group, op, deadline).await? {
-            CommandResponse::RetentionSet { removed } => {
-                Ok(Response::new(pb::SetRetentionResponse { removed_envelopes: removed }))
+        let (mut removed, mut steps) = (0u64, 0u64);
+        loop {
+            let step = match self.node.write(group, op.clone(), deadline).await {
+                Ok(r) => r,
+                Err(e) if steps > 0 => {
+                    let st: Status = e.into();
+                    let msg = format!(
+                        "the retention of conversation_id `{conv}` is set; removing what it no longer allows \
+                         stopped after {steps} steps ({removed} envelopes removed so far; housekeeping removes \
+                         the rest): {}",
+                        st.message()
+                    );
+                    return Err(Status::with_metadata(st.code(), msg, st.metadata().clone()));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let CommandResponse::RetentionStep { removed: n, more } = step else {
+                return Err(unexpected("SetRetention", step));
+            };
+            steps += 1;
+            removed += n;
+            if !more {
+                return Ok(Response::new(pb::SetRetentionResponse { removed_envelopes: removed }));
             }
-            other => Err(unexpected("SetRetention", other)),
         }
     }
 }

@@ -299,7 +299,8 @@ async fn expiry_removes_the_same_envelopes_on_every_replica_and_reads_never_retu
 }
 
 /// Property (retention and erasure): a retention limit removes the oldest envelopes on
-/// every replica; `DeleteConversation` removes envelopes, cursors and dedupe entries on
+/// every replica, in bounded steps (4 envelopes each here) whose counts add up;
+/// `DeleteConversation` removes envelopes, cursors and dedupe entries on
 /// every replica, in bounded steps (4 keys each here, so 14 steps for 25 envelopes, their
 /// 25 dedupe entries and 3 cursors) whose counts add up; seqs continue unless a reset is
 /// asked for; an unknown conversation is NOT_FOUND; after the erasure no WAL segment or

@@ -977,7 +977,16 @@ impl StateStore {
                             self.apply_delete(&mut run, conversation_id, *reset_seq)?
                         }
                         Command::SetRetention { now_ms, conversation_id, max_age_ms, max_count } => {
-                            self.apply_retention(&mut run, *now_ms, conversation_id, *max_age_ms, *max_count)?
+                            let limits = (*max_age_ms, *max_count);
+                            let (removed, _) =
+                                self.apply_retention(&mut run, *now_ms, conversation_id, limits, u64::MAX)?;
+                            CommandResponse::RetentionSet { removed }
+                        }
+                        Command::SetRetentionStep { now_ms, conversation_id, max_age_ms, max_count, max_removals } => {
+                            let (limits, budget) = ((*max_age_ms, *max_count), u64::from((*max_removals).max(1)));
+                            let (removed, more) =
+                                self.apply_retention(&mut run, *now_ms, conversation_id, limits, budget)?;
+                            CommandResponse::RetentionStep { removed, more }
                         }
                         Command::EraseConversation { conversation_id, reset_seq, max_removals, .. } => {
                             let resp = self.apply_erase(&mut run, conversation_id, *reset_seq, *max_removals)?;
@@ -1305,14 +1314,17 @@ impl StateStore {
         Ok(CommandResponse::Erased { existed, envelopes, cursors, next_seq, more })
     }
 
+    /// Replaces the conversation's retention limits `(max_age_ms, max_count)` and removes at
+    /// most `budget` of the envelopes they no longer allow (oldest first); returns how many
+    /// and whether it stopped at the budget with more to remove.
     fn apply_retention(
         &self,
         run: &mut Run,
         now_ms: u64,
         conversation_id: &str,
-        max_age_ms: u64,
-        max_count: u64,
-    ) -> Result<CommandResponse, StoreError> {
+        (max_age_ms, max_count): (u64, u64),
+        budget: u64,
+    ) -> Result<(u64, bool), StoreError> {
         let (group, generation) = (run.group, run.generation);
         let conv = conversation_id.as_bytes();
         let mut meta = self.conv_meta_at(group, generation, conv)?.unwrap_or_default();
@@ -1325,8 +1337,7 @@ impl StateStore {
         } else {
             run.batch.remove(rk);
         }
-        let (removed, _) = self.enforce_retention(run, conv, &meta, now_ms, u64::MAX)?;
-        Ok(CommandResponse::RetentionSet { removed })
+        self.enforce_retention(run, conv, &meta, now_ms, budget)
     }
 
     /// Writes what the run holds (data, conversation records, applied state) in one

@@ -114,7 +114,9 @@ pub enum Command {
     /// seqs continue. No longer proposed (one step of a big conversation was one sled batch
     /// of millions of keys); applied as before when an older log holds it.
     DeleteConversation { now_ms: u64, conversation_id: String, reset_seq: bool },
-    /// Replaces a conversation's retention (0 = no limit) and enforces it at once.
+    /// Replaces a conversation's retention (0 = no limit) and enforces it at once, however
+    /// many envelopes that removes. No longer proposed (`SetRetentionStep` is); applied as
+    /// before when an older log holds it.
     SetRetention { now_ms: u64, conversation_id: String, max_age_ms: u64, max_count: u64 },
     /// One bounded step of an erasure: removes at most `max_removals` keys of the
     /// conversation, its envelopes first (lowest seqs first, each with its expiry entry),
@@ -124,6 +126,11 @@ pub enum Command {
     /// steps until then. Between steps a reader sees the oldest envelopes gone, as with
     /// retention.
     EraseConversation { now_ms: u64, conversation_id: String, reset_seq: bool, max_removals: u32 },
+    /// Replaces a conversation's retention (0 = no limit) and removes at most
+    /// `max_removals` of the envelopes it no longer allows, oldest first; answers
+    /// `more: true` if it stopped with some left (the node proposes it again, and
+    /// housekeeping removes them too).
+    SetRetentionStep { now_ms: u64, conversation_id: String, max_age_ms: u64, max_count: u64, max_removals: u32 },
 }
 
 impl Command {
@@ -135,7 +142,8 @@ impl Command {
             | Command::Maintain { now_ms, .. }
             | Command::DeleteConversation { now_ms, .. }
             | Command::SetRetention { now_ms, .. }
-            | Command::EraseConversation { now_ms, .. } => *now_ms,
+            | Command::EraseConversation { now_ms, .. }
+            | Command::SetRetentionStep { now_ms, .. } => *now_ms,
         }
     }
 }
@@ -155,6 +163,11 @@ impl fmt::Display for Command {
             Command::EraseConversation { now_ms, reset_seq, max_removals, .. } => {
                 write!(f, "EraseConversation(now_ms={now_ms}, reset_seq={reset_seq}, max_removals={max_removals})")
             }
+            Command::SetRetentionStep { now_ms, max_age_ms, max_count, max_removals, .. } => write!(
+                f,
+                "SetRetentionStep(now_ms={now_ms}, max_age_ms={max_age_ms}, max_count={max_count}, \
+                 max_removals={max_removals})"
+            ),
         }
     }
 }
@@ -190,6 +203,11 @@ pub enum CommandResponse {
         envelopes: u64,
         cursors: u64,
         next_seq: u64,
+        more: bool,
+    },
+    /// One `SetRetentionStep`: envelopes removed; `more`: it stopped at its budget.
+    RetentionStep {
+        removed: u64,
         more: bool,
     },
 }

@@ -32,6 +32,9 @@ enum Op {
     /// One bounded step of an erasure: (conversation, reset, at most this many keys).
     Erase(u8, bool, u32),
     Retention(u8, u64, u64),
+    /// One bounded step of a retention change: (conversation, max age, max count, at most
+    /// this many envelopes removed).
+    RetentionStep(u8, u64, u64, u32),
     Tick(u64),
     /// A clean restart: the store is flushed (as the node does at shutdown) and reopened.
     Reopen,
@@ -52,6 +55,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..3, any::<bool>()).prop_map(|(c, r)| Op::Delete(c, r)),
         2 => (0u8..3, any::<bool>(), 1u32..5).prop_map(|(c, r, n)| Op::Erase(c, r, n)),
         1 => (0u8..3, prop_oneof![Just(0u64), (1u64..10).prop_map(|x| x * 50)], prop_oneof![Just(0u64), 1u64..6]).prop_map(|(c, a, n)| Op::Retention(c, a, n)),
+        1 => (0u8..3, prop_oneof![Just(0u64), (1u64..10).prop_map(|x| x * 50)], prop_oneof![Just(0u64), 1u64..6], 1u32..4)
+            .prop_map(|(c, a, n, b)| Op::RetentionStep(c, a, n, b)),
         3 => (1u64..4).prop_map(|x| Op::Tick(x * 50)),
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
@@ -171,6 +176,19 @@ impl Model {
                 mc.max_count = *count;
                 mc.retain(now);
             }
+            Op::RetentionStep(c, age, count, budget) => {
+                let mc = self.convs.entry(conv(*c)).or_default();
+                mc.max_age = *age;
+                mc.max_count = *count;
+                let mut all = mc.clone();
+                all.retain(now);
+                // The oldest `budget` of those the limits remove.
+                let gone: Vec<u64> =
+                    mc.envs.keys().filter(|s| !all.envs.contains_key(s)).take(*budget as usize).copied().collect();
+                for seq in gone {
+                    mc.envs.remove(&seq);
+                }
+            }
             Op::Tick(_) | Op::Reopen | Op::Crash | Op::Checkpoint => {}
         }
     }
@@ -207,6 +225,13 @@ fn command(now: u64, op: &Op) -> Option<Command> {
         Op::Retention(c, age, count) => {
             Command::SetRetention { now_ms: now, conversation_id: conv(*c), max_age_ms: *age, max_count: *count }
         }
+        Op::RetentionStep(c, age, count, budget) => Command::SetRetentionStep {
+            now_ms: now,
+            conversation_id: conv(*c),
+            max_age_ms: *age,
+            max_count: *count,
+            max_removals: *budget,
+        },
         Op::Tick(_) | Op::Reopen | Op::Crash | Op::Checkpoint => return None,
     })
 }
