@@ -7,10 +7,11 @@
 //! - [`run`]: closed loop, open loop and ramp through `habar-client`, subscribers, verify.
 //! - [`verify`]: the read-back check of every acknowledged envelope.
 //! - [`report`], [`plot`]: the table, JSON and SVG outputs.
-//! - [`spawn`]: `--spawn N` local clusters.
+//! - [`spawn`]: `--spawn N` local clusters; [`cpu`]: their CPU time in the measured window.
 //! - [`chaos`]: `habar-chaos`, the fault-injection runner and its history checker.
 
 pub mod chaos;
+pub mod cpu;
 pub mod openloop;
 pub mod plot;
 pub mod ramp;

@@ -173,7 +173,9 @@ async fn main() -> anyhow::Result<()> {
         scenario.total_secs(),
         endpoints.join(",")
     );
-    let mut report = run::run(scenario, client, endpoints, args.verify, !args.quiet).await?;
+    let mut watch: Vec<(String, u32)> = cluster.as_ref().map(|c| c.pids()).unwrap_or_default();
+    watch.push(("habar-load".into(), std::process::id()));
+    let mut report = run::run(scenario, client, endpoints, args.verify, !args.quiet, watch).await?;
     if let Some(c) = &cluster {
         report.peak_rss = c.peak_rss();
     }

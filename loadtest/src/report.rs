@@ -15,6 +15,26 @@ fn row(out: &mut String, name: &str, s: &Summary) {
 }
 
 /// The human-readable summary of a run.
+/// "CPU in the measured window: n1 0.61, ..., habar-load 0.10 cores; 171 µs per acknowledged
+/// envelope (nodes 160)"; `None` when nothing was watched or nothing was acknowledged.
+fn cpu_line(r: &Report) -> Option<String> {
+    if r.cpu.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = r.cpu.iter().map(|p| format!("{} {:.2}", p.name, p.cores)).collect();
+    let mut line = format!("CPU in the measured window: {} cores", each.join(", "));
+    if r.publish.count > 0 {
+        let per = |secs: f64| secs * 1e6 / r.publish.count as f64;
+        let all: f64 = r.cpu.iter().map(|p| p.cpu_secs).sum();
+        let nodes: f64 = r.cpu.iter().filter(|p| p.name != "habar-load").map(|p| p.cpu_secs).sum();
+        line.push_str(&format!("; {:.0} µs per acknowledged envelope", per(all)));
+        if nodes > 0.0 {
+            line.push_str(&format!(" (nodes {:.0})", per(nodes)));
+        }
+    }
+    Some(line)
+}
+
 pub fn table(r: &Report) -> String {
     let s = &r.scenario;
     let mut out = String::new();
@@ -90,6 +110,9 @@ pub fn table(r: &Report) -> String {
             );
         }
         let _ = writeln!(out, "capacity at p99 <= {} ms: {:.0} envelopes/s", ramp.slo_p99_ms, ramp.capacity);
+    }
+    if let Some(line) = cpu_line(r) {
+        let _ = writeln!(out, "{line}");
     }
     if !r.peak_rss.is_empty() {
         let list: Vec<String> = r.peak_rss.iter().map(|(id, b)| format!("n{id} {} MiB", b >> 20)).collect();

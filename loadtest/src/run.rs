@@ -63,6 +63,8 @@ pub struct Report {
     pub peak_rss: Vec<(u64, u64)>,
     /// Publish requests the client sent after the warm-up (batching: envelopes / requests).
     pub client_publish_requests: u64,
+    /// CPU of the watched processes (spawned nodes, the tester) in the measured window.
+    pub cpu: Vec<crate::cpu::ProcessCpu>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -252,13 +254,15 @@ impl Ctx {
     }
 }
 
-/// Runs `scenario` against `client`. `progress` prints a line a second to stderr.
+/// Runs `scenario` against `client`. `progress` prints a line a second to stderr. The CPU
+/// time of each `(name, pid)` in `watch` is measured over the window after the warm-up.
 pub async fn run(
     scenario: Scenario,
     client: Client,
     endpoints: Vec<String>,
     verify_after: bool,
     progress: bool,
+    watch: Vec<(String, u32)>,
 ) -> anyhow::Result<Report> {
     let run_id: u64 = rand::thread_rng().gen();
     let workload = Workload::new(&scenario, run_id)?;
@@ -277,12 +281,15 @@ pub async fn run(
     // Publish requests are counted from the end of the warm-up, like the envelopes, so that
     // "envelopes per request" compares the same window.
     let requests_before = Arc::new(AtomicU64::new(client.stats().publish_requests));
+    let cpu_start: Arc<std::sync::Mutex<Option<crate::cpu::Start>>> = Arc::default();
     let warmup_mark = {
-        let (client, mark) = (client.clone(), requests_before.clone());
+        let (client, mark, cpu_start) = (client.clone(), requests_before.clone(), cpu_start.clone());
         let warmup = Duration::from_secs_f64(scenario.warmup_secs);
         tokio::spawn(async move {
             tokio::time::sleep_until((start + warmup).into()).await;
             mark.store(client.stats().publish_requests, Ordering::Relaxed);
+            let sample = crate::cpu::start(&watch);
+            *cpu_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(sample);
         })
     };
 
@@ -318,6 +325,7 @@ pub async fn run(
     let measured_secs = (start.elapsed().as_secs_f64() - scenario.warmup_secs).max(0.001);
     let cpu_at_end = cpu_ticks();
     warmup_mark.abort();
+    let cpu = cpu_start.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(crate::cpu::since).unwrap_or_default();
     let client_publish_requests =
         client.stats().publish_requests.saturating_sub(requests_before.load(Ordering::Relaxed));
     // Let subscribers receive what was acknowledged last.
@@ -348,6 +356,7 @@ pub async fn run(
         verify,
         peak_rss: Vec::new(),
         client_publish_requests,
+        cpu,
     })
 }
 

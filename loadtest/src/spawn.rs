@@ -93,6 +93,11 @@ impl SpawnedCluster {
         self.nodes.iter().map(|n| format!("http://{}", n.addr)).collect()
     }
 
+    /// Each node's name (`n<id>`) and process id.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        self.nodes.iter().map(|n| (format!("n{}", n.id), n.child.id())).collect()
+    }
+
     /// Peak resident memory of each node so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> Vec<(u64, u64)> {
         self.nodes.iter().map(|n| (n.id, peak_rss_of(n.child.id()).unwrap_or(0))).collect()
