@@ -12,8 +12,24 @@ use habar_raft_store::Wal;
 use habar_raft_store::WalConfig;
 use habar_raft_store::WalError;
 
+/// Segments that grow as they are written (no preallocation): the tests below cut and
+/// damage files by their length. The preallocated layout has its own tests at the end.
 fn cfg(dir: &Path) -> WalConfig {
-    WalConfig::new(dir)
+    let mut c = WalConfig::new(dir);
+    c.preallocate = false;
+    c
+}
+
+fn prealloc_cfg(dir: &Path) -> WalConfig {
+    let mut c = WalConfig::new(dir);
+    c.preallocate = true;
+    c
+}
+
+/// End of the records of a preallocated segment: after its last non-zero byte (every
+/// record here ends with a non-zero payload byte).
+fn records_end(bytes: &[u8]) -> usize {
+    bytes.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1)
 }
 
 fn payload(group: u32, index: u64) -> Vec<u8> {
@@ -319,4 +335,134 @@ fn crash_between_seal_and_next_segment_recovers() {
     };
     let wal = Wal::open(c).unwrap();
     assert_eq!(all(&wal, 1).len(), kept + 1);
+}
+
+/// Property: a preallocated segment (zero-filled to its full size before use) keeps its size
+/// and its records across reopens: the zeros after the last record are the end of the log,
+/// not a torn tail to cut, and appends after a reopen land right after the last record.
+#[test]
+fn preallocated_segment_keeps_its_zeros_and_its_records_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+        append_sync(&wal, 1, 1..10, 1);
+    }
+    let seg = only_segment(dir.path());
+    let size = fs::metadata(&seg).unwrap().len();
+    assert!(size >= 64 << 20, "the segment is preallocated: {size} bytes");
+    for round in 0..3u64 {
+        let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+        let have = all(&wal, 1).len() as u64;
+        assert_eq!(have, 9 + round * 10, "round {round}");
+        append_sync(&wal, 1, have + 1..have + 11, 1);
+        drop(wal);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), size, "round {round}: nothing cut, nothing grown");
+    }
+    let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+    let got = all(&wal, 1);
+    assert_eq!(got.len(), 39);
+    assert!(got.iter().enumerate().all(|(i, e)| e.index == i as u64 + 1 && e.payload == payload(1, e.index)));
+}
+
+/// Property (crash point: a write torn inside preallocated zeros): a last record of which
+/// any sector never reached the disk (zeros there, zeros after it) is cut, at every sector
+/// boundary and with only a middle sector missing; the entries before it survive and the
+/// log takes appends after it.
+#[test]
+fn a_write_torn_inside_a_preallocated_segment_is_cut_at_every_sector() {
+    let dir = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8 | 1).collect();
+    let start = {
+        let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+        append_sync(&wal, 1, 1..10, 1);
+        let start = records_end(&fs::read(only_segment(dir.path())).unwrap());
+        let lsn = wal.append(1, [(10u64, 1u64, big.as_slice())], None).unwrap();
+        wal.wait_durable_blocking(lsn).unwrap();
+        start
+    };
+    let seg = only_segment(dir.path());
+    let pristine = fs::read(&seg).unwrap();
+    let end = records_end(&pristine);
+    assert!(end - start > 3 * 512, "the last record spans several sectors");
+    let mut cases: Vec<(usize, usize)> = (start.div_ceil(512) * 512..end).step_by(512).map(|b| (b, end)).collect();
+    cases.push((start, end));
+    let mid = start.div_ceil(512) * 512 + 512;
+    cases.push((mid, mid + 512));
+    for (from, to) in cases {
+        let mut torn = pristine.clone();
+        torn[from..to].fill(0);
+        fs::write(&seg, &torn).unwrap();
+        let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+        let got = all(&wal, 1);
+        assert_eq!(got.len(), 9, "zeros at {from}..{to}: the torn record is cut, the ones before survive");
+        append_sync(&wal, 1, 10..11, 2);
+        drop(wal);
+        let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+        let got = all(&wal, 1);
+        assert_eq!((got.len(), got[9].term), (10, 2), "zeros at {from}..{to}: appends after the cut survive");
+    }
+}
+
+/// Property: in a preallocated segment a flipped bit in the last record, written whole, is
+/// still corruption (no sector of it is zeros), never cut as if it were torn.
+#[test]
+fn a_flipped_bit_in_the_last_record_of_a_preallocated_segment_is_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let wal = Wal::open(prealloc_cfg(dir.path())).unwrap();
+        append_sync(&wal, 1, 1..10, 1);
+        let big = vec![7u8; 3000];
+        let lsn = wal.append(1, [(10u64, 1u64, big.as_slice())], None).unwrap();
+        wal.wait_durable_blocking(lsn).unwrap();
+    }
+    let seg = only_segment(dir.path());
+    let mut bytes = fs::read(&seg).unwrap();
+    let end = records_end(&bytes);
+    bytes[end - 1500] ^= 0x01;
+    fs::write(&seg, &bytes).unwrap();
+    let (path, _, reason) = open_corrupt(prealloc_cfg(dir.path()), "a flipped bit in a whole last record");
+    assert_eq!(path, seg);
+    assert!(reason.contains("crc"), "{reason}");
+}
+
+/// Property: segments started by rolling are preallocated once the background fill has a
+/// spare ready, every record survives replay across their sealed, zero-padded ends, and a
+/// spare file left by a crash is deleted at open, never read as a segment.
+#[test]
+fn rolled_segments_are_preallocated_and_spares_left_by_a_crash_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = prealloc_cfg(dir.path());
+    c.segment_bytes = 64 << 10;
+    let spares = |d: &Path| -> usize {
+        fs::read_dir(d)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".spare"))
+            .count()
+    };
+    {
+        let wal = Wal::open(c.clone()).unwrap();
+        let mut next = 1u64;
+        for _ in 0..4 {
+            // Wait for the spare (bounded), then append until the next segment starts.
+            let t = std::time::Instant::now();
+            while spares(dir.path()) == 0 && t.elapsed() < std::time::Duration::from_secs(30) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let before = wal.segments().len();
+            while wal.segments().len() == before && next < 100_000 {
+                append_sync(&wal, 2, next..next + 100, 1);
+                next += 100;
+            }
+        }
+        assert!(wal.segments().len() >= 5, "{:?}", wal.segments());
+    }
+    let segs = segments_of(dir.path());
+    let sizes: Vec<u64> = segs.iter().map(|p| fs::metadata(p).unwrap().len()).collect();
+    assert!(sizes.iter().all(|s| *s >= 64 << 10), "every segment preallocated: {sizes:?}");
+    fs::write(dir.path().join("99.spare"), b"not a segment").unwrap();
+    let wal = Wal::open(c).unwrap();
+    let got = all(&wal, 2);
+    assert!(got.len() > 1000);
+    assert!(got.iter().enumerate().all(|(i, e)| e.index == i as u64 + 1 && e.payload == payload(2, e.index)));
+    assert!(!dir.path().join("99.spare").exists(), "a leftover spare is deleted at open");
 }
