@@ -119,6 +119,6 @@ mod tests {
         assert!(g.refusal(3).contains("min_free_disk_bytes"), "{}", g.refusal(3));
         g.set_min_free_bytes(0);
         assert_eq!(g.check(), Some(false), "0 turns the guard off");
-        assert!(free_bytes(std::path::Path::new("/no/such/dir")).is_err());
+        assert!(free_bytes(Path::new("/no/such/dir")).is_err());
     }
 }
