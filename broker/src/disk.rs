@@ -18,6 +18,8 @@
 //! into this node); should a write still hit ENOSPC, the WAL stops (it never acknowledges
 //! a failed write) and the node must be restarted once space is back.
 
+use std::io;
+use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
@@ -30,7 +32,18 @@ pub struct DiskGuard {
     full: AtomicBool,
 }
 
-pub use habar_raft_store::space::free_bytes;
+/// Free bytes available to this process on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `statvfs` writes into the zeroed struct we own; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
 
 impl DiskGuard {
     pub fn new(path: PathBuf, min_free_bytes: u64) -> DiskGuard {

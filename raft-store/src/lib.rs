@@ -8,7 +8,6 @@
 //!   sled only in checkpoints.
 //! - [`frame`]: the record frame both kinds of segment files use.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
-//! - [`space`]: free space of a file system.
 //!
 //! This crate knows nothing of gRPC.
 
@@ -22,7 +21,6 @@ pub mod repair;
 pub mod slow;
 pub mod sm;
 pub mod snapshot;
-pub mod space;
 pub mod types;
 pub mod wal;
 

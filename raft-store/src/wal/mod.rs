@@ -394,22 +394,13 @@ impl Wal {
         if segments.is_empty() {
             let seq = 1;
             let path = segment_path(&cfg.dir, seq);
-            // Best effort: without the room for it, the segment grows as it is written.
-            let spare = match cfg.preallocate.then(|| make_spare(&cfg, 0)) {
-                Some(Ok(spare)) => spare,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "could not preallocate the first WAL segment; it will grow as it is written");
-                    None
-                }
-                None => None,
-            };
-            let file = match spare {
-                Some(spare) => {
-                    let file = install_spare(spare, &path, seq, cfg.lose_unsynced_writes)?;
-                    file.sync_all().map_err(io_err(&path))?;
-                    file
-                }
-                None => create_segment(&path, seq, cfg.lose_unsynced_writes)?,
+            let file = if cfg.preallocate {
+                let spare = make_spare(&cfg, 0)?;
+                let file = install_spare(spare, &path, seq, cfg.lose_unsynced_writes)?;
+                file.sync_all().map_err(io_err(&path))?;
+                file
+            } else {
+                create_segment(&path, seq, cfg.lose_unsynced_writes)?
             };
             dir.sync_all().map_err(io_err(&cfg.dir))?;
             active_len = record::HEADER_LEN as u64;
@@ -821,17 +812,11 @@ fn create_segment(path: &Path, seq: u64, lose_unsynced_writes: bool) -> Result<S
 }
 
 /// Creates `<n>.spare` full of zeros, `segment_bytes` and 64 KiB more (rounded up to 4 KiB;
-/// records past that grow the file as without preallocation), and fsyncs it. `None` when the
-/// file system has less than twice that free: a spare must never take the last free space
-/// that the log's own appends (and the state machine) need.
-fn make_spare(cfg: &WalConfig, n: u64) -> Result<Option<Spare>, WalError> {
-    let total = cfg.segment_bytes.saturating_add(64 << 10).div_ceil(4096).saturating_mul(4096);
-    let free = crate::space::free_bytes(&cfg.dir).map_err(io_err(&cfg.dir))?;
-    if free < total.saturating_mul(2) {
-        return Ok(None);
-    }
+/// records past that grow the file as without preallocation), and fsyncs it.
+fn make_spare(cfg: &WalConfig, n: u64) -> Result<Spare, WalError> {
     let path = cfg.dir.join(format!("{n}{SPARE_SUFFIX}"));
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
+    let total = cfg.segment_bytes.saturating_add(64 << 10).div_ceil(4096).saturating_mul(4096);
     let zeros = vec![0u8; ZERO_CHUNK];
     let fill = || -> io::Result<()> {
         let mut at = 0u64;
@@ -847,7 +832,7 @@ fn make_spare(cfg: &WalConfig, n: u64) -> Result<Option<Spare>, WalError> {
         let _ = fs::remove_file(&path);
         return Err(io_err(&path)(e));
     }
-    Ok(Some(Spare { file, path }))
+    Ok(Spare { file, path })
 }
 
 /// Renames a spare into segment `seq` and writes its header (not synced: the caller's next
@@ -878,10 +863,8 @@ fn prepare_loop(sh: &Shared) {
         let made = make_spare(&sh.cfg, n);
         let mut slot = sh.spare_slot();
         match made {
-            Ok(Some(spare)) if !slot.shutdown => slot.ready = Some(spare),
-            Ok(Some(_)) => return,
-            // Too little free space: try again when the next segment starts.
-            Ok(None) => slot.failed = true,
+            Ok(spare) if !slot.shutdown => slot.ready = Some(spare),
+            Ok(_) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "could not preallocate the next WAL segment; it will grow as it is written");
                 slot.failed = true;
