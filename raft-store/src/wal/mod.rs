@@ -818,20 +818,13 @@ fn make_spare(cfg: &WalConfig, n: u64) -> Result<Spare, WalError> {
     let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
     let total = cfg.segment_bytes.saturating_add(64 << 10).div_ceil(4096).saturating_mul(4096);
     let zeros = vec![0u8; ZERO_CHUNK];
-    let fill = || -> io::Result<()> {
-        let mut at = 0u64;
-        while at < total {
-            let n = (total - at).min(ZERO_CHUNK as u64) as usize;
-            std::os::unix::fs::FileExt::write_all_at(&file, &zeros[..n], at)?;
-            at += n as u64;
-        }
-        file.sync_all()
-    };
-    if let Err(e) = fill() {
-        // A full disk, say: give the space back at once, not at the next start.
-        let _ = fs::remove_file(&path);
-        return Err(io_err(&path)(e));
+    let mut at = 0u64;
+    while at < total {
+        let n = (total - at).min(ZERO_CHUNK as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(&file, &zeros[..n], at).map_err(io_err(&path))?;
+        at += n as u64;
     }
+    file.sync_all().map_err(io_err(&path))?;
     Ok(Spare { file, path })
 }
 
