@@ -125,10 +125,6 @@ pub struct NodeConfig {
     pub max_payload_entries: u64,
     pub sled_cache_capacity_bytes: u64,
     pub wal_segment_bytes: u64,
-    /// Zero-fill each WAL segment before use (in a background thread), so an fdatasync
-    /// commits no file-size change (docs/BENCHMARKS.md). Off on filesystems where it buys
-    /// nothing (copy-on-write: btrfs, ZFS).
-    pub wal_preallocate: bool,
     pub max_ciphertext_bytes: usize,
     pub max_envelopes_per_request: usize,
     pub max_sender_bytes: usize,
@@ -195,7 +191,6 @@ impl Default for NodeConfig {
             max_payload_entries: 300,
             sled_cache_capacity_bytes: habar_raft_store::sm::DEFAULT_CACHE_CAPACITY,
             wal_segment_bytes: 64 << 20,
-            wal_preallocate: true,
             max_ciphertext_bytes: 1 << 20,
             max_envelopes_per_request: 1000,
             max_sender_bytes: 1024,
@@ -274,9 +269,6 @@ pub struct ConfigLayer {
     /// Size at which a new WAL segment starts, bytes.
     #[arg(long, env = "HABAR_WAL_SEGMENT_BYTES")]
     pub wal_segment_bytes: Option<u64>,
-    /// Zero-fill each WAL segment before use (true/false).
-    #[arg(long, env = "HABAR_WAL_PREALLOCATE", num_args = 0..=1, default_missing_value = "true")]
-    pub wal_preallocate: Option<bool>,
     /// Largest ciphertext of one envelope, bytes.
     #[arg(long, env = "HABAR_MAX_CIPHERTEXT_BYTES")]
     pub max_ciphertext_bytes: Option<usize>,
@@ -363,7 +355,7 @@ impl NodeConfig {
         merge_fields!(self, layer; id, listen, data_dir, shards, heartbeat_interval_ms,
             election_timeout_min_ms, election_timeout_max_ms, install_snapshot_timeout_ms,
             snapshot_logs_since_last, max_in_snapshot_log_to_keep, max_payload_entries,
-            sled_cache_capacity_bytes, wal_segment_bytes, wal_preallocate, max_ciphertext_bytes,
+            sled_cache_capacity_bytes, wal_segment_bytes, max_ciphertext_bytes,
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, max_pending_publish_bytes, read_default_limit,
             read_max_limit, request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
             subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,

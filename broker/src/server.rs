@@ -77,7 +77,6 @@ pub async fn start_node(cfg: NodeConfig) -> anyhow::Result<Arc<Node>> {
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let mut wal_cfg = WalConfig::new(cfg.data_dir.join("wal"));
     wal_cfg.segment_bytes = cfg.wal_segment_bytes;
-    wal_cfg.preallocate = cfg.wal_preallocate;
     wal_cfg.lose_unsynced_writes = cfg.test_lose_unsynced_wal_writes;
     wal_cfg.slow_warn = Duration::from_millis(cfg.slow_warn_ms);
     if cfg.test_lose_unsynced_wal_writes {

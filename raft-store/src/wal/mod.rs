@@ -93,11 +93,6 @@ pub struct WalConfig {
     /// An fdatasync slower than this is logged as a warning (at most once a second); zero:
     /// never.
     pub slow_warn: std::time::Duration,
-    /// Zero-fill each segment (and fsync it) before it takes records, in a thread of its
-    /// own ahead of need: a write that does not grow the file changes no metadata, so its
-    /// fdatasync needs no journal commit (measured on ext4 here: p50 109-138 µs against
-    /// 190-223 µs for 4 KiB). Off: segments grow as they are written.
-    pub preallocate: bool,
 }
 
 impl WalConfig {
@@ -108,7 +103,6 @@ impl WalConfig {
             max_record_bytes: 64 << 20,
             lose_unsynced_writes: false,
             slow_warn: crate::slow::DEFAULT_SLOW_WARN,
-            preallocate: true,
         }
     }
 }
@@ -263,46 +257,9 @@ struct Shared {
     state: Mutex<State>,
     cv: Condvar,
     stats: WalStats,
-    /// The next segment's file, zero-filled ahead of need (`WalConfig::preallocate`).
-    spare: Mutex<SpareSlot>,
-    spare_cv: Condvar,
 }
-
-/// A zero-filled, fsynced file (`<n>.spare`), ready to be renamed into the next segment.
-struct Spare {
-    file: File,
-    path: PathBuf,
-}
-
-#[derive(Default)]
-struct SpareSlot {
-    ready: Option<Spare>,
-    /// Making one failed (a full disk, say): no new try until the next segment is started.
-    failed: bool,
-    shutdown: bool,
-}
-
-/// Suffix of the files the preallocation thread fills (`<n>.spare`, a new name each time, so
-/// a spare being renamed into a segment is never the file the next fill opens). Not `.wal`:
-/// replay never reads one, and `open` deletes any it finds.
-const SPARE_SUFFIX: &str = ".spare";
-/// Zeros written at a time when filling a spare.
-const ZERO_CHUNK: usize = 1 << 20;
 
 impl Shared {
-    fn spare_slot(&self) -> MutexGuard<'_, SpareSlot> {
-        self.spare.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The spare, if one is ready; the preallocation thread starts on the next one.
-    fn take_spare(&self) -> Option<Spare> {
-        let mut slot = self.spare_slot();
-        slot.failed = false;
-        let spare = slot.ready.take();
-        self.spare_cv.notify_all();
-        spare
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves no half-done write we could recover from
         // in memory; the data on disk is still consistent, so carry on with the state.
@@ -320,19 +277,13 @@ pub struct Wal {
 struct WalInner {
     shared: Arc<Shared>,
     syncer: Mutex<Option<JoinHandle<()>>>,
-    preparer: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for WalInner {
     fn drop(&mut self) {
         self.shared.lock().shutdown = true;
         self.shared.cv.notify_all();
-        self.shared.spare_slot().shutdown = true;
-        self.shared.spare_cv.notify_all();
         if let Some(h) = self.syncer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = h.join();
-        }
-        if let Some(h) = self.preparer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = h.join();
         }
     }
@@ -358,10 +309,6 @@ impl Wal {
                 if let Ok(seq) = stem.parse::<u64>() {
                     seqs.push(seq);
                 }
-            } else if name.ends_with(SPARE_SUFFIX) {
-                // A spare the last run had filled (or was filling): never part of the log.
-                let path = ent.path();
-                fs::remove_file(&path).map_err(io_err(&path))?;
             }
         }
         seqs.sort_unstable();
@@ -394,14 +341,7 @@ impl Wal {
         if segments.is_empty() {
             let seq = 1;
             let path = segment_path(&cfg.dir, seq);
-            let file = if cfg.preallocate {
-                let spare = make_spare(&cfg, 0)?;
-                let file = install_spare(spare, &path, seq, cfg.lose_unsynced_writes)?;
-                file.sync_all().map_err(io_err(&path))?;
-                file
-            } else {
-                create_segment(&path, seq, cfg.lose_unsynced_writes)?
-            };
+            let file = create_segment(&path, seq, cfg.lose_unsynced_writes)?;
             dir.sync_all().map_err(io_err(&cfg.dir))?;
             active_len = record::HEADER_LEN as u64;
             segments.insert(seq, Segment { file: Arc::new(file), path });
@@ -429,27 +369,13 @@ impl Wal {
             }),
             cv: Condvar::new(),
             stats: WalStats::default(),
-            spare: Mutex::new(SpareSlot::default()),
-            spare_cv: Condvar::new(),
         });
         let s2 = shared.clone();
         let syncer = std::thread::Builder::new()
             .name("habar-wal-sync".into())
             .spawn(move || sync_loop(&s2))
             .map_err(io_err(&shared.cfg.dir))?;
-        let preparer = if shared.cfg.preallocate {
-            let s3 = shared.clone();
-            let h = std::thread::Builder::new()
-                .name("habar-wal-prep".into())
-                .spawn(move || prepare_loop(&s3))
-                .map_err(io_err(&shared.cfg.dir))?;
-            Some(h)
-        } else {
-            None
-        };
-        let wal = Wal {
-            inner: Arc::new(WalInner { shared, syncer: Mutex::new(Some(syncer)), preparer: Mutex::new(preparer) }),
-        };
+        let wal = Wal { inner: Arc::new(WalInner { shared, syncer: Mutex::new(Some(syncer)) }) };
         if last_sealed {
             // A crash between sealing a segment and creating the next: nothing may follow a
             // seal, so start the next segment now.
@@ -646,11 +572,7 @@ impl Wal {
         }
         let seq = next_seq;
         let path = segment_path(&sh.cfg.dir, seq);
-        let file = match sh.take_spare() {
-            Some(spare) => install_spare(spare, &path, seq, sh.cfg.lose_unsynced_writes)?,
-            // None ready (or preallocation is off): a segment that grows as it is written.
-            None => create_segment_unsynced(&path, seq, sh.cfg.lose_unsynced_writes)?,
-        };
+        let file = create_segment_unsynced(&path, seq, sh.cfg.lose_unsynced_writes)?;
         let mut metas: Vec<GroupMeta> = st.groups.iter().map(|(g, l)| l.meta(*g)).collect();
         metas.sort_by_key(|m| m.group);
         let payload = postcard::to_allocvec(&metas).map_err(|e| WalError::Io {
@@ -811,61 +733,6 @@ fn create_segment(path: &Path, seq: u64, lose_unsynced_writes: bool) -> Result<S
     Ok(file)
 }
 
-/// Creates `<n>.spare` full of zeros, `segment_bytes` and 64 KiB more (rounded up to 4 KiB;
-/// records past that grow the file as without preallocation), and fsyncs it.
-fn make_spare(cfg: &WalConfig, n: u64) -> Result<Spare, WalError> {
-    let path = cfg.dir.join(format!("{n}{SPARE_SUFFIX}"));
-    let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path).map_err(io_err(&path))?;
-    let total = cfg.segment_bytes.saturating_add(64 << 10).div_ceil(4096).saturating_mul(4096);
-    let zeros = vec![0u8; ZERO_CHUNK];
-    let mut at = 0u64;
-    while at < total {
-        let n = (total - at).min(ZERO_CHUNK as u64) as usize;
-        std::os::unix::fs::FileExt::write_all_at(&file, &zeros[..n], at).map_err(io_err(&path))?;
-        at += n as u64;
-    }
-    file.sync_all().map_err(io_err(&path))?;
-    Ok(Spare { file, path })
-}
-
-/// Renames a spare into segment `seq` and writes its header (not synced: the caller's next
-/// fsyncs, of the file and of the directory, cover both).
-fn install_spare(spare: Spare, path: &Path, seq: u64, lose_unsynced_writes: bool) -> Result<SegFile, WalError> {
-    fs::rename(&spare.path, path).map_err(io_err(path))?;
-    let file = SegFile::new(spare.file, lose_unsynced_writes);
-    file.write_all_at(&record::encode_header(seq), 0).map_err(io_err(path))?;
-    Ok(file)
-}
-
-/// The preallocation thread: keeps one spare ready; after a failure, waits for the next
-/// segment to start before it tries again.
-fn prepare_loop(sh: &Shared) {
-    // 0 is the first segment's, made in `open`.
-    let mut n = 0u64;
-    loop {
-        n += 1;
-        {
-            let mut slot = sh.spare_slot();
-            while (slot.ready.is_some() || slot.failed) && !slot.shutdown {
-                slot = sh.spare_cv.wait(slot).unwrap_or_else(|p| p.into_inner());
-            }
-            if slot.shutdown {
-                return;
-            }
-        }
-        let made = make_spare(&sh.cfg, n);
-        let mut slot = sh.spare_slot();
-        match made {
-            Ok(spare) if !slot.shutdown => slot.ready = Some(spare),
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not preallocate the next WAL segment; it will grow as it is written");
-                slot.failed = true;
-            }
-        }
-    }
-}
-
 /// Replays one segment into `groups`. `next` is the sequence number of the segment after
 /// it on disk (`None` for the last one). Returns the length of its valid prefix and whether
 /// it ends with a seal, or `None` when the last segment's header is torn (the segment never
@@ -905,14 +772,7 @@ fn replay_segment(
     let len = data.len();
     // Offset of the last record when it is a seal.
     let mut sealed_at = None;
-    // The records end where only zeros follow: the rest of a preallocated segment.
-    let mut zero_tail = false;
     while pos < len {
-        if data[pos..(pos + record::FRAME_LEN).min(len)].iter().all(|b| *b == 0) && data[pos..].iter().all(|b| *b == 0)
-        {
-            zero_tail = true;
-            break;
-        }
         // Decide whether a bad record at `pos` is a torn tail (cut it) or corruption:
         // `complete` says the record's frame fits in the file.
         let torn_ok = |complete: bool| -> bool { is_last && (!complete || data[pos..].iter().all(|b| *b == 0)) };
@@ -920,8 +780,7 @@ fn replay_segment(
             Ok(record) => record,
             Err(damage) => {
                 // Only a CRC mismatch means the whole record is in the file.
-                let complete = damage == crate::frame::Damage::CrcMismatch;
-                if torn_ok(complete) || (is_last && complete && torn_in_zeros(&data, pos)) {
+                if torn_ok(damage == crate::frame::Damage::CrcMismatch) {
                     break;
                 }
                 return Err(corrupt(pos, damage.to_string()));
@@ -963,39 +822,13 @@ fn replay_segment(
             "segment does not end with a seal although a later segment exists: records were cut from its end".into(),
         ));
     }
-    if pos < len && !zero_tail {
+    if pos < len {
         tracing::warn!(path = %path.display(), offset = pos, cut = len - pos, "cutting torn WAL tail");
         let f = OpenOptions::new().write(true).open(path).map_err(io_err(path))?;
         f.set_len(pos as u64).map_err(io_err(path))?;
         f.sync_all().map_err(io_err(path))?;
     }
     Ok(Some((pos as u64, sealed_at.is_some())))
-}
-
-/// Sector size for telling a torn write from a damaged record: the unit a disk writes whole.
-const SECTOR: usize = 512;
-
-/// Whether the complete but CRC-failing record at `pos` is a write that a crash tore inside
-/// preallocated zeros: everything after it is zero, and some sector-aligned piece of it is
-/// all zeros (a sector of the write never reached the disk). A bit flip in a record that was
-/// written whole leaves no such piece, so it stays corruption (etcd's WAL tells torn
-/// entries apart the same way).
-fn torn_in_zeros(data: &[u8], pos: usize) -> bool {
-    let Some(frame) = data.get(pos..pos + record::FRAME_LEN) else { return false };
-    let body_len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-    let end = pos.saturating_add(record::FRAME_LEN).saturating_add(body_len).min(data.len());
-    if !data[end..].iter().all(|b| *b == 0) {
-        return false;
-    }
-    let mut at = pos;
-    while at < end {
-        let piece_end = ((at / SECTOR + 1) * SECTOR).min(end);
-        if data[at..piece_end].iter().all(|b| *b == 0) {
-            return true;
-        }
-        at = piece_end;
-    }
-    false
 }
 
 fn apply_replayed(
