@@ -974,7 +974,12 @@ impl StateStore {
                         }
                         Command::DeleteConversation { conversation_id, reset_seq, .. } => {
                             erasures += 1;
-                            self.apply_delete(&mut run, conversation_id, *reset_seq)?
+                            match self.apply_erase(&mut run, conversation_id, *reset_seq, u64::MAX)? {
+                                CommandResponse::Erased { existed, envelopes, cursors, next_seq, .. } => {
+                                    CommandResponse::Deleted { existed, envelopes, cursors, next_seq }
+                                }
+                                other => other,
+                            }
                         }
                         Command::SetRetention { now_ms, conversation_id, max_age_ms, max_count } => {
                             let limits = (*max_age_ms, *max_count);
@@ -989,7 +994,8 @@ impl StateStore {
                             CommandResponse::RetentionStep { removed, more }
                         }
                         Command::EraseConversation { conversation_id, reset_seq, max_removals, .. } => {
-                            let resp = self.apply_erase(&mut run, conversation_id, *reset_seq, *max_removals)?;
+                            let budget = u64::from(*max_removals);
+                            let resp = self.apply_erase(&mut run, conversation_id, *reset_seq, budget)?;
                             // Compaction follows the finished erasure, not each step.
                             if matches!(resp, CommandResponse::Erased { more: false, .. }) {
                                 erasures += 1;
@@ -1224,57 +1230,22 @@ impl StateStore {
         Ok((n, false))
     }
 
-    fn apply_delete(
-        &self,
-        run: &mut Run,
-        conversation_id: &str,
-        reset_seq: bool,
-    ) -> Result<CommandResponse, StoreError> {
-        let (group, generation) = (run.group, run.generation);
-        let data = &*self.inner;
-        let conv = conversation_id.as_bytes();
-        let meta = self.conv_meta_at(group, generation, conv)?;
-        let mut envelopes = 0;
-        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
-            let (k, v) = item?;
-            let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
-            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
-            envelopes += 1;
-        }
-        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_DEDUPE, conv)) {
-            run.batch.remove(item?.0);
-        }
-        let mut cursors = 0;
-        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_CURSOR, conv)) {
-            run.batch.remove(item?.0);
-            cursors += 1;
-        }
-        let existed = meta.is_some() || envelopes > 0 || cursors > 0;
-        let next_seq = if reset_seq {
-            run.batch.remove(keys::conv_key(group, generation, conv));
-            run.batch.remove(keys::retention_key(group, generation, conv));
-            1
-        } else {
-            meta.map_or(1, |m| m.last_seq + 1)
-        };
-        Ok(CommandResponse::Deleted { existed, envelopes, cursors, next_seq })
-    }
-
     /// One step of an erasure (`Command::EraseConversation`): at most `max_removals` keys,
     /// envelopes first (lowest seqs, each with its expiry entry), then dedupe entries, then
     /// cursors. The step that finds nothing left within its budget finishes it.
+    /// The one-step `DeleteConversation` of older logs is this with `budget` `u64::MAX`.
     fn apply_erase(
         &self,
         run: &mut Run,
         conversation_id: &str,
         reset_seq: bool,
-        max_removals: u32,
+        budget: u64,
     ) -> Result<CommandResponse, StoreError> {
         let (group, generation) = (run.group, run.generation);
         let data = &*self.inner;
         let conv = conversation_id.as_bytes();
         let meta = self.conv_meta_at(group, generation, conv)?;
-        let mut budget = u64::from(max_removals.max(1));
+        let mut budget = budget.max(1);
         let (mut envelopes, mut cursors, mut more) = (0u64, 0u64, false);
         for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
             if budget == 0 {
