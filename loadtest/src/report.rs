@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use crate::cpu::ProcessCpu;
 use crate::run::Report;
 use crate::scenario::Mode;
 use crate::stats::Summary;
@@ -14,19 +15,20 @@ fn row(out: &mut String, name: &str, s: &Summary) {
     );
 }
 
-/// The human-readable summary of a run.
 /// "CPU in the measured window: n1 0.61, ..., habar-load 0.10 cores; 171 µs per acknowledged
-/// envelope (nodes 160)"; `None` when nothing was watched or nothing was acknowledged.
-fn cpu_line(r: &Report) -> Option<String> {
-    if r.cpu.is_empty() {
+/// envelope (nodes 160)"; the per-envelope part only when something was acknowledged (the
+/// tester's own CPU, named `habar-load`, is left out of the nodes' figure); `None` when no
+/// process was watched.
+fn cpu_line(cpu: &[ProcessCpu], acknowledged: u64) -> Option<String> {
+    if cpu.is_empty() {
         return None;
     }
-    let each: Vec<String> = r.cpu.iter().map(|p| format!("{} {:.2}", p.name, p.cores)).collect();
+    let each: Vec<String> = cpu.iter().map(|p| format!("{} {:.2}", p.name, p.cores)).collect();
     let mut line = format!("CPU in the measured window: {} cores", each.join(", "));
-    if r.publish.count > 0 {
-        let per = |secs: f64| secs * 1e6 / r.publish.count as f64;
-        let all: f64 = r.cpu.iter().map(|p| p.cpu_secs).sum();
-        let nodes: f64 = r.cpu.iter().filter(|p| p.name != "habar-load").map(|p| p.cpu_secs).sum();
+    if acknowledged > 0 {
+        let per = |secs: f64| secs * 1e6 / acknowledged as f64;
+        let all: f64 = cpu.iter().map(|p| p.cpu_secs).sum();
+        let nodes: f64 = cpu.iter().filter(|p| p.name != "habar-load").map(|p| p.cpu_secs).sum();
         line.push_str(&format!("; {:.0} µs per acknowledged envelope", per(all)));
         if nodes > 0.0 {
             line.push_str(&format!(" (nodes {:.0})", per(nodes)));
@@ -35,6 +37,7 @@ fn cpu_line(r: &Report) -> Option<String> {
     Some(line)
 }
 
+/// The human-readable summary of a run.
 pub fn table(r: &Report) -> String {
     let s = &r.scenario;
     let mut out = String::new();
@@ -111,7 +114,7 @@ pub fn table(r: &Report) -> String {
         }
         let _ = writeln!(out, "capacity at p99 <= {} ms: {:.0} envelopes/s", ramp.slo_p99_ms, ramp.capacity);
     }
-    if let Some(line) = cpu_line(r) {
+    if let Some(line) = cpu_line(&r.cpu, r.publish.count) {
         let _ = writeln!(out, "{line}");
     }
     if !r.peak_rss.is_empty() {
@@ -133,4 +136,34 @@ pub fn table(r: &Report) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, cpu_secs: f64, cores: f64) -> ProcessCpu {
+        ProcessCpu { name: name.into(), cpu_secs, cores }
+    }
+
+    /// Property: CPU per envelope is all watched CPU over the acknowledged envelopes, the
+    /// nodes' share leaves the tester out, and nothing is divided by zero.
+    #[test]
+    fn cpu_per_envelope_counts_every_process_and_the_nodes_apart() {
+        let cpu = [p("n1", 3.0, 0.6), p("n2", 2.0, 0.4), p("habar-load", 1.0, 0.2)];
+        assert_eq!(
+            cpu_line(&cpu, 10_000).as_deref(),
+            Some("CPU in the measured window: n1 0.60, n2 0.40, habar-load 0.20 cores; 600 µs per acknowledged envelope (nodes 500)")
+        );
+        assert_eq!(
+            cpu_line(&cpu[2..], 10_000).as_deref(),
+            Some("CPU in the measured window: habar-load 0.20 cores; 100 µs per acknowledged envelope"),
+            "no nodes watched (--endpoints): no nodes' figure"
+        );
+        assert_eq!(
+            cpu_line(&cpu, 0).as_deref(),
+            Some("CPU in the measured window: n1 0.60, n2 0.40, habar-load 0.20 cores")
+        );
+        assert_eq!(cpu_line(&[], 10_000), None);
+    }
 }
