@@ -140,6 +140,13 @@ impl BrokerService {
     }
 }
 
+/// The error of a write done in bounded steps (erasure, retention) that failed after some
+/// of them applied: `st`'s code and metadata (a retry-after) with `done`, what the applied
+/// steps already did, in front of its message.
+fn stopped_after_steps(st: Status, done: String) -> Status {
+    Status::with_metadata(st.code(), format!("{done}: {}", st.message()), st.metadata().clone())
+}
+
 fn unexpected(call: &str, r: CommandResponse) -> Status {
     BrokerError::Internal(format!("{call} answered {r:?}")).into()
 }
@@ -289,14 +296,14 @@ impl Broker for BrokerService {
             let step = match self.write_one(&conv, op.clone(), deadline).await {
                 Ok(r) => r,
                 Err(st) if steps > 0 => {
-                    // Say what was done: the envelopes removed so far are gone for good,
-                    // and calling again finishes the erasure.
-                    let msg = format!(
-                        "erasure of conversation_id `{conv}` stopped after {steps} steps ({envelopes} envelopes and \
-                         {cursors} cursors removed so far; DeleteConversation again finishes it): {}",
-                        st.message()
-                    );
-                    return Err(Status::with_metadata(st.code(), msg, st.metadata().clone()));
+                    // The envelopes removed so far are gone for good.
+                    return Err(stopped_after_steps(
+                        st,
+                        format!(
+                            "erasure of conversation_id `{conv}` stopped after {steps} steps ({envelopes} envelopes \
+                             and {cursors} cursors removed so far; DeleteConversation again finishes it)"
+                        ),
+                    ));
                 }
                 Err(st) => return Err(st),
             };
@@ -360,14 +367,14 @@ impl Admin for AdminService {
             let step = match self.node.write(group, op.clone(), deadline).await {
                 Ok(r) => r,
                 Err(e) if steps > 0 => {
-                    let st: Status = e.into();
-                    let msg = format!(
-                        "the retention of conversation_id `{conv}` is set; removing what it no longer allows \
-                         stopped after {steps} steps ({removed} envelopes removed so far; housekeeping removes \
-                         the rest): {}",
-                        st.message()
-                    );
-                    return Err(Status::with_metadata(st.code(), msg, st.metadata().clone()));
+                    return Err(stopped_after_steps(
+                        e.into(),
+                        format!(
+                            "the retention of conversation_id `{conv}` is set; removing what it no longer allows \
+                             stopped after {steps} steps ({removed} envelopes removed so far; housekeeping removes \
+                             the rest)"
+                        ),
+                    ));
                 }
                 Err(e) => return Err(e.into()),
             };

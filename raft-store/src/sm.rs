@@ -988,7 +988,7 @@ impl StateStore {
                             CommandResponse::RetentionSet { removed }
                         }
                         Command::SetRetentionStep { now_ms, conversation_id, max_age_ms, max_count, max_removals } => {
-                            let (limits, budget) = ((*max_age_ms, *max_count), u64::from((*max_removals).max(1)));
+                            let (limits, budget) = ((*max_age_ms, *max_count), u64::from(*max_removals));
                             let (removed, more) =
                                 self.apply_retention(&mut run, *now_ms, conversation_id, limits, budget)?;
                             CommandResponse::RetentionStep { removed, more }
@@ -1286,8 +1286,8 @@ impl StateStore {
     }
 
     /// Replaces the conversation's retention limits `(max_age_ms, max_count)` and removes at
-    /// most `budget` of the envelopes they no longer allow (oldest first); returns how many
-    /// and whether it stopped at the budget with more to remove.
+    /// most `budget` (at least 1) of the envelopes they no longer allow (oldest first);
+    /// returns how many and whether it stopped at the budget with more to remove.
     fn apply_retention(
         &self,
         run: &mut Run,
@@ -1308,7 +1308,7 @@ impl StateStore {
         } else {
             run.batch.remove(rk);
         }
-        self.enforce_retention(run, conv, &meta, now_ms, budget)
+        self.enforce_retention(run, conv, &meta, now_ms, budget.max(1))
     }
 
     /// Writes what the run holds (data, conversation records, applied state) in one
