@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// The name the tester's own process is watched and reported under; every other watched
+/// process is a node.
+pub const TESTER: &str = "habar-load";
+
 /// One watched process's CPU in the measured window.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProcessCpu {

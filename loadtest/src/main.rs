@@ -174,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
         endpoints.join(",")
     );
     let mut watch: Vec<(String, u32)> = cluster.as_ref().map(|c| c.pids()).unwrap_or_default();
-    watch.push(("habar-load".into(), std::process::id()));
+    watch.push((habar_loadtest::cpu::TESTER.into(), std::process::id()));
     let mut report = run::run(scenario, client, endpoints, args.verify, !args.quiet, watch).await?;
     if let Some(c) = &cluster {
         report.peak_rss = c.peak_rss();

@@ -17,7 +17,7 @@ fn row(out: &mut String, name: &str, s: &Summary) {
 
 /// "CPU in the measured window: n1 0.61, ..., habar-load 0.10 cores; 171 µs per acknowledged
 /// envelope (nodes 160)"; the per-envelope part only when something was acknowledged (the
-/// tester's own CPU, named `habar-load`, is left out of the nodes' figure); `None` when no
+/// tester's own CPU, named [`crate::cpu::TESTER`], is left out of the nodes' figure); `None` when no
 /// process was watched.
 fn cpu_line(cpu: &[ProcessCpu], acknowledged: u64) -> Option<String> {
     if cpu.is_empty() {
@@ -28,7 +28,7 @@ fn cpu_line(cpu: &[ProcessCpu], acknowledged: u64) -> Option<String> {
     if acknowledged > 0 {
         let per = |secs: f64| secs * 1e6 / acknowledged as f64;
         let all: f64 = cpu.iter().map(|p| p.cpu_secs).sum();
-        let nodes: f64 = cpu.iter().filter(|p| p.name != "habar-load").map(|p| p.cpu_secs).sum();
+        let nodes: f64 = cpu.iter().filter(|p| p.name != crate::cpu::TESTER).map(|p| p.cpu_secs).sum();
         line.push_str(&format!("; {:.0} µs per acknowledged envelope", per(all)));
         if nodes > 0.0 {
             line.push_str(&format!(" (nodes {:.0})", per(nodes)));
