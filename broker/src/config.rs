@@ -144,7 +144,9 @@ pub struct NodeConfig {
     pub dedupe_window_ms: u64,
     /// Period of the leader's housekeeping (expiry, retention, dedupe trimming).
     pub maintenance_interval_ms: u64,
-    /// Most keys one housekeeping entry removes (more follow at once if needed).
+    /// Most keys one housekeeping entry, erasure step or retention step removes (more
+    /// follow at once if needed): smaller means shorter stalls of the node's other work and
+    /// slower erasures (docs/BENCHMARKS.md).
     pub maintenance_max_removals: u32,
     /// Events a subscription stream buffers for its client.
     pub subscribe_buffer_events: usize,
@@ -299,7 +301,7 @@ pub struct ConfigLayer {
     /// Period of the leader's housekeeping (expiry, retention, dedupe), ms.
     #[arg(long, env = "HABAR_MAINTENANCE_INTERVAL_MS")]
     pub maintenance_interval_ms: Option<u64>,
-    /// Most keys one housekeeping entry removes.
+    /// Most keys one housekeeping entry, erasure step or retention step removes.
     #[arg(long, env = "HABAR_MAINTENANCE_MAX_REMOVALS")]
     pub maintenance_max_removals: Option<u32>,
     /// Events a subscription stream buffers for its client.
