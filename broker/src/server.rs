@@ -312,7 +312,9 @@ pub async fn serve_node(
     let transport = RaftTransportService::new(node.registry.clone(), node.store.clone())
         .with_write_gate(Arc::new(move || gate_node.disk.is_full().then(|| gate_node.disk.refusal(gate_node.id))));
     let vote_node = node.clone();
-    let transport = transport.with_vote_gate(Arc::new(move |group| vote_node.repair.vote_refusal(vote_node.id, group)));
+    let transport = transport
+        .with_vote_gate(Arc::new(move |group| vote_node.repair.vote_refusal(vote_node.id, group)))
+        .with_stopping(node.stopping.subscribe());
     let repairer = crate::repair::spawn(node.clone());
     let disk_watch = spawn_disk_guard(node.clone());
     let probe = spawn_liveness_probe(node.clone());

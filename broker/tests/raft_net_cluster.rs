@@ -166,3 +166,50 @@ async fn replicas_converge_over_lossy_delayed_links() {
     }
     cluster.shutdown().await;
 }
+
+/// Property: without a fault injector, leaders replicate over `AppendStream`, and a node
+/// that does not know it (an older version, answering UNIMPLEMENTED) still gets every
+/// entry by unary `AppendEntries`: every group commits and applies the same envelopes on
+/// all three nodes. Then the leader's node stops: the others elect a leader and go on
+/// over their streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_streams_and_falls_back_to_unary_for_a_node_without_streams() {
+    let opts = ClusterOpts { fault_injector: false, legacy: vec![3] };
+    let mut cluster = start_cluster_with(3, 2, raft_config(), 12, opts).await;
+    let all = cluster.ids();
+    for g in 0..cluster.groups {
+        let conv = format!("conv-{g}");
+        for n in 1..=20 {
+            let a = cluster.append(g, &all, envelope(&conv, n, 100)).await;
+            assert_eq!(a.seq, n, "group {g}");
+        }
+        for &id in &all {
+            cluster.wait_applied(id, g, &conv, 20).await;
+        }
+        let reference = cluster.node(1).store.read(g, &conv, 1, 100).unwrap();
+        for &id in &all[1..] {
+            assert_eq!(cluster.node(id).store.read(g, &conv, 1, 100).unwrap(), reference, "node {id} group {g}");
+        }
+    }
+    let streams = |id: u64| cluster.node(id).received.streams.load(Ordering::SeqCst);
+    assert!(streams(1) + streams(2) > 0, "no leader replicated over AppendStream");
+    assert_eq!(streams(3), 0, "the legacy node took a stream");
+    assert!(cluster.node(3).received.unary_appends.load(Ordering::SeqCst) > 0, "the legacy node got no unary appends");
+
+    // Stop the node leading group 0 (unless it is the legacy one: then node 1); the two
+    // left elect a leader in every group and keep committing.
+    let leader = cluster.wait_leader(0, &all).await;
+    let gone = if leader == 3 { 1 } else { leader };
+    let idx = cluster.nodes.iter().position(|n| n.id == gone).unwrap();
+    cluster.nodes[idx].shutdown().await;
+    let left: Vec<u64> = all.iter().copied().filter(|&id| id != gone).collect();
+    for g in 0..cluster.groups {
+        let conv = format!("conv-{g}");
+        let a = cluster.append(g, &left, envelope(&conv, 21, 100)).await;
+        assert_eq!(a.seq, 21, "group {g}");
+        for &id in &left {
+            cluster.wait_applied(id, g, &conv, 21).await;
+        }
+    }
+    cluster.shutdown().await;
+}

@@ -185,3 +185,74 @@ async fn malformed_snapshot_streams_are_refused_and_leave_no_file() {
     assert_eq!(a.seq, 1);
     cluster.shutdown().await;
 }
+
+/// Opens an `AppendStream` with the given metadata and messages; the call's status if it is
+/// refused at once, else the status the stream ends with and how many answers came first.
+async fn append_stream(
+    c: &mut RaftTransportClient<Channel>,
+    group: Option<&str>,
+    target: Option<&str>,
+    msgs: Vec<RaftMessage>,
+) -> (usize, tonic::Status) {
+    use habar_broker::raft_net::stream::GROUP_HEADER;
+    use habar_broker::raft_net::stream::TARGET_HEADER;
+    let mut req = tonic::Request::new(tokio_stream::iter(msgs));
+    if let Some(g) = group {
+        req.metadata_mut().insert(GROUP_HEADER, g.parse().unwrap());
+    }
+    if let Some(t) = target {
+        req.metadata_mut().insert(TARGET_HEADER, t.parse().unwrap());
+    }
+    let mut answers = match c.append_stream(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (0, s),
+    };
+    let mut n = 0;
+    loop {
+        match answers.message().await {
+            Ok(Some(_)) => n += 1,
+            Ok(None) => panic!("append stream ended without an error after {n} answers"),
+            Err(s) => return (n, s),
+        }
+    }
+}
+
+/// Property: an `AppendStream` without its group or target, for an unknown group, for
+/// another node, with a body that does not decode or a message of another group is refused
+/// with the right code naming what is wrong, and the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_streams_refuse_bad_input_with_the_right_code_and_still_serve() {
+    let cluster = start_cluster(1, 1, raft_config(), 1).await;
+    cluster.wait_leader(0, &[1]).await;
+    let mut c = client(cluster.node(1).addr).await;
+    // A heartbeat-like request from an older term: valid, answered (with a higher vote).
+    let old = openraft::raft::AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new(0, 2),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: Vec::new(),
+    };
+    let good = || msg(0, FORMAT_POSTCARD, Bytes::from(postcard::to_stdvec(&old).unwrap()), Some(1));
+
+    let (_, s) = append_stream(&mut c, None, Some("1"), vec![good()]).await;
+    assert_status(&s, Code::InvalidArgument, &["habar-group"]);
+    let (_, s) = append_stream(&mut c, Some("0"), None, vec![good()]).await;
+    assert_status(&s, Code::InvalidArgument, &["habar-target-node"]);
+    let (_, s) = append_stream(&mut c, Some("7"), Some("1"), vec![good()]).await;
+    assert_status(&s, Code::NotFound, &["group 7"]);
+    let (_, s) = append_stream(&mut c, Some("0"), Some("99"), vec![good()]).await;
+    assert_status(&s, Code::FailedPrecondition, &["this is node 1", "not node 99"]);
+    let garbage = msg(0, FORMAT_POSTCARD, Bytes::from_static(&[0xff, 0xff, 0xff]), Some(1));
+    let (_, s) = append_stream(&mut c, Some("0"), Some("1"), vec![garbage]).await;
+    assert_status(&s, Code::InvalidArgument, &["append_entries", "decode"]);
+    let mut other = good();
+    other.group_id = 3;
+    let (answered, s) = append_stream(&mut c, Some("0"), Some("1"), vec![other]).await;
+    assert_status(&s, Code::InvalidArgument, &["group 0", "group 3"]);
+    assert_eq!(answered, 0);
+
+    // The group still works.
+    let a = cluster.append(0, &[1], envelope("c", 1, 10)).await;
+    assert_eq!(a.seq, 1);
+    cluster.shutdown().await;
+}

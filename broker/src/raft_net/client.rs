@@ -39,6 +39,7 @@ use openraft::network::RPCOption;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -54,6 +55,7 @@ use super::metric;
 use super::pool::PeerPool;
 use super::snapshot;
 use super::snapshot::SnapshotFile;
+use super::stream;
 use super::RpcKind;
 use super::FORMAT_POSTCARD;
 use super::MAX_MESSAGE_BYTES;
@@ -97,6 +99,7 @@ impl<SD: SnapshotFile> RaftNetworkFactory<TypeConfig> for NetworkFactory<SD> {
             group: self.group,
             target,
             addr: node.addr.clone(),
+            streaming: true,
             _snapshot: PhantomData,
         }
     }
@@ -108,6 +111,9 @@ pub struct GroupNetwork<SD = habar_raft_store::SnapshotData> {
     group: GroupId,
     target: NodeId,
     addr: String,
+    /// Replicate over `AppendStream` ([`super::stream`]); false once the target answered
+    /// that it does not know it, and while a fault injector is set (it acts per unary call).
+    streaming: bool,
     _snapshot: PhantomData<fn() -> SD>,
 }
 
@@ -132,7 +138,7 @@ pub(crate) fn status_to_rpc_error(
     }
 }
 
-fn timeout(kind: RpcKind, local: NodeId, target: NodeId, ttl: Duration) -> RpcErr {
+pub(crate) fn timeout(kind: RpcKind, local: NodeId, target: NodeId, ttl: Duration) -> RpcErr {
     RPCError::Timeout(Timeout { action: kind.openraft_type(), id: local, target, timeout: ttl })
 }
 
@@ -147,7 +153,7 @@ fn caused_by_timeout(status: &tonic::Status) -> bool {
     false
 }
 
-fn failure_reason(e: &RpcErr) -> &'static str {
+pub(crate) fn failure_reason(e: &RpcErr) -> &'static str {
     match e {
         RPCError::Timeout(_) => "timeout",
         RPCError::Unreachable(_) => "unreachable",
@@ -260,43 +266,110 @@ pub const APPEND_ASSUMED_BYTES_PER_SEC: u64 = 16 * 1024 * 1024;
 /// Returns the log id of the last entry kept if it cut anything, and the encoded size of
 /// what is left (an upper bound).
 fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<(Option<LogId>, usize), RpcErr> {
+    let mut parts = split_to_fit(std::mem::replace(
+        rpc,
+        AppendEntriesRequest {
+            vote: rpc.vote,
+            prev_log_id: rpc.prev_log_id,
+            entries: Vec::new(),
+            leader_commit: rpc.leader_commit,
+        },
+    ))?
+    .into_iter();
+    let Some((first, bytes)) = parts.next() else {
+        return Err(RPCError::Unreachable(Unreachable::from_string("append entries split into nothing")));
+    };
+    *rpc = first;
+    let cut_after = if parts.next().is_some() { rpc.entries.last().map(|e| e.log_id) } else { None };
+    Ok((cut_after, bytes))
+}
+
+/// Splits `rpc` into consecutive requests (each one's `prev_log_id` the last entry of the
+/// one before) whose encodings each fit in one message, with the encoded size of each (an
+/// upper bound). Almost always `rpc` itself. A single entry too large for any message is
+/// an error naming it.
+pub(crate) fn split_to_fit(
+    mut rpc: AppendEntriesRequest<TypeConfig>,
+) -> Result<Vec<(AppendEntriesRequest<TypeConfig>, usize)>, RpcErr> {
     let unreachable = |e: codec::CodecError| RPCError::Unreachable(Unreachable::new(&e));
     let budget = MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES;
-    let size = codec::encoded_len("append entries", rpc).map_err(unreachable)?;
+    let size = codec::encoded_len("append entries", &rpc).map_err(unreachable)?;
     if size <= budget {
-        return Ok((None, size));
+        return Ok(vec![(rpc, size)]);
     }
-    let empty = AppendEntriesRequest::<TypeConfig> {
+    let empty = |prev: Option<LogId>| AppendEntriesRequest::<TypeConfig> {
         vote: rpc.vote,
-        prev_log_id: rpc.prev_log_id,
+        prev_log_id: prev,
         entries: Vec::new(),
         leader_commit: rpc.leader_commit,
     };
     // The entry count is a varint of at most 10 bytes.
-    let mut total = codec::encoded_len("append entries", &empty).map_err(unreachable)? + 10;
-    let mut keep = 0;
-    for e in &rpc.entries {
-        let n = codec::encoded_len("log entry", e).map_err(unreachable)?;
+    let base = codec::encoded_len("append entries", &empty(rpc.prev_log_id)).map_err(unreachable)? + 10;
+    let mut parts = Vec::new();
+    let mut part = empty(rpc.prev_log_id);
+    let mut total = base;
+    for e in std::mem::take(&mut rpc.entries) {
+        let n = codec::encoded_len("log entry", &e).map_err(unreachable)?;
+        if base + n > budget {
+            tracing::error!(log_id = %e.log_id, bytes = n, limit = budget, "log entry is too large to replicate");
+            return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "log entry {} encodes to {n} bytes, over the {budget}-byte message limit: it cannot be replicated",
+                e.log_id
+            ))));
+        }
         if total + n > budget {
-            if keep == 0 {
-                tracing::error!(log_id = %e.log_id, bytes = n, limit = budget, "log entry is too large to replicate");
-                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                    "log entry {} encodes to {n} bytes, over the {budget}-byte message limit: it cannot be replicated",
-                    e.log_id
-                ))));
-            }
-            break;
+            let prev = part.entries.last().map(|e: &habar_raft_store::types::Entry| e.log_id);
+            parts.push((std::mem::replace(&mut part, empty(prev)), total));
+            total = base;
         }
         total += n;
-        keep += 1;
+        part.entries.push(e);
     }
-    rpc.entries.truncate(keep);
+    parts.push((part, total));
     metrics::counter!(metric::APPEND_BATCHES_CUT).increment(1);
-    Ok((rpc.entries.last().map(|e| e.log_id), total))
+    Ok(parts)
 }
 
 impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
     type SnapshotData = SD;
+
+    /// Replication over one pipelined `AppendStream` ([`super::stream`]), or openraft's
+    /// sequential unary calls where that is off (see `streaming`).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> openraft::base::BoxFuture<
+        's,
+        Result<openraft::base::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RpcErr>>, RpcErr>,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        if !self.streaming || self.pool.fault_injector().is_some() {
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let channel =
+                self.pool.channel(self.target, &self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+            let peer = stream::Peer { channel, group: self.group, local: self.pool.local_id(), target: self.target };
+            match stream::open(peer, input, option.soft_ttl()).await {
+                Ok(answers) => Ok(answers as openraft::base::BoxStream<'s, _>),
+                Err(stream::OpenError::Rpc(e)) => Err(e),
+                Err(stream::OpenError::Unimplemented) => {
+                    tracing::info!(
+                        group = self.group,
+                        target = self.target,
+                        "peer does not know AppendStream: unary AppendEntries from now on"
+                    );
+                    self.streaming = false;
+                    Err(RPCError::Unreachable(Unreachable::from_string(
+                        "peer does not know AppendStream; retrying with AppendEntries",
+                    )))
+                }
+            }
+        })
+    }
 
     async fn append_entries(
         &mut self,
@@ -429,6 +502,31 @@ mod tests {
         assert_eq!(last, Some(LogId::new_term_index(1, 3)));
         let size = codec::encoded_len("t", &rpc).unwrap();
         assert!(size <= bound && bound <= MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES);
+    }
+
+    /// Property: a split carries every entry once, in order, each part fits, and each
+    /// part's `prev_log_id` is the last entry of the part before (so a follower can take
+    /// them one after another on a stream).
+    #[test]
+    fn oversized_batch_splits_into_consecutive_parts_that_fit() {
+        let big = Bytes::from(vec![0u8; 20 * 1024 * 1024]);
+        let mut rpc = request((1..=7).map(|i| entry(i, &big)).collect());
+        rpc.prev_log_id = Some(LogId::new_term_index(1, 0));
+        let parts = split_to_fit(rpc).unwrap();
+        assert_eq!(parts.len(), 3);
+        let mut prev = Some(LogId::new_term_index(1, 0));
+        let mut next_index = 1;
+        for (part, bound) in &parts {
+            assert_eq!(part.prev_log_id, prev);
+            for e in &part.entries {
+                assert_eq!(e.log_id.index, next_index);
+                next_index += 1;
+            }
+            let size = codec::encoded_len("t", part).unwrap();
+            assert!(size <= *bound && *bound <= MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES);
+            prev = part.entries.last().map(|e| e.log_id);
+        }
+        assert_eq!(next_index, 8);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   per-target [`GroupNetwork`], with the mapping of transport failures to openraft's
 //!   `RPCError` kinds.
 //! - [`server`]: [`RaftTransportService`] and [`GroupRegistry`].
+//! - [`stream`]: `AppendStream`, a leader's pipelined replication stream to one follower.
 //! - [`snapshot`]: streamed snapshot transfer (client-streaming `InstallSnapshot`), and the
 //!   traits the storage implements for it.
 //! - [`fault`]: [`FaultInjector`], deterministic network faults for tests.
@@ -30,6 +31,7 @@ pub mod fault;
 pub mod pool;
 pub mod server;
 pub mod snapshot;
+pub mod stream;
 
 pub use client::append_ttl;
 pub use client::GroupNetwork;

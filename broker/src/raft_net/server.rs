@@ -107,6 +107,7 @@ pub struct RaftTransportService<SM: RaftStateMachine<TypeConfig>, S> {
     receiving: Arc<Semaphore>,
     refuse_writes: Option<WriteGate>,
     refuse_votes: Option<VoteGate>,
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Says why this node takes no replicated writes now (e.g. its disk is full), or `None`.
@@ -129,7 +130,15 @@ where
             receiving: Arc::new(Semaphore::new(MAX_CONCURRENT_SNAPSHOT_RECEIVES)),
             refuse_writes: None,
             refuse_votes: None,
+            stopping: None,
         }
+    }
+
+    /// End every `AppendStream` once `stopping` turns true: a leader keeps its stream open
+    /// as long as it leads, and the server's graceful shutdown waits for open streams.
+    pub fn with_stopping(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// Refuse AppendEntries and snapshots (UNAVAILABLE) while `gate` says why: the
@@ -232,6 +241,9 @@ fn fatal_of(e: RaftError<TypeConfig>) -> Fatal<TypeConfig> {
     }
 }
 
+/// The answers of an `AppendStream`, in the order of its requests.
+pub type AppendStreamOut = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftMessage, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl<SM, S> RaftTransport for RaftTransportService<SM, S>
 where
@@ -239,6 +251,80 @@ where
     S: SnapshotSink,
     S::Writer: SnapshotChunkWriter<Data = SM::SnapshotData>,
 {
+    type AppendStreamStream = AppendStreamOut;
+
+    /// A leader's pipelined replication stream (see the proto): each request goes to the
+    /// group's `Raft::stream_append`, which answers them in order once each is on disk. A
+    /// message that does not decode, names another group, or arrives while this node
+    /// refuses writes ends the stream after the answers before it, with the refusal as its
+    /// status; the leader then starts a new stream.
+    async fn append_stream(
+        &self,
+        request: Request<tonic::Streaming<RaftMessage>>,
+    ) -> Result<Response<AppendStreamOut>, Status> {
+        use futures::StreamExt;
+        let kind = RpcKind::AppendEntries;
+        self.check_writes(kind)?;
+        let header = |name: &str| -> Result<u64, Status> {
+            let v = request.metadata().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+            v.ok_or_else(|| {
+                reject(kind, "bad_body", Status::invalid_argument(format!("append stream without a numeric `{name}`")))
+            })
+        };
+        let group = GroupId::try_from(header(super::stream::GROUP_HEADER)?)
+            .map_err(|_| reject(kind, "bad_body", Status::invalid_argument("append stream group is over u32")))?;
+        let raft = self.resolve(kind, group, Some(header(super::stream::TARGET_HEADER)?))?;
+        let inbound = request.into_inner();
+        let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let gate = self.refuse_writes.clone();
+        let stop = refused.clone();
+        let requests = inbound.scan((), move |_, msg| {
+            metrics::counter!(metric::RPC_RECEIVED, "kind" => kind.as_str()).increment(1);
+            let checked = msg.and_then(|msg| {
+                if msg.group_id != group {
+                    let why = format!("append stream of group {group} carried a message of group {}", msg.group_id);
+                    return Err(reject(kind, "bad_body", Status::invalid_argument(why)));
+                }
+                if let Some(why) = gate.as_ref().and_then(|g| g()) {
+                    return Err(reject(kind, "writes_refused", Status::unavailable(why)));
+                }
+                codec::decode::<AppendEntriesRequest<TypeConfig>>(kind.as_str(), msg.format, &msg.body)
+                    .map_err(|e| reject(kind, "bad_body", Status::invalid_argument(e.to_string())))
+            });
+            std::future::ready(match checked {
+                Ok(req) => Some(req),
+                Err(status) => {
+                    *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                    None
+                }
+            })
+        });
+        let answers = raft.stream_append(requests).map(move |res| {
+            if let Err(fatal) = &res {
+                tracing::warn!(group, %kind, error = %fatal, "raft group refused an append stream: fatal");
+            }
+            let body = codec::encode(kind.as_str(), &res).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(RaftMessage { group_id: group, format: FORMAT_POSTCARD, body, target_node: None })
+        });
+        let ending = futures::stream::once(async move { refused.lock().unwrap_or_else(|p| p.into_inner()).take() })
+            .filter_map(|status| async move { status.map(Err) });
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            match stopping.as_mut() {
+                Some(rx) => {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let after = self.stopping.clone();
+        let ended_by_shutdown = futures::stream::once(async move {
+            after.is_some_and(|rx| *rx.borrow()).then(|| Status::unavailable("this node is shutting down"))
+        })
+        .filter_map(|status| async move { status.map(Err) });
+        Ok(Response::new(Box::pin(answers.chain(ending).take_until(stopped).chain(ended_by_shutdown))))
+    }
+
     async fn append_entries(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         self.check_writes(RpcKind::AppendEntries)?;
         self.unary(RpcKind::AppendEntries, request, |raft, rpc: AppendEntriesRequest<TypeConfig>| async move {

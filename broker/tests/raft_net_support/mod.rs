@@ -19,6 +19,11 @@ use habar_broker::raft_net::NetworkFactory;
 use habar_broker::raft_net::PeerPool;
 use habar_broker::raft_net::RaftTransportService;
 use habar_broker::raft_net::SnapshotSink;
+use habar_broker::raft_net::MAX_MESSAGE_BYTES;
+use habar_proto::raft::raft_transport_server::RaftTransport;
+use habar_proto::raft::raft_transport_server::RaftTransportServer;
+use habar_proto::raft::RaftMessage;
+use habar_proto::raft::SnapshotChunk;
 use habar_raft_store::types::Appended;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::GroupId;
@@ -85,8 +90,78 @@ impl SnapshotSink for CountingSink {
     }
 }
 
+/// What a node's transport received, counted by [`Counted`].
+#[derive(Clone, Default)]
+pub struct Received {
+    /// `AppendStream` calls it took.
+    pub streams: Arc<AtomicUsize>,
+    /// Unary `AppendEntries` calls.
+    pub unary_appends: Arc<AtomicUsize>,
+}
+
+/// A node's transport service behind counters; `legacy` answers `AppendStream` with
+/// UNIMPLEMENTED, as a node of a version before it does.
+pub struct Counted<T> {
+    inner: T,
+    legacy: bool,
+    received: Received,
+}
+
+type Req<T> = tonic::Request<T>;
+type Reply = Result<tonic::Response<RaftMessage>, tonic::Status>;
+
+#[tonic::async_trait]
+impl<T: RaftTransport> RaftTransport for Counted<T> {
+    type AppendStreamStream = T::AppendStreamStream;
+
+    async fn append_entries(&self, r: Req<RaftMessage>) -> Reply {
+        self.received.unary_appends.fetch_add(1, Ordering::SeqCst);
+        self.inner.append_entries(r).await
+    }
+    async fn append_stream(
+        &self,
+        r: Req<tonic::Streaming<RaftMessage>>,
+    ) -> Result<tonic::Response<Self::AppendStreamStream>, tonic::Status> {
+        if self.legacy {
+            return Err(tonic::Status::unimplemented("unknown method AppendStream"));
+        }
+        self.received.streams.fetch_add(1, Ordering::SeqCst);
+        self.inner.append_stream(r).await
+    }
+    async fn vote(&self, r: Req<RaftMessage>) -> Reply {
+        self.inner.vote(r).await
+    }
+    async fn pre_vote(&self, r: Req<RaftMessage>) -> Reply {
+        self.inner.pre_vote(r).await
+    }
+    async fn transfer_leader(&self, r: Req<RaftMessage>) -> Reply {
+        self.inner.transfer_leader(r).await
+    }
+    async fn install_snapshot(&self, r: Req<tonic::Streaming<SnapshotChunk>>) -> Reply {
+        self.inner.install_snapshot(r).await
+    }
+}
+
+/// How [`start_cluster_with`] builds its nodes.
+#[derive(Clone)]
+pub struct ClusterOpts {
+    /// Every node's pool consults the cluster's [`FaultInjector`] (replication then goes
+    /// by unary calls, which the injector acts on); else replication uses `AppendStream`.
+    pub fault_injector: bool,
+    /// Nodes whose transport does not know `AppendStream`.
+    pub legacy: Vec<NodeId>,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        Self { fault_injector: true, legacy: Vec::new() }
+    }
+}
+
 pub struct TestNode {
     pub id: NodeId,
+    /// What its transport received.
+    pub received: Received,
     pub addr: SocketAddr,
     pub wal: Wal,
     pub store: StateStore,
@@ -95,6 +170,8 @@ pub struct TestNode {
     pub rafts: Vec<HRaft>,
     /// Snapshot streams this node started receiving.
     pub snapshots_received: Arc<AtomicUsize>,
+    /// Ends the `AppendStream`s this node serves (as the node's own `stopping` does).
+    stopping: tokio::sync::watch::Sender<bool>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<Result<(), tonic::transport::Error>>>,
 }
@@ -105,6 +182,7 @@ impl TestNode {
     }
 
     pub async fn shutdown(&mut self) {
+        self.stopping.send_replace(true);
         for r in &self.rafts {
             let _ = r.shutdown().await;
         }
@@ -127,6 +205,17 @@ pub struct TestCluster {
 /// Starts `n` nodes (ids 1..=n) with `groups` Raft groups each. Every group is
 /// initialized on node 1 with all nodes as voters.
 pub async fn start_cluster(n: u64, groups: u32, config: openraft::Config, seed: u64) -> TestCluster {
+    start_cluster_with(n, groups, config, seed, ClusterOpts::default()).await
+}
+
+/// [`start_cluster`] with options.
+pub async fn start_cluster_with(
+    n: u64,
+    groups: u32,
+    config: openraft::Config,
+    seed: u64,
+    opts: ClusterOpts,
+) -> TestCluster {
     init_tracing();
     let config = Arc::new(config.validate().unwrap());
     let dir = tempfile::tempdir().unwrap();
@@ -146,7 +235,10 @@ pub async fn start_cluster(n: u64, groups: u32, config: openraft::Config, seed: 
         let ndir = dir.path().join(format!("n{id}"));
         let wal = Wal::open(WalConfig::new(ndir.join("wal"))).unwrap();
         let store = StateStore::open(&ndir.join("sm"), 8 << 20).unwrap();
-        let pool = PeerPool::new(id).with_fault_injector(faults.clone());
+        let pool = match opts.fault_injector {
+            true => PeerPool::new(id).with_fault_injector(faults.clone()),
+            false => PeerPool::new(id),
+        };
         let registry = GroupRegistry::new();
         let mut rafts = Vec::new();
         for g in 0..groups {
@@ -162,9 +254,18 @@ pub async fn start_cluster(n: u64, groups: u32, config: openraft::Config, seed: 
             registry.insert(g, raft.clone());
             rafts.push(raft);
         }
-        let received = Arc::new(AtomicUsize::new(0));
-        let sink = CountingSink { store: store.clone(), received: received.clone() };
-        let service = RaftTransportService::new(registry.clone(), sink).into_server();
+        let snapshots = Arc::new(AtomicUsize::new(0));
+        let sink = CountingSink { store: store.clone(), received: snapshots.clone() };
+        let received = Received::default();
+        let stopping = tokio::sync::watch::channel(false).0;
+        let counted = Counted {
+            inner: RaftTransportService::new(registry.clone(), sink).with_stopping(stopping.subscribe()),
+            legacy: opts.legacy.contains(&id),
+            received: received.clone(),
+        };
+        let service = RaftTransportServer::new(counted)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (tx, rx) = oneshot::channel::<()>();
         let server =
             tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming_shutdown(
@@ -181,7 +282,9 @@ pub async fn start_cluster(n: u64, groups: u32, config: openraft::Config, seed: 
             pool,
             registry,
             rafts,
-            snapshots_received: received,
+            snapshots_received: snapshots,
+            received,
+            stopping,
             stop: Some(tx),
             server: Some(server),
         });
