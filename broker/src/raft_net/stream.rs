@@ -62,8 +62,12 @@ use super::MAX_MESSAGE_BYTES;
 
 type RpcErr = RPCError<TypeConfig>;
 
-/// Messages of one stream that may await their answers at once.
-pub const STREAM_MAX_IN_FLIGHT: usize = 64;
+/// Messages of one stream that may await their answers at once. While that many wait,
+/// openraft's next request is not taken, so entries gather into a bigger one (as they did
+/// behind the unary call's round trip). 2, 4 and 64 measured the same in the closed loop and
+/// with one publisher (docs/BENCHMARKS.md); 4 bounds what a stream buffers to
+/// 4 x `MAX_MESSAGE_BYTES`.
+pub const STREAM_MAX_IN_FLIGHT: usize = 4;
 
 /// How long a request without entries (a commit index update) waits for a request to
 /// replace it. See the module docs.
@@ -166,52 +170,50 @@ where
     // finished session never takes requests from openraft's shared replication state.
     let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
     let tx = shared.clone();
+    // One message per part of a request (almost always the request itself), each taking an
+    // in-flight permit just before it goes out: a request split into more parts than there
+    // are permits sends its first parts while later ones wait for answers.
     let outbound = coalesce_commits(input, COMMIT_HOLD)
-        .then(move |rpc| {
+        .flat_map(|rpc| {
+            let parts: Vec<Result<_, RpcErr>> = match split_to_fit(rpc) {
+                Ok(parts) => parts.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e)],
+            };
+            futures::stream::iter(parts)
+        })
+        .then(move |part| {
             let tx = tx.clone();
             async move {
-                let parts = match split_to_fit(rpc) {
-                    Ok(parts) => parts,
-                    Err(e) => {
-                        *tx.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                        return None;
-                    }
+                let fail = |e: RpcErr| {
+                    *tx.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    None
                 };
-                let mut msgs = Vec::with_capacity(parts.len());
-                for (part, bytes) in parts {
-                    let permit = tx.in_flight.acquire().await.ok()?;
-                    permit.forget();
-                    let body = match codec::encode(kind.as_str(), &part) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            *tx.failed.lock().unwrap_or_else(|p| p.into_inner()) =
-                                Some(RPCError::Unreachable(Unreachable::new(&e)));
-                            return None;
-                        }
-                    };
-                    // Every message as if it carried entries (at least APPEND_MIN_TIMEOUT): an
-                    // entry-less one is answered only after everything before it is on the
-                    // follower's disk, so openraft's heartbeat-length TTL would time out a
-                    // healthy stream behind one slow fsync. Never before the message ahead.
-                    let ttl = append_ttl(soft_ttl, true, bytes);
-                    let mut deadlines = tx.lock_deadlines();
-                    let due = deadlines.back().map_or(Instant::now() + ttl, |&ahead| ahead.max(Instant::now() + ttl));
-                    deadlines.push_back(due);
-                    drop(deadlines);
-                    tx.sent.notify_one();
-                    metrics::counter!(metric::RPC_SENT, "kind" => kind.as_str()).increment(1);
-                    msgs.push(RaftMessage {
-                        group_id: group,
-                        format: FORMAT_POSTCARD,
-                        body,
-                        target_node: Some(target),
-                    });
-                }
-                Some(msgs)
+                let (part, bytes) = match part {
+                    Ok(p) => p,
+                    Err(e) => return fail(e),
+                };
+                let body = match codec::encode(kind.as_str(), &part) {
+                    Ok(b) => b,
+                    Err(e) => return fail(RPCError::Unreachable(Unreachable::new(&e))),
+                };
+                let permit = tx.in_flight.acquire().await.ok()?;
+                permit.forget();
+                // Every message as if it carried entries (at least APPEND_MIN_TIMEOUT): an
+                // entry-less one is answered only after everything before it is on the
+                // follower's disk, so openraft's heartbeat-length TTL would time out a
+                // healthy stream behind one slow fsync. Never before the message ahead.
+                let ttl = append_ttl(soft_ttl, true, bytes);
+                let mut deadlines = tx.lock_deadlines();
+                let due = deadlines.back().map_or(Instant::now() + ttl, |&ahead| ahead.max(Instant::now() + ttl));
+                deadlines.push_back(due);
+                drop(deadlines);
+                tx.sent.notify_one();
+                metrics::counter!(metric::RPC_SENT, "kind" => kind.as_str()).increment(1);
+                Some(RaftMessage { group_id: group, format: FORMAT_POSTCARD, body, target_node: Some(target) })
             }
         })
         .take_while(|m| std::future::ready(m.is_some()))
-        .flat_map(|m| futures::stream::iter(m.unwrap_or_default()))
+        .filter_map(std::future::ready)
         .take_until(closed_rx);
 
     let mut request = tonic::Request::new(outbound);
