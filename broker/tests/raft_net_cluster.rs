@@ -14,21 +14,7 @@ async fn groups_elect_replicate_and_reelect_on_the_majority_side_of_a_cut() {
     let all = cluster.ids();
 
     // Every group elects a leader and replicates to every node.
-    for g in 0..cluster.groups {
-        let conv = format!("conv-{g}");
-        for n in 1..=5 {
-            let a = cluster.append(g, &all, envelope(&conv, n, 100)).await;
-            assert_eq!(a.seq, n, "group {g}");
-        }
-        for &id in &all {
-            cluster.wait_applied(id, g, &conv, 5).await;
-        }
-        let reference = cluster.node(1).store.read(g, &conv, 1, 100).unwrap();
-        assert_eq!(reference.len(), 5);
-        for &id in &all[1..] {
-            assert_eq!(cluster.node(id).store.read(g, &conv, 1, 100).unwrap(), reference, "node {id} group {g}");
-        }
-    }
+    cluster.replicate_to_all(5).await;
 
     // Cut group 0's leader off from both others. The links are per node, so every group
     // led by that node loses its leader too.
@@ -177,20 +163,7 @@ async fn replication_streams_and_falls_back_to_unary_for_a_node_without_streams(
     let opts = ClusterOpts { fault_injector: false, legacy: vec![3] };
     let mut cluster = start_cluster_with(3, 2, raft_config(), 12, opts).await;
     let all = cluster.ids();
-    for g in 0..cluster.groups {
-        let conv = format!("conv-{g}");
-        for n in 1..=20 {
-            let a = cluster.append(g, &all, envelope(&conv, n, 100)).await;
-            assert_eq!(a.seq, n, "group {g}");
-        }
-        for &id in &all {
-            cluster.wait_applied(id, g, &conv, 20).await;
-        }
-        let reference = cluster.node(1).store.read(g, &conv, 1, 100).unwrap();
-        for &id in &all[1..] {
-            assert_eq!(cluster.node(id).store.read(g, &conv, 1, 100).unwrap(), reference, "node {id} group {g}");
-        }
-    }
+    cluster.replicate_to_all(20).await;
     let streams = |id: u64| cluster.node(id).received.streams.load(Ordering::SeqCst);
     assert!(streams(1) + streams(2) > 0, "no leader replicated over AppendStream");
     assert_eq!(streams(3), 0, "the legacy node took a stream");

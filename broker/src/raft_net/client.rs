@@ -266,6 +266,7 @@ pub const APPEND_ASSUMED_BYTES_PER_SEC: u64 = 16 * 1024 * 1024;
 /// Returns the log id of the last entry kept if it cut anything, and the encoded size of
 /// what is left (an upper bound).
 fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<(Option<LogId>, usize), RpcErr> {
+    let entries = rpc.entries.len();
     let mut parts = split_to_fit(std::mem::replace(
         rpc,
         AppendEntriesRequest {
@@ -280,14 +281,15 @@ fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<(Option<
         return Err(RPCError::Unreachable(Unreachable::from_string("append entries split into nothing")));
     };
     *rpc = first;
-    let cut_after = if parts.next().is_some() { rpc.entries.last().map(|e| e.log_id) } else { None };
+    let cut_after = if rpc.entries.len() < entries { rpc.entries.last().map(|e| e.log_id) } else { None };
     Ok((cut_after, bytes))
 }
 
 /// Splits `rpc` into consecutive requests (each one's `prev_log_id` the last entry of the
 /// one before) whose encodings each fit in one message, with the encoded size of each (an
-/// upper bound). Almost always `rpc` itself. A single entry too large for any message is
-/// an error naming it.
+/// upper bound). Almost always `rpc` itself. An entry too large for any message ends the
+/// split before it (openraft sends it again first, next time); as the first entry it is an
+/// error naming it.
 pub(crate) fn split_to_fit(
     mut rpc: AppendEntriesRequest<TypeConfig>,
 ) -> Result<Vec<(AppendEntriesRequest<TypeConfig>, usize)>, RpcErr> {
@@ -310,6 +312,9 @@ pub(crate) fn split_to_fit(
     let mut total = base;
     for e in std::mem::take(&mut rpc.entries) {
         let n = codec::encoded_len("log entry", &e).map_err(unreachable)?;
+        if base + n > budget && !(parts.is_empty() && part.entries.is_empty()) {
+            break;
+        }
         if base + n > budget {
             tracing::error!(log_id = %e.log_id, bytes = n, limit = budget, "log entry is too large to replicate");
             return Err(RPCError::Unreachable(Unreachable::from_string(format!(
@@ -536,6 +541,12 @@ mod tests {
         let err = fit_to_message(&mut rpc).unwrap_err();
         assert!(matches!(err, RPCError::Unreachable(_)));
         assert!(err.to_string().contains("cannot be replicated"), "{err}");
+
+        // Behind an entry that fits, it is cut off: the entries before it go first.
+        let small = Bytes::from(vec![1u8; 1000]);
+        let mut rpc = request(vec![entry(6, &small), entry(7, &huge), entry(8, &small)]);
+        let (last, _) = fit_to_message(&mut rpc).unwrap();
+        assert_eq!((last, rpc.entries.len()), (Some(LogId::new_term_index(1, 6)), 1));
     }
 
     #[test]

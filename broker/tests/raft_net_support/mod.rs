@@ -359,6 +359,27 @@ impl TestCluster {
         }
     }
 
+    /// Every group appends envelopes 1..=`n` to its conversation `conv-<group>`; then every
+    /// node has applied them and reads the same `n` envelopes.
+    pub async fn replicate_to_all(&self, n: u64) {
+        let all = self.ids();
+        for g in 0..self.groups {
+            let conv = format!("conv-{g}");
+            for i in 1..=n {
+                let a = self.append(g, &all, envelope(&conv, i, 100)).await;
+                assert_eq!(a.seq, i, "group {g}");
+            }
+            for &id in &all {
+                self.wait_applied(id, g, &conv, n).await;
+            }
+            let reference = self.node(all[0]).store.read(g, &conv, 1, 100).unwrap();
+            assert_eq!(reference.len() as u64, n);
+            for &id in &all[1..] {
+                assert_eq!(self.node(id).store.read(g, &conv, 1, 100).unwrap(), reference, "node {id} group {g}");
+            }
+        }
+    }
+
     pub async fn shutdown(mut self) {
         for n in &mut self.nodes {
             n.shutdown().await;
