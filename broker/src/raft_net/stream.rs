@@ -83,33 +83,31 @@ pub fn coalesce_commits<S>(
 where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
 {
+    /// The request held back, and until when.
     type Held = Option<(AppendEntriesRequest<TypeConfig>, Instant)>;
-    Box::pin(futures::stream::unfold(
-        Some((input, None::<(AppendEntriesRequest<TypeConfig>, Instant)>)),
-        move |state| async move {
-            let (mut input, mut held): (S, Held) = state?;
-            loop {
-                let next = match &held {
-                    None => input.next().await,
-                    Some((_, until)) => match tokio::time::timeout_at(*until, input.next()).await {
-                        Ok(next) => next,
-                        // Nothing replaced it in time: send it.
-                        Err(_) => return held.take().map(|(req, _)| (req, Some((input, None)))),
-                    },
-                };
-                match next {
-                    // The end: send what is held, then stop.
-                    None => return held.take().map(|(req, _)| (req, None)),
-                    Some(req) if req.entries.is_empty() => {
-                        // A newer commit-only request replaces a held one, keeping its deadline.
-                        let until = held.as_ref().map_or_else(|| Instant::now() + hold, |(_, until)| *until);
-                        held = Some((req, until));
-                    }
-                    Some(req) => return Some((req, Some((input, None)))),
+    Box::pin(futures::stream::unfold(Some((input, Held::None)), move |state| async move {
+        let (mut input, mut held) = state?;
+        loop {
+            let next = match &held {
+                None => input.next().await,
+                Some((_, until)) => match tokio::time::timeout_at(*until, input.next()).await {
+                    Ok(next) => next,
+                    // Nothing replaced it in time: send it.
+                    Err(_) => return held.take().map(|(req, _)| (req, Some((input, None)))),
+                },
+            };
+            match next {
+                // The end: send what is held, then stop.
+                None => return held.take().map(|(req, _)| (req, None)),
+                Some(req) if req.entries.is_empty() => {
+                    // A newer commit-only request replaces a held one, keeping its deadline.
+                    let until = held.as_ref().map_or_else(|| Instant::now() + hold, |(_, until)| *until);
+                    held = Some((req, until));
                 }
+                Some(req) => return Some((req, Some((input, None)))),
             }
-        },
-    ))
+        }
+    }))
 }
 
 /// Request metadata naming the group of an `AppendStream`.
