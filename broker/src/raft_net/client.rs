@@ -112,7 +112,7 @@ pub struct GroupNetwork<SD = habar_raft_store::SnapshotData> {
     target: NodeId,
     addr: String,
     /// Replicate over `AppendStream` ([`super::stream`]); false once the target answered
-    /// that it does not know it, and while a fault injector is set (it acts per unary call).
+    /// that it does not know it.
     streaming: bool,
     _snapshot: PhantomData<fn() -> SD>,
 }
@@ -351,13 +351,19 @@ impl<SD: SnapshotFile> RaftNetworkV2<TypeConfig> for GroupNetwork<SD> {
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
-        if !self.streaming || self.pool.fault_injector().is_some() {
+        if !self.streaming {
             return openraft::network::stream_append_sequential(self, input, option);
         }
         Box::pin(async move {
             let channel =
                 self.pool.channel(self.target, &self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-            let peer = stream::Peer { channel, group: self.group, local: self.pool.local_id(), target: self.target };
+            let peer = stream::Peer {
+                channel,
+                group: self.group,
+                local: self.pool.local_id(),
+                target: self.target,
+                faults: self.pool.fault_injector().cloned(),
+            };
             match stream::open(peer, input, option.soft_ttl()).await {
                 Ok(answers) => Ok(answers as openraft::base::BoxStream<'s, _>),
                 Err(stream::OpenError::Rpc(e)) => Err(e),

@@ -26,6 +26,10 @@
 //! answers on its own. openraft matches answers to what it sent by log id, so a request
 //! that never went out is acknowledged by the answer to the next one.
 //!
+//! A test's [`FaultInjector`] acts on every message: a cut link ends the stream as
+//! unreachable, a delay holds the message back, and a lost message or answer stalls the
+//! stream until its deadline (an ordered stream cannot skip one).
+//!
 //! Group and target travel as request metadata, so the follower answers the call at once
 //! (openraft may not produce a first request until there is something to send).
 
@@ -55,6 +59,8 @@ use super::client::append_ttl;
 use super::client::split_to_fit;
 use super::client::status_to_rpc_error;
 use super::codec;
+use super::fault::FaultInjector;
+use super::fault::Verdict;
 use super::metric;
 use super::RpcKind;
 use super::FORMAT_POSTCARD;
@@ -125,6 +131,9 @@ struct Shared {
     in_flight: Semaphore,
     /// Why the sending half stopped early (a request that cannot be sent).
     failed: Mutex<Option<RpcErr>>,
+    /// Set by the fault injector's lost answer: answers are ignored from then on, so the
+    /// stream ends at the next deadline.
+    deaf: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -142,6 +151,8 @@ pub struct Peer {
     pub group: GroupId,
     pub local: NodeId,
     pub target: NodeId,
+    /// A test's fault injector, consulted for every message (see [`open`]).
+    pub faults: Option<FaultInjector>,
 }
 
 /// Why [`open`] did not start a stream.
@@ -157,12 +168,13 @@ where
     S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
 {
     let kind = RpcKind::AppendEntries;
-    let Peer { channel, group, local, target } = peer;
+    let Peer { channel, group, local, target, faults } = peer;
     let shared = Arc::new(Shared {
         deadlines: Mutex::new(VecDeque::new()),
         sent: Notify::new(),
         in_flight: Semaphore::new(STREAM_MAX_IN_FLIGHT),
         failed: Mutex::new(None),
+        deaf: std::sync::atomic::AtomicBool::new(false),
     });
     // Dropping the answers (openraft ended the session) ends the sending half too, so a
     // finished session never takes requests from openraft's shared replication state.
@@ -181,6 +193,7 @@ where
         })
         .then(move |part| {
             let tx = tx.clone();
+            let faults = faults.clone();
             async move {
                 let fail = |e: RpcErr| {
                     *tx.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
@@ -196,16 +209,40 @@ where
                 };
                 let permit = tx.in_flight.acquire().await.ok()?;
                 permit.forget();
+                // A test's faults, per message. On an ordered stream a lost message cannot be
+                // skipped (the follower would see a gap), so a loss stalls the stream until
+                // its deadline, as a lost TCP segment would until a retransmission.
+                let verdict = faults.as_ref().map(|f| f.decide(local, target));
+                if verdict.is_some() {
+                    metrics::counter!(metric::FAULTS_INJECTED, "kind" => kind.as_str()).increment(1);
+                }
+                match verdict {
+                    None => {}
+                    Some(Verdict::Cut) => {
+                        return fail(RPCError::Unreachable(Unreachable::from_string("link cut by the fault injector")))
+                    }
+                    Some(Verdict::Deliver { delay }) => tokio::time::sleep(delay).await,
+                    Some(Verdict::DropResponse { delay }) => {
+                        tokio::time::sleep(delay).await;
+                        tx.deaf.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Some(Verdict::DropRequest) => {}
+                }
                 // Every message as if it carried entries (at least APPEND_MIN_TIMEOUT): an
                 // entry-less one is answered only after everything before it is on the
                 // follower's disk, so openraft's heartbeat-length TTL would time out a
                 // healthy stream behind one slow fsync. Never before the message ahead.
                 let ttl = append_ttl(soft_ttl, true, bytes);
-                let mut deadlines = tx.lock_deadlines();
-                let due = deadlines.back().map_or(Instant::now() + ttl, |&ahead| ahead.max(Instant::now() + ttl));
-                deadlines.push_back(due);
-                drop(deadlines);
+                {
+                    let mut deadlines = tx.lock_deadlines();
+                    let due = deadlines.back().map_or(Instant::now() + ttl, |&ahead| ahead.max(Instant::now() + ttl));
+                    deadlines.push_back(due);
+                }
                 tx.sent.notify_one();
+                if verdict == Some(Verdict::DropRequest) {
+                    // Lost: nothing more goes out; the answers side times out at its deadline.
+                    return std::future::pending().await;
+                }
                 metrics::counter!(metric::RPC_SENT, "kind" => kind.as_str()).increment(1);
                 Some(RaftMessage { group_id: group, format: FORMAT_POSTCARD, body, target_node: Some(target) })
             }
@@ -239,18 +276,23 @@ where
         };
         let next = loop {
             let due = shared.lock_deadlines().front().copied();
-            match due {
+            let r = match due {
                 Some(due) => match tokio::time::timeout_at(due, inbound.message()).await {
-                    Ok(r) => break r,
+                    Ok(r) => r,
                     Err(_) => return fail(super::client::timeout(kind, local, target, soft_ttl)),
                 },
                 None => {
                     tokio::select! {
-                        r = inbound.message() => break r,
+                        r = inbound.message() => r,
                         _ = shared.sent.notified() => continue,
                     }
                 }
+            };
+            // An answer the fault injector lost: keep waiting, until the deadline.
+            if matches!(r, Ok(Some(_))) && shared.deaf.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
             }
+            break r;
         };
         match next {
             Ok(Some(msg)) => {

@@ -145,8 +145,7 @@ impl<T: RaftTransport> RaftTransport for Counted<T> {
 /// How [`start_cluster_with`] builds its nodes.
 #[derive(Clone)]
 pub struct ClusterOpts {
-    /// Every node's pool consults the cluster's [`FaultInjector`] (replication then goes
-    /// by unary calls, which the injector acts on); else replication uses `AppendStream`.
+    /// Every node's pool consults the cluster's [`FaultInjector`].
     pub fault_injector: bool,
     /// Nodes whose transport does not know `AppendStream`.
     pub legacy: Vec<NodeId>,
