@@ -50,6 +50,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use super::codec;
+use super::fault;
 use super::fault::Verdict;
 use super::metric;
 use super::pool::PeerPool;
@@ -192,10 +193,7 @@ impl<SD> GroupNetwork<SD> {
         let body = codec::encode(kind.as_str(), req).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         let channel =
             self.pool.channel(self.target, &self.addr).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
-        let verdict = self.pool.fault_injector().map(|f| f.decide(self.pool.local_id(), self.target));
-        if verdict.is_some() {
-            metrics::counter!(metric::FAULTS_INJECTED, "kind" => kind.as_str()).increment(1);
-        }
+        let verdict = fault::consult(self.pool.fault_injector(), self.pool.local_id(), self.target, kind);
         let msg = RaftMessage { group_id: self.group, format: FORMAT_POSTCARD, body, target_node: Some(self.target) };
         let (local, target) = (self.pool.local_id(), self.target);
 
@@ -267,16 +265,8 @@ pub const APPEND_ASSUMED_BYTES_PER_SEC: u64 = 16 * 1024 * 1024;
 /// what is left (an upper bound).
 fn fit_to_message(rpc: &mut AppendEntriesRequest<TypeConfig>) -> Result<(Option<LogId>, usize), RpcErr> {
     let entries = rpc.entries.len();
-    let mut parts = split_to_fit(std::mem::replace(
-        rpc,
-        AppendEntriesRequest {
-            vote: rpc.vote,
-            prev_log_id: rpc.prev_log_id,
-            entries: Vec::new(),
-            leader_commit: rpc.leader_commit,
-        },
-    ))?
-    .into_iter();
+    let mut parts =
+        split_to_fit(AppendEntriesRequest { entries: std::mem::take(&mut rpc.entries), ..*rpc })?.into_iter();
     let Some((first, bytes)) = parts.next() else {
         return Err(RPCError::Unreachable(Unreachable::from_string("append entries split into nothing")));
     };

@@ -21,6 +21,21 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use rand::SeedableRng;
 
+/// The verdict of a test's injector (`None` in production) on one RPC or stream message of
+/// `kind` from `from` to `to`, counted in [`FAULTS_INJECTED`](super::metric::FAULTS_INJECTED).
+pub(crate) fn consult(
+    faults: Option<&FaultInjector>,
+    from: NodeId,
+    to: NodeId,
+    kind: super::RpcKind,
+) -> Option<Verdict> {
+    let verdict = faults.map(|f| f.decide(from, to));
+    if verdict.is_some() {
+        metrics::counter!(super::metric::FAULTS_INJECTED, "kind" => kind.as_str()).increment(1);
+    }
+    verdict
+}
+
 /// The faults of one directed link.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LinkFaults {

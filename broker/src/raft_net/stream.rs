@@ -59,6 +59,7 @@ use super::client::append_ttl;
 use super::client::split_to_fit;
 use super::client::status_to_rpc_error;
 use super::codec;
+use super::fault;
 use super::fault::FaultInjector;
 use super::fault::Verdict;
 use super::metric;
@@ -123,8 +124,9 @@ pub const TARGET_HEADER: &str = "habar-target-node";
 
 /// What the two halves of one stream share.
 struct Shared {
-    /// Deadline of every message sent and not yet answered, oldest first.
-    deadlines: Mutex<VecDeque<Instant>>,
+    /// Deadline of every message sent and not yet answered, oldest first, with the time it
+    /// was given (for the timeout error).
+    deadlines: Mutex<VecDeque<(Instant, std::time::Duration)>>,
     /// Woken when a message is sent (so a reader waiting with no deadline takes one).
     sent: Notify,
     /// Bounds the unanswered messages.
@@ -137,7 +139,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock_deadlines(&self) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+    fn lock_deadlines(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, std::time::Duration)>> {
         self.deadlines.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -212,10 +214,7 @@ where
                 // A test's faults, per message. On an ordered stream a lost message cannot be
                 // skipped (the follower would see a gap), so a loss stalls the stream until
                 // its deadline, as a lost TCP segment would until a retransmission.
-                let verdict = faults.as_ref().map(|f| f.decide(local, target));
-                if verdict.is_some() {
-                    metrics::counter!(metric::FAULTS_INJECTED, "kind" => kind.as_str()).increment(1);
-                }
+                let verdict = fault::consult(faults.as_ref(), local, target, kind);
                 match verdict {
                     None => {}
                     Some(Verdict::Cut) => {
@@ -235,8 +234,9 @@ where
                 let ttl = append_ttl(soft_ttl, true, bytes);
                 {
                     let mut deadlines = tx.lock_deadlines();
-                    let due = deadlines.back().map_or(Instant::now() + ttl, |&ahead| ahead.max(Instant::now() + ttl));
-                    deadlines.push_back(due);
+                    let own = Instant::now() + ttl;
+                    let due = deadlines.back().map_or(own, |&(ahead, _)| ahead.max(own));
+                    deadlines.push_back((due, ttl));
                 }
                 tx.sent.notify_one();
                 if verdict == Some(Verdict::DropRequest) {
@@ -258,9 +258,9 @@ where
     let mut client = RaftTransportClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let opened = tokio::time::timeout(soft_ttl.max(super::client::APPEND_MIN_TIMEOUT), client.append_stream(request));
-    let inbound = match opened.await {
-        Err(_) => return Err(OpenError::Rpc(super::client::timeout(kind, local, target, soft_ttl))),
+    let open_ttl = soft_ttl.max(super::client::APPEND_MIN_TIMEOUT);
+    let inbound = match tokio::time::timeout(open_ttl, client.append_stream(request)).await {
+        Err(_) => return Err(OpenError::Rpc(super::client::timeout(kind, local, target, open_ttl))),
         Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => return Err(OpenError::Unimplemented),
         Ok(Err(status)) => return Err(OpenError::Rpc(status_to_rpc_error(kind, local, target, soft_ttl, status))),
         Ok(Ok(resp)) => resp.into_inner(),
@@ -277,9 +277,9 @@ where
         let next = loop {
             let due = shared.lock_deadlines().front().copied();
             let r = match due {
-                Some(due) => match tokio::time::timeout_at(due, inbound.message()).await {
+                Some((due, ttl)) => match tokio::time::timeout_at(due, inbound.message()).await {
                     Ok(r) => r,
-                    Err(_) => return fail(super::client::timeout(kind, local, target, soft_ttl)),
+                    Err(_) => return fail(super::client::timeout(kind, local, target, ttl)),
                 },
                 None => {
                     tokio::select! {
