@@ -1039,8 +1039,14 @@ impl StateStore {
         for e in envelopes {
             let conv = e.conversation_id.as_str();
             let dedupe_key = keys::dedupe_key(group, generation, conv.as_bytes(), &e.message_id);
-            let seen = match run.dedupe.get(&dedupe_key) {
-                Some(p) => Some(*p),
+            let seen = match run.dedupe.get(&dedupe_key).copied() {
+                Some(p) => Some(p),
+                // A conversation that has had no envelope since it began (or since an erasure
+                // reset it, which removes its DEDUPE items before its record) has no DEDUPE
+                // item: skip the lookup, which always misses there. Its record is loaded
+                // anyway to assign the seq; with a million conversations, nearly every
+                // envelope is such a conversation's first.
+                None if self.run_conv(run, conv)?.0.last_seq == 0 => None,
                 None => match self.inner.get(&dedupe_key)? {
                     Some(v) => Some(decode_pair(&dedupe_key, &v)?),
                     None => None,
