@@ -11,6 +11,7 @@
 //!
 //! This crate knows nothing of gRPC.
 
+mod convfilter;
 pub mod envseg;
 pub mod error;
 pub mod frame;
