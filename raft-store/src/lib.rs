@@ -11,7 +11,6 @@
 //!
 //! This crate knows nothing of gRPC.
 
-mod convfilter;
 pub mod envseg;
 pub mod error;
 pub mod frame;

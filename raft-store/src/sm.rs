@@ -34,7 +34,6 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::broadcast;
 use tokio::sync::watch;
 
-use crate::convfilter::ConvFilter;
 use crate::error::hex;
 use crate::error::io_err;
 use crate::error::unix_nanos;
@@ -96,10 +95,6 @@ struct GroupRt {
     /// by `current_snapshot_checked`; a file just built or received is read once more on its
     /// first use).
     checked: Mutex<Option<Checked>>,
-    /// Which conversations may have a record ([`ConvFilter`]); held by each apply for its
-    /// whole run, rebuilt when missing (after open or a failed apply) or of an older
-    /// generation (after an install).
-    conv_filter: Mutex<Option<ConvFilter>>,
 }
 
 /// A snapshot file whose every CRC was checked: its path, length and modification time then,
@@ -579,7 +574,6 @@ impl StateStore {
             changes: broadcast::channel(CHANGE_FEED_CAPACITY).0,
             current: Mutex::new(current),
             checked: Mutex::new(checked),
-            conv_filter: Mutex::new(None),
         });
         groups.insert(group, rt.clone());
         Ok(rt)
@@ -937,13 +931,6 @@ impl StateStore {
             return Err(StoreError::Checkpoint(e));
         }
         let (applied, membership) = self.applied_state_at(group, generation)?;
-        let rt = self.rt(group)?;
-        // Held to the end: an apply that fails leaves no filter behind (the next builds one).
-        let mut filter_slot = rt.conv_filter.lock().unwrap_or_else(|p| p.into_inner());
-        let filter = match filter_slot.take() {
-            Some(f) if f.generation() == generation => f,
-            _ => self.build_conv_filter(group, generation)?,
-        };
         // Sized for the appends up front: growing these one push at a time was ~3% of all
         // CPU under load (reallocs of a batch of thousands of writes).
         let envelopes: usize = entries
@@ -961,7 +948,6 @@ impl StateStore {
             batch: Ops(Vec::with_capacity(3 * envelopes + entries.len() + 1)),
             convs: HashMap::with_capacity(envelopes),
             dedupe: HashMap::with_capacity(envelopes),
-            filter: Some(filter),
             ..Run::default()
         };
         let mut changed: HashMap<String, u64> = HashMap::new();
@@ -1028,44 +1014,13 @@ impl StateStore {
             responses.push(resp);
         }
         self.write_run(&mut run, &mut changed)?;
-        *filter_slot = run.filter.take();
         Ok((responses, changed.into_iter().collect(), erasures))
-    }
-
-    /// The filter of the conversations `generation` of `group` has records for, from a scan
-    /// of their keys (overlay and sled).
-    fn build_conv_filter(&self, group: GroupId, generation: u32) -> Result<ConvFilter, StoreError> {
-        let started = Instant::now();
-        let mut filter = ConvFilter::new(generation);
-        let mut n = 0u64;
-        for item in self.inner.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_CONV)) {
-            filter.insert(&item?.0);
-            n += 1;
-        }
-        if n >= 10_000 {
-            tracing::info!(
-                group,
-                conversations = n,
-                bytes = filter.bytes(),
-                ms = started.elapsed().as_millis() as u64,
-                "conversation filter built"
-            );
-        }
-        Ok(filter)
     }
 
     /// The conversation's record as this run sees it (loaded once).
     fn run_conv<'r>(&self, run: &'r mut Run, conv: &str) -> Result<&'r mut (ConvMeta, bool), StoreError> {
         if !run.convs.contains_key(conv) {
-            let k = keys::conv_key(run.group, run.generation, conv.as_bytes());
-            // A conversation the filter has never seen has no record: no lookup.
-            let meta = match run.filter.as_ref().is_none_or(|f| f.may_contain(&k)) {
-                true => match self.inner.get(&k)? {
-                    Some(v) => ConvMeta::decode(&k, &v)?,
-                    None => ConvMeta::default(),
-                },
-                false => ConvMeta::default(),
-            };
+            let meta = self.conv_meta_at(run.group, run.generation, conv.as_bytes())?.unwrap_or_default();
             run.convs.insert(conv.to_string(), (meta, false));
         }
         run.convs.get_mut(conv).ok_or_else(|| StoreError::Encode("conversation cache".into()))
@@ -1375,14 +1330,6 @@ impl StateStore {
         let state =
             postcard::to_allocvec(&(run.applied, &run.membership)).map_err(|e| StoreError::Encode(e.to_string()))?;
         run.batch.insert(keys::meta_key(group, generation), keys::encode_value(&state));
-        if let Some(filter) = run.filter.as_mut() {
-            // Every record this run writes is in the filter before any read can find it.
-            for (k, v) in &run.batch.0 {
-                if v.is_some() && k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_CONV) {
-                    filter.insert(k);
-                }
-            }
-        }
         self.inner.overlay.write(std::mem::take(&mut run.batch).0);
         run.dedupe.clear();
         run.cursors.clear();
@@ -1602,8 +1549,6 @@ struct Run {
     /// Dedupe entries added in this run (sled does not see the batch until it is written).
     dedupe: HashMap<Vec<u8>, (u64, u64)>,
     cursors: HashMap<Vec<u8>, (u64, u64)>,
-    /// The group's [`ConvFilter`], for this run.
-    filter: Option<ConvFilter>,
 }
 
 /// One group's state machine: what openraft drives. Cheap to clone.
