@@ -421,6 +421,61 @@ impl Segments {
         Ok(locs)
     }
 
+    /// Appends `blobs` in order, each a whole number of records the caller framed (the
+    /// state machine's runs, `runs.rs`), each kept within one segment: a blob that does not
+    /// fit what is left of the active segment starts the next one. One `write` per segment.
+    /// Returns `(segment, offset)` of each blob. Not durable until a [`Segments::sync`].
+    pub fn append_blobs(&self, blobs: &[&[u8]]) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut st = self.lock();
+        self.check_poisoned(&st)?;
+        let mut at = Vec::with_capacity(blobs.len());
+        let mut buf = Vec::with_capacity(blobs.iter().map(|b| b.len()).sum());
+        for blob in blobs {
+            let end = st.active.len + buf.len() as u64;
+            if end > HEADER_LEN as u64 && end + blob.len() as u64 > self.cfg.segment_bytes {
+                self.write(&mut st, &mut buf)?;
+                self.roll(&mut st)?;
+            }
+            at.push((st.active.seq, st.active.len + buf.len() as u64));
+            buf.extend_from_slice(blob);
+        }
+        self.write(&mut st, &mut buf)?;
+        Ok(at)
+    }
+
+    /// Reads `len` bytes at `offset` of segment `segment`, as they are (the caller checks
+    /// the records in them).
+    pub fn read_bytes(&self, segment: u64, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        let path = segment_path(&self.dir, segment);
+        let file = self.file(segment).ok_or_else(|| StoreError::Corrupt {
+            what: path.display().to_string(),
+            offset,
+            reason: "the envelope index names a segment that does not exist".into(),
+        })??;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).map_err(io_err(&path))?;
+        Ok(buf)
+    }
+
+    /// Overwrites `len` bytes at `offset` of segment `segment` with zeros and fdatasyncs it:
+    /// an erasure's envelopes leave the file at once (SECURITY.md). Offsets of other records
+    /// do not move.
+    pub fn zero(&self, segment: u64, offset: u64, len: usize) -> Result<(), StoreError> {
+        let path = segment_path(&self.dir, segment);
+        if offset < HEADER_LEN as u64 {
+            return Err(StoreError::Corrupt {
+                what: path.display().to_string(),
+                offset,
+                reason: "refusing to zero a segment header".into(),
+            });
+        }
+        let file = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+        let zeros = vec![0u8; len];
+        std::os::unix::fs::FileExt::write_all_at(&file, &zeros, offset).map_err(io_err(&path))?;
+        file.sync_data().map_err(io_err(&path))?;
+        Ok(())
+    }
+
     /// Writes `buf` at the end of the active segment and empties it.
     fn write(&self, st: &mut State, buf: &mut Vec<u8>) -> Result<(), StoreError> {
         if buf.is_empty() {

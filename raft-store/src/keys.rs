@@ -12,7 +12,13 @@
 //!   kind EXPIRY (6): rest = expires_at_ms u64 BE, escaped conversation id, seq u64 BE -> empty
 //!   kind CURSOR (7): rest = escaped conversation id, escaped reader id -> seq, updated_at
 //!   kind RETENTION (8): rest = escaped conversation id -> empty (the limits are in CONV)
+//!   kind RUN (9): rest = escaped conversation id, first seq u64 BE
+//!                 -> where a run of the conversation's envelopes lies in an envelope segment
+//!   kind SEGS (10): rest empty -> the group's envelope segments as the checkpoint left them
 //! ```
+//! RUN and SEGS items are this node's own (they point into its files): only checkpoints write
+//! them, snapshots and replica comparisons never carry them (`sm.rs` turns runs back into
+//! envelopes there).
 //! The format version comes first, then the big-endian group id, so sled's order is the
 //! group's order and a group's data is one contiguous range. The generation changes when a
 //! snapshot is installed (written beside the old data, then switched to atomically).
@@ -37,6 +43,8 @@ pub const KIND_DEDUPE_TIME: u8 = 5;
 pub const KIND_EXPIRY: u8 = 6;
 pub const KIND_CURSOR: u8 = 7;
 pub const KIND_RETENTION: u8 = 8;
+pub const KIND_RUN: u8 = 9;
+pub const KIND_SEGS: u8 = 10;
 
 /// `[ver][group][gen]`.
 pub const GEN_PREFIX_LEN: usize = 9;
@@ -166,6 +174,34 @@ pub fn retention_key(group: GroupId, generation: u32, conversation: &[u8]) -> Ve
     conv_prefix(group, generation, KIND_RETENTION, conversation)
 }
 
+pub fn run_key(group: GroupId, generation: u32, conversation: &[u8], first_seq: u64) -> Vec<u8> {
+    let mut k = conv_prefix(group, generation, KIND_RUN, conversation);
+    k.extend_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+pub fn segs_key(group: GroupId, generation: u32) -> Vec<u8> {
+    kind_prefix(group, generation, KIND_SEGS)
+}
+
+/// The RUN key of a run starting at `first_seq`, from an envelope key without its seq (the
+/// same conversation; the kind byte changes), without decoding the conversation id.
+pub fn run_key_from_env_prefix(env_without_seq: &[u8], first_seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(env_without_seq.len() + 8);
+    k.extend_from_slice(env_without_seq);
+    if let Some(kind) = k.get_mut(GEN_PREFIX_LEN) {
+        *kind = KIND_RUN;
+    }
+    k.extend_from_slice(&first_seq.to_be_bytes());
+    k
+}
+
+/// The seq at the end of an envelope key (its last 8 bytes), without decoding the rest.
+pub fn env_key_seq(env: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = env.get(env.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
 fn take_u64<'a>(b: &'a [u8], what: &str) -> Result<(u64, &'a [u8]), DecodeError> {
     if b.len() < 8 {
         return Err(DecodeError(format!("{what}: {} bytes where 8 were expected", b.len())));
@@ -195,6 +231,8 @@ pub enum Key {
     Expiry { at_ms: u64, conversation: Vec<u8>, seq: u64 },
     Cursor { conversation: Vec<u8>, reader: Vec<u8> },
     Retention { conversation: Vec<u8> },
+    Run { conversation: Vec<u8>, first_seq: u64 },
+    Segs,
 }
 
 pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
@@ -248,6 +286,16 @@ pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
             let (conversation, tail) = take_escaped(rest)?;
             no_tail(tail, "retention")?;
             Ok(Key::Retention { conversation })
+        }
+        KIND_RUN => {
+            let (conversation, tail) = take_escaped(rest)?;
+            let (first_seq, tail) = take_u64(tail, "run first seq")?;
+            no_tail(tail, "run")?;
+            Ok(Key::Run { conversation, first_seq })
+        }
+        KIND_SEGS => {
+            no_tail(rest, "segments")?;
+            Ok(Key::Segs)
         }
         other => Err(DecodeError(format!("unknown key kind {other}"))),
     }

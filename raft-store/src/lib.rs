@@ -3,7 +3,8 @@
 //! - [`wal`]: one write-ahead log per node, shared by all Raft groups, with group commit.
 //! - [`log_store`]: openraft's log storage for one group, on top of the WAL.
 //! - [`repair`]: quarantine of damaged files and the repair marker.
-//! - [`envseg`]: append-only envelope segments (the envelope store's files; not yet used by [`sm`]).
+//! - [`envseg`]: append-only envelope segments (the envelope store's files); [`runs`]: how the
+//!   state machine's checkpoints put a conversation's envelopes into them.
 //! - [`overlay`]: the write-back layer over sled that [`sm`] writes into; its writes reach
 //!   sled only in checkpoints.
 //! - [`frame`]: the record frame both kinds of segment files use.
@@ -18,6 +19,7 @@ pub mod keys;
 pub mod log_store;
 pub mod overlay;
 pub mod repair;
+pub mod runs;
 pub mod slow;
 pub mod sm;
 pub mod snapshot;

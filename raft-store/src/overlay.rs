@@ -21,6 +21,7 @@
 //! Bounded: the caller checkpoints when [`Overlay::pending_bytes`] passes its limit.
 
 use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::sync::Arc;
@@ -44,7 +45,10 @@ pub type KvResult = sled::Result<(IVec, IVec)>;
 struct Layers {
     active: Pending,
     active_bytes: usize,
+    /// Keys of `active` whose put replaced a pending delete (see [`Overlay::checkpoint_with`]).
+    active_redone: HashSet<Vec<u8>>,
     frozen: Option<Arc<Pending>>,
+    frozen_redone: HashSet<Vec<u8>>,
 }
 
 /// The overlay of one tree (or of one group's part of it).
@@ -73,7 +77,13 @@ impl Overlay {
         let mut l = self.lock();
         for (k, v) in ops {
             let add = entry_bytes(&k, &v);
-            let removed = l.active.get(&k).map_or(0, |old| entry_bytes(&k, old));
+            let (removed, was_deleted) = match l.active.get(&k) {
+                Some(old) => (entry_bytes(&k, old), old.is_none()),
+                None => (0, l.frozen.as_ref().is_some_and(|f| matches!(f.get(&k), Some(None)))),
+            };
+            if was_deleted && v.is_some() {
+                l.active_redone.insert(k.clone());
+            }
             l.active_bytes = l.active_bytes - removed + add;
             l.active.insert(k, v);
         }
@@ -161,10 +171,36 @@ impl Overlay {
         extra: impl FnOnce(&mut sled::Batch),
         flush: bool,
     ) -> sled::Result<usize> {
+        self.checkpoint_with(
+            tree,
+            |frozen, _| {
+                let mut batch = plain_batch(frozen);
+                extra(&mut batch);
+                Ok::<_, sled::Error>(batch)
+            },
+            flush,
+        )
+    }
+
+    /// [`Overlay::checkpoint`] with the batch built by `build` from the frozen writes (which
+    /// it may write elsewhere first and leave out, as the state machine does with envelope
+    /// bodies): what the batch carries must be, read back through the overlay's owner, the
+    /// same state the frozen writes describe. An error of `build` leaves the writes pending.
+    ///
+    /// `build` also gets the keys whose frozen put replaced a delete that never reached sled
+    /// (a key deleted and written again between two checkpoints): a builder that leaves such
+    /// a put out of the batch must delete the key in it, or sled's older value would stay.
+    pub fn checkpoint_with<E: From<sled::Error>>(
+        &self,
+        tree: &sled::Tree,
+        build: impl FnOnce(&Pending, &HashSet<Vec<u8>>) -> Result<sled::Batch, E>,
+        flush: bool,
+    ) -> Result<usize, E> {
         let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
-        let frozen = {
+        let (frozen, redone) = {
             let mut l = self.lock();
             let active = std::mem::take(&mut l.active);
+            let active_redone = std::mem::take(&mut l.active_redone);
             l.active_bytes = 0;
             // A frozen layer left by a failed checkpoint goes in the same batch, under what
             // was written since: the batch always carries everything written before the
@@ -179,22 +215,26 @@ impl Overlay {
             };
             let frozen = Arc::new(frozen);
             l.frozen = Some(frozen.clone());
-            frozen
+            l.frozen_redone.extend(active_redone);
+            (frozen, l.frozen_redone.clone())
         };
-        let mut batch = sled::Batch::default();
-        for (k, v) in frozen.iter() {
-            match v {
-                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                None => batch.remove(k.as_slice()),
-            }
-        }
-        extra(&mut batch);
+        let batch = build(&frozen, &redone)?;
         self.exclusive(|| tree.apply_batch(batch))?;
         if flush {
             tree.flush()?;
         }
-        self.lock().frozen = None;
+        {
+            let mut l = self.lock();
+            l.frozen = None;
+            l.frozen_redone.clear();
+        }
         Ok(frozen.len())
+    }
+
+    /// No checkpoint starts while the guard lives (one in progress finishes first): for a
+    /// command that must see every item a checkpoint writes, and none appear meanwhile.
+    pub fn hold_checkpoints(&self) -> MutexGuard<'_, ()> {
+        self.checkpointing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Runs `write` (a bulk write to the tree) while no range read is in progress.
@@ -202,6 +242,18 @@ impl Overlay {
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         write()
     }
+}
+
+/// A batch of every frozen write as it is.
+pub fn plain_batch(frozen: &Pending) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in frozen.iter() {
+        match v {
+            Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+            None => batch.remove(k.as_slice()),
+        }
+    }
+    batch
 }
 
 /// Whether no key can lie in `range`: its start is above its end, or they are equal and one

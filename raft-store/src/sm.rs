@@ -14,6 +14,7 @@
 //! generation switch of an install.
 
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::Path;
@@ -34,6 +35,8 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::broadcast;
 use tokio::sync::watch;
 
+use crate::envseg::SegConfig;
+use crate::envseg::Segments;
 use crate::error::hex;
 use crate::error::io_err;
 use crate::error::unix_nanos;
@@ -41,6 +44,9 @@ use crate::error::StoreError;
 use crate::keys;
 use crate::overlay::Merged;
 use crate::overlay::Overlay;
+use crate::overlay::Pending;
+use crate::runs;
+use crate::runs::RunRef;
 use crate::snapshot::SnapshotData;
 use crate::snapshot::SnapshotFileWriter;
 use crate::snapshot::SnapshotReader;
@@ -74,6 +80,8 @@ const INSTALL_BATCH_BYTES: usize = 8 << 20;
 
 /// Capacity of a group's change feed; a receiver that lags further re-reads everything.
 const CHANGE_FEED_CAPACITY: usize = 1024;
+/// Envelopes read at a time by the commands that walk a conversation (retention, erasure).
+const READ_CHUNK: usize = 256;
 /// Records a read may skip (removed or expired) beyond its limit before it stops early.
 const READ_SKIP_BUDGET: usize = 4096;
 
@@ -114,24 +122,32 @@ fn checked_now(path: &Path) -> Option<Checked> {
 /// every CRC).
 const SNAPSHOT_RECHECK: Duration = Duration::from_secs(60);
 
-/// A conversation's own record: its last seq and retention limits (0 = none).
+/// A conversation's own record: its last seq, retention limits (0 = none), and the seq below
+/// which every envelope is removed (retention or erasure; 0 = none).
+///
+/// `removed_below` is what removes envelopes that live in runs (`runs.rs`), which have no
+/// item of their own to delete; it applies to every envelope, in a run or an ENV item, so
+/// that what a read returns never depends on which of the two a replica holds an envelope in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct ConvMeta {
     last_seq: u64,
     max_age_ms: u64,
     max_count: u64,
+    removed_below: u64,
 }
 
 impl ConvMeta {
+    /// 24 bytes while nothing was removed (the layout before `removed_below`), else 32.
     fn encode(&self) -> Vec<u8> {
-        let mut b = [0u8; 24];
+        let mut b = [0u8; 32];
         b[0..8].copy_from_slice(&self.last_seq.to_be_bytes());
         b[8..16].copy_from_slice(&self.max_age_ms.to_be_bytes());
         b[16..24].copy_from_slice(&self.max_count.to_be_bytes());
-        keys::encode_value(&b)
+        b[24..32].copy_from_slice(&self.removed_below.to_be_bytes());
+        keys::encode_value(if self.removed_below == 0 { &b[..24] } else { &b })
     }
 
-    /// 8-byte bodies are the first layout (last seq only).
+    /// 8-byte bodies are the first layout (last seq only), 24 the second (with limits).
     fn decode(key: &[u8], v: &[u8]) -> Result<ConvMeta, StoreError> {
         let body = keys::decode_value(v).map_err(|e| corrupt_key(key, e))?;
         let u = |i: usize| {
@@ -141,9 +157,15 @@ impl ConvMeta {
         };
         match body.len() {
             8 => Ok(ConvMeta { last_seq: u(0), ..ConvMeta::default() }),
-            24 => Ok(ConvMeta { last_seq: u(0), max_age_ms: u(8), max_count: u(16) }),
+            24 => Ok(ConvMeta { last_seq: u(0), max_age_ms: u(8), max_count: u(16), removed_below: 0 }),
+            32 => Ok(ConvMeta { last_seq: u(0), max_age_ms: u(8), max_count: u(16), removed_below: u(24) }),
             n => Err(corrupt_key(key, keys::DecodeError(format!("conversation record of {n} bytes")))),
         }
+    }
+
+    /// The lowest seq a read can still find.
+    fn first_kept(&self) -> u64 {
+        self.removed_below.max(1)
     }
 
     fn has_retention(&self) -> bool {
@@ -249,6 +271,14 @@ struct Inner {
     /// Set when a checkpoint failed: applies fail from then on (the node stops, as after a
     /// failed WAL fsync), since what the overlay holds could no longer be made durable.
     checkpoint_failed: Mutex<Option<String>>,
+    /// `<dir>/env`: one directory of envelope segments per group and generation.
+    env_dir: PathBuf,
+    /// Each group's (and generation's) envelope segments, opened on first use.
+    segs: Mutex<HashMap<(GroupId, u32), Arc<Segments>>>,
+    seg_cfg: SegConfig,
+    /// Erased runs `(segment, offset, bytes)` per group and generation, to be zeroed once a
+    /// checkpoint that deleted their items (and lists them in its SEGS item) is flushed.
+    to_zero: Mutex<ZeroLists>,
 }
 
 impl Inner {
@@ -275,7 +305,16 @@ impl Inner {
             return Err(StoreError::Checkpoint(e));
         }
         let started = Instant::now();
-        let done = self.overlay.checkpoint(&self.data, |_| {}, flush);
+        let mut zero = Vec::new();
+        let done = self.overlay.checkpoint_with(
+            &self.data,
+            |frozen, redone| self.checkpoint_batch(frozen, redone, &mut zero),
+            flush,
+        );
+        let done = match done {
+            Ok(writes) if !zero.is_empty() => self.zero_erased(&zero).map(|()| writes),
+            other => other,
+        };
         let took = started.elapsed();
         match done {
             Ok(writes) => {
@@ -289,9 +328,156 @@ impl Inner {
                 let msg = format!("state-machine checkpoint failed: {e}");
                 tracing::error!(error = %e, "state-machine checkpoint failed; this node stops applying");
                 *self.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// The envelope segments of `group` under `generation`, opened on first use as the last
+    /// checkpoint left them (cut back to the mark it stored in sled).
+    fn segments(&self, group: GroupId, generation: u32) -> Result<Arc<Segments>, StoreError> {
+        let mut segs = self.segs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = segs.get(&(group, generation)) {
+            return Ok(s.clone());
+        }
+        let k = keys::segs_key(group, generation);
+        // sled's, not the overlay's: only checkpoints write this item, straight into sled.
+        let state = match self.data.get(&k)? {
+            Some(v) => runs::decode_segs(&v).map_err(|e| corrupt_key(&k, e))?,
+            None => runs::SegsState::default(),
+        };
+        let dir = self.env_dir.join(format!("g{group}-gen{generation}"));
+        let s = Arc::new(Segments::open(&dir, group, generation, state.mark, self.seg_cfg.clone())?);
+        // Erased runs the last checkpoint listed may not have been zeroed before a crash.
+        for &(segment, offset, bytes) in &state.to_zero {
+            s.zero(segment, offset, bytes as usize)?;
+        }
+        segs.insert((group, generation), s.clone());
+        Ok(s)
+    }
+
+    /// After a checkpoint that deleted erased runs' items: flushes sled (so no crash brings
+    /// the items back), then zeroes the runs' records.
+    fn zero_erased(&self, done: &[ZeroList]) -> Result<(), StoreError> {
+        self.data.flush()?;
+        for ((group, generation), stretches) in done {
+            let segs = self.segments(*group, *generation)?;
+            for &(segment, offset, bytes) in stretches {
+                segs.zero(segment, offset, bytes as usize)?;
+            }
+            let mut to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(left) = to_zero.get_mut(&(*group, *generation)) {
+                left.retain(|z| !stretches.contains(z));
+                if left.is_empty() {
+                    to_zero.remove(&(*group, *generation));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch of a checkpoint: the frozen writes, except that the bodies of envelopes
+    /// that do not expire move to their group's envelope segment, a run per conversation
+    /// (`runs.rs`), written and fdatasynced before the batch; the batch carries one RUN item
+    /// per run and each group's new segment mark (SEGS) in their place.
+    fn checkpoint_batch(
+        &self,
+        frozen: &Pending,
+        redone: &HashSet<Vec<u8>>,
+        zero: &mut Vec<ZeroList>,
+    ) -> Result<sled::Batch, StoreError> {
+        let mut batch = sled::Batch::default();
+        // Envelopes to move, in key order: by group, generation, conversation, seq.
+        let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
+        let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
+        for (k, v) in frozen.iter() {
+            match v {
+                Some(v) => match moves_to_a_run(k, v) {
+                    Some(seq) => {
+                        if redone.contains(k) {
+                            // Its seq was used before (a conversation erased and reset since
+                            // the last checkpoint): sled may still hold the old envelope.
+                            batch.remove(k.as_slice());
+                        }
+                        moving.push((k, seq, v))
+                    }
+                    None => batch.insert(k.as_slice(), v.as_slice()),
+                },
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        let mut i = 0;
+        while i < moving.len() {
+            // One group and generation: the 9-byte prefix of their keys.
+            let prefix = &moving[i].0[..keys::GEN_PREFIX_LEN];
+            let end = moving[i..]
+                .iter()
+                .position(|(k, _, _)| &k[..keys::GEN_PREFIX_LEN] != prefix)
+                .map_or(moving.len(), |n| i + n);
+            let (group, generation) = match keys::decode_key(moving[i].0) {
+                Ok(keys::Key::Env { group, generation, .. }) => (group, generation),
+                _ => return Err(corrupt_key(moving[i].0, keys::DecodeError("not an envelope key".into()))),
+            };
+            // Runs: a conversation's consecutive seqs, split at MAX_RUN_BYTES.
+            let mut buf = Vec::with_capacity(moving[i..end].iter().map(|(_, _, v)| v.len() + 17).sum());
+            let mut planned: Vec<(Vec<u8>, std::ops::Range<usize>, u32)> = Vec::new();
+            let mut open: Option<(&[u8], u64, usize, u32)> = None; // (key without seq, next seq, start, count)
+            for &(k, seq, v) in &moving[i..end] {
+                let conv_part = &k[..k.len() - 8];
+                let extends = open.is_some_and(|(c, next, start, _)| {
+                    c == conv_part && next == seq && buf.len() - start + v.len() + 17 <= runs::MAX_RUN_BYTES
+                });
+                if !extends {
+                    if let Some((c, next, start, count)) = open.take() {
+                        planned.push((
+                            keys::run_key_from_env_prefix(c, next - u64::from(count)),
+                            start..buf.len(),
+                            count,
+                        ));
+                    }
+                    open = Some((conv_part, seq, buf.len(), 0));
+                }
+                runs::push_record(&mut buf, seq, v);
+                if let Some(o) = open.as_mut() {
+                    o.1 = seq + 1;
+                    o.3 += 1;
+                }
+            }
+            if let Some((c, next, start, count)) = open.take() {
+                planned.push((keys::run_key_from_env_prefix(c, next - u64::from(count)), start..buf.len(), count));
+            }
+            let segs = self.segments(group, generation)?;
+            let blobs: Vec<&[u8]> = planned.iter().map(|(_, r, _)| &buf[r.clone()]).collect();
+            let at = segs.append_blobs(&blobs)?;
+            for ((key, range, count), (segment, offset)) in planned.iter().zip(at) {
+                let r = RunRef { segment, offset, bytes: range.len() as u32, count: *count };
+                batch.insert(key.as_slice(), r.encode());
+            }
+            metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
+            synced.push((group, generation, segs.sync()?));
+            i = end;
+        }
+        // Erasures applied before this checkpoint froze (they hold off checkpoints while
+        // they run, so their RUN deletes are in `frozen`): their runs are listed in SEGS now
+        // and zeroed once this batch is flushed.
+        let to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
+        for (&(group, generation), _) in to_zero.iter() {
+            if !synced.iter().any(|(g, n, _)| (*g, *n) == (group, generation)) {
+                synced.push((group, generation, self.segments(group, generation)?.sync()?));
+            }
+        }
+        for (group, generation, mark) in synced {
+            let listed: Vec<runs::Stretch> = to_zero
+                .get(&(group, generation))
+                .map(|z| z.iter().take(runs::MAX_TO_ZERO).copied().collect())
+                .unwrap_or_default();
+            let state = runs::SegsState { mark: Some(mark), to_zero: listed.clone() };
+            batch.insert(keys::segs_key(group, generation), runs::encode_segs(&state));
+            if !listed.is_empty() {
+                zero.push(((group, generation), listed));
+            }
+        }
+        Ok(batch)
     }
 
     /// A checkpoint is due: the overlay holds [`CHECKPOINT_BYTES`], or anything at all and
@@ -333,6 +519,24 @@ fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
         }
     }
 }
+
+/// The seq of an envelope a checkpoint moves into a run: an ENV item whose envelope does
+/// not expire (expiring ones stay items: expiry removes them one by one, anywhere in a
+/// conversation, which a run cannot express).
+fn moves_to_a_run(key: &[u8], value: &[u8]) -> Option<u64> {
+    if key.get(keys::GEN_PREFIX_LEN) != Some(&keys::KIND_ENV) || value.len() < ENV_VALUE_MIN {
+        return None;
+    }
+    // The value's body (after the format byte and CRC): committed_at_ms, expires_at_ms, ...
+    let expires: [u8; 8] = value[5 + 8..5 + 16].try_into().ok()?;
+    if u64::from_be_bytes(expires) != 0 {
+        return None;
+    }
+    keys::env_key_seq(key)
+}
+
+/// The shortest ENV value: the frame (5) and the fixed part of the body (36).
+const ENV_VALUE_MIN: usize = 5 + 36;
 
 /// The node's state-machine store. Cheap to clone.
 #[derive(Clone)]
@@ -394,6 +598,48 @@ fn env_seq(k: &[u8]) -> Result<u64, StoreError> {
         keys::Key::Env { seq, .. } => Ok(seq),
         other => Err(corrupt_key(k, keys::DecodeError(format!("expected an envelope key, got {other:?}")))),
     }
+}
+
+/// Erased runs of each group and generation, to be zeroed.
+type ZeroLists = HashMap<(GroupId, u32), Vec<runs::Stretch>>;
+/// Erased runs of one group and generation.
+type ZeroList = ((GroupId, u32), Vec<runs::Stretch>);
+
+/// One envelope as a read found it: in an ENV item (`item`) or in a run.
+struct Rec {
+    seq: u64,
+    env: StoredEnvelope,
+    item: bool,
+}
+
+/// The first seq of a run key.
+fn run_first_seq(k: &[u8]) -> Result<u64, StoreError> {
+    keys::env_key_seq(k).ok_or_else(|| corrupt_key(k, keys::DecodeError("run key without a seq".into())))
+}
+
+/// Two lists in one direction's seq order merged into one, the first `n`; a seq in both (an
+/// envelope a checkpoint moved while it was read) once, from `items`.
+fn merge_recs(items: Vec<Rec>, runs: Vec<Rec>, forward: bool, n: usize) -> Vec<Rec> {
+    let mut out = Vec::with_capacity((items.len() + runs.len()).min(n));
+    let (mut a, mut b) = (items.into_iter().peekable(), runs.into_iter().peekable());
+    while out.len() < n {
+        let pick_a = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(x), Some(y)) => {
+                if x.seq == y.seq {
+                    b.next();
+                    true
+                } else {
+                    (x.seq < y.seq) == forward
+                }
+            }
+        };
+        let next = if pick_a { a.next() } else { b.next() };
+        out.extend(next);
+    }
+    out
 }
 
 /// How long `open` waits for sled's lock on its directory to be released.
@@ -493,6 +739,10 @@ impl StateStore {
                 last_checkpoint: Mutex::new(Instant::now()),
                 checkpoint_interval_ms: AtomicU64::new(CHECKPOINT_INTERVAL.as_millis() as u64),
                 checkpoint_failed: Mutex::new(None),
+                env_dir: dir.join("env"),
+                segs: Mutex::new(HashMap::new()),
+                seg_cfg: SegConfig::default(),
+                to_zero: Mutex::new(HashMap::new()),
             }),
         };
         store.remove_inactive_generations()?;
@@ -515,6 +765,7 @@ impl StateStore {
                     .map_err(|_| corrupt_key(&k, keys::DecodeError("head key is not a group id".into())))?,
             );
             let active = decode_u64(&k, &v)? as u32;
+            self.remove_segments(group, |g| g != active)?;
             let below = keys::gen_prefix(group, 0).to_vec()..keys::gen_prefix(group, active).to_vec();
             self.delete_range(below)?;
             if active < u32::MAX {
@@ -525,6 +776,37 @@ impl StateStore {
                 };
                 self.delete_range(from..end)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes the envelope segments of `group`'s generations that `which` names (after
+    /// the generation's sled items are gone, or with them: nothing reads them any more).
+    fn remove_segments(&self, group: GroupId, which: impl Fn(u32) -> bool) -> Result<(), StoreError> {
+        let dir = &self.inner.env_dir;
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err(dir)(e)),
+        };
+        let prefix = format!("g{group}-gen");
+        let mut removed = false;
+        for ent in entries {
+            let path = ent.map_err(io_err(dir))?.path();
+            let generation = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|g| g.parse::<u32>().ok());
+            let Some(generation) = generation else { continue };
+            if which(generation) {
+                self.inner.segs.lock().unwrap_or_else(|p| p.into_inner()).remove(&(group, generation));
+                fs::remove_dir_all(&path).map_err(io_err(&path))?;
+                removed = true;
+            }
+        }
+        if removed {
+            crate::repair::sync_dir(dir)?;
         }
         Ok(())
     }
@@ -608,6 +890,119 @@ impl StateStore {
         Ok(self.conv_meta_at(group, generation, conv)?.map_or(0, |m| m.last_seq))
     }
 
+    /// Up to `n` envelopes of a conversation that a read can find (seq at least
+    /// `meta.removed_below`), from `from` on in the read's direction (`from` included),
+    /// merged from ENV items (sled and the overlay) and runs, in seq order.
+    ///
+    /// The ENV items are read first and the runs after: a checkpoint that lands between
+    /// the two moves envelopes from the first into the second, so this order finds them
+    /// (twice, merged), where the other could miss them.
+    fn gather(
+        &self,
+        (group, generation): (GroupId, u32),
+        conversation_id: &str,
+        meta: &ConvMeta,
+        from: u64,
+        forward: bool,
+        n: usize,
+    ) -> Result<Vec<Rec>, StoreError> {
+        let conv = conversation_id.as_bytes();
+        let lo = meta.first_kept();
+        if n == 0 || (forward && from == u64::MAX) || (!forward && from < lo) {
+            return Ok(Vec::new());
+        }
+        let data = &*self.inner;
+        let (start, end) = if forward { (from.max(lo), u64::MAX) } else { (lo, from) };
+        let items: Vec<Rec> = {
+            let range = keys::env_key(group, generation, conv, start)..=keys::env_key(group, generation, conv, end);
+            let iter = if forward { data.range(range) } else { data.range_rev(range) };
+            let mut out = Vec::new();
+            for item in iter.take(n) {
+                let (k, v) = item?;
+                let seq = env_seq(&k)?;
+                out.push(Rec { seq, env: decode_envelope(&k, &v, conversation_id, seq)?, item: true });
+            }
+            out
+        };
+        // Past this seq (in the read's direction) a run cannot contribute to the first `n`.
+        let bound = if items.len() >= n { items.last().map(|r| r.seq) } else { None };
+        let beyond = |seq: u64| bound.is_some_and(|b| if forward { seq > b } else { seq < b });
+        let mut in_runs: Vec<Rec> = Vec::new();
+        let take_run = |k: &[u8], v: &[u8], first: u64, in_runs: &mut Vec<Rec>| -> Result<bool, StoreError> {
+            let r = RunRef::decode(v).map_err(|e| corrupt_key(k, e))?;
+            let last = r.last_seq(first);
+            if forward && last < start || !forward && first > end {
+                return Ok(true);
+            }
+            if forward && beyond(first) || !forward && (beyond(last) || last < lo) {
+                return Ok(false);
+            }
+            let recs = self.read_run(group, generation, k, first, &r)?;
+            let keep = recs.into_iter().filter(|(seq, _)| *seq >= start && *seq <= end);
+            let mut keep: Vec<(u64, Vec<u8>)> = keep.collect();
+            if !forward {
+                keep.reverse();
+            }
+            for (seq, v) in keep {
+                if in_runs.len() >= n {
+                    return Ok(false);
+                }
+                in_runs.push(Rec { seq, env: decode_envelope(k, &v, conversation_id, seq)?, item: false });
+            }
+            Ok(in_runs.len() < n)
+        };
+        let run_start = keys::run_key(group, generation, conv, 0);
+        if forward {
+            // The run that starts at or before `start` may hold it.
+            let before = data.range_rev(run_start.clone()..=keys::run_key(group, generation, conv, start)).next();
+            let mut more = true;
+            if let Some(item) = before {
+                let (k, v) = item?;
+                more = take_run(&k, &v, run_first_seq(&k)?, &mut in_runs)?;
+            }
+            if more && start < u64::MAX {
+                let after = keys::run_key(group, generation, conv, start + 1)
+                    ..=keys::run_key(group, generation, conv, u64::MAX);
+                for item in data.range(after) {
+                    let (k, v) = item?;
+                    if !take_run(&k, &v, run_first_seq(&k)?, &mut in_runs)? {
+                        break;
+                    }
+                }
+            }
+        } else {
+            for item in data.range_rev(run_start..=keys::run_key(group, generation, conv, end)) {
+                let (k, v) = item?;
+                if !take_run(&k, &v, run_first_seq(&k)?, &mut in_runs)? {
+                    break;
+                }
+            }
+        }
+        Ok(merge_recs(items, in_runs, forward, n))
+    }
+
+    /// A run's records as `(seq, ENV value)`, checked; none if the run was erased.
+    fn read_run(
+        &self,
+        group: GroupId,
+        generation: u32,
+        key: &[u8],
+        first: u64,
+        r: &RunRef,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let segs = self.inner.segments(group, generation)?;
+        let bytes = segs.read_bytes(r.segment, r.offset, r.bytes as usize)?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: format!("{} (run {} of segment {})", segs.dir().display(), hex(key), r.segment),
+            offset: r.offset,
+            reason,
+        };
+        match runs::parse_run(&bytes, first, r.count, self.inner.seg_cfg.max_record_bytes).map_err(corrupt)? {
+            Some(recs) => Ok(recs.into_iter().map(|(seq, v)| (seq, v.to_vec())).collect()),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// The state machine of one group.
     pub fn group(&self, group: GroupId) -> Result<GroupStateMachine, StoreError> {
         let rt = self.rt(group)?;
@@ -624,15 +1019,9 @@ impl StateStore {
         limit: usize,
     ) -> Result<Vec<StoredEnvelope>, StoreError> {
         self.at_stable_generation(group, |generation| {
-            let conv = conversation_id.as_bytes();
-            let start = keys::env_key(group, generation, conv, from_seq);
-            let end = keys::env_key(group, generation, conv, u64::MAX);
-            let mut out = Vec::with_capacity(limit.min(1024));
-            for item in self.inner.range(start..=end).take(limit) {
-                let (k, v) = item?;
-                out.push(decode_envelope(&k, &v, conversation_id, env_seq(&k)?)?);
-            }
-            Ok(out)
+            let meta = self.conv_meta_at(group, generation, conversation_id.as_bytes())?.unwrap_or_default();
+            let recs = self.gather((group, generation), conversation_id, &meta, from_seq, true, limit)?;
+            Ok(recs.into_iter().map(|r| r.env).collect())
         })
     }
 
@@ -651,21 +1040,17 @@ impl StateStore {
         now_ms: u64,
     ) -> Result<ReadPage, StoreError> {
         self.at_stable_generation(group, |generation| {
-            let conv = conversation_id.as_bytes();
-            let data = &*self.inner;
-            let last_seq = self.last_seq_at(group, generation, conv)?;
-            let lo = keys::env_key(group, generation, conv, 1);
-            let hi = keys::env_key(group, generation, conv, u64::MAX);
-            let first_seq = match data.range(lo.clone()..=hi.clone()).next() {
-                Some(item) => env_seq(&item?.0)?,
+            let meta = self.conv_meta_at(group, generation, conversation_id.as_bytes())?.unwrap_or_default();
+            let last_seq = meta.last_seq;
+            let first_seq = match self.gather((group, generation), conversation_id, &meta, 1, true, 1)?.first() {
+                Some(r) => r.seq,
                 None => 0,
             };
             let mut page = ReadPage { last_seq, first_seq, ..ReadPage::default() };
             let forward = direction == Direction::Forward;
             // `expected`: the next seq this read accounts for, in its direction.
-            let (mut expected, iter): (u64, Merged) = if forward {
-                let from = start.max(1);
-                (from, data.range(keys::env_key(group, generation, conv, from)..=hi))
+            let mut expected = if forward {
+                start.max(1)
             } else {
                 let below = if start == 0 || start > last_seq { last_seq.saturating_add(1) } else { start };
                 if below <= 1 {
@@ -673,33 +1058,45 @@ impl StateStore {
                     page.next = below;
                     return Ok(page);
                 }
-                (below - 1, data.range_rev(lo..=keys::env_key(group, generation, conv, below - 1)))
+                below - 1
             };
+            // Read in chunks: a page stops at `limit` envelopes or READ_SKIP_BUDGET skipped.
+            let chunk = limit.saturating_add(1).clamp(1, 1024);
             let mut skipped = 0usize;
             let mut exhausted = true;
-            for item in iter {
-                if page.envelopes.len() >= limit || skipped >= READ_SKIP_BUDGET {
-                    exhausted = false;
+            let mut cursor = expected;
+            'read: loop {
+                let recs = self.gather((group, generation), conversation_id, &meta, cursor, forward, chunk)?;
+                let got = recs.len();
+                for r in recs {
+                    if page.envelopes.len() >= limit || skipped >= READ_SKIP_BUDGET {
+                        exhausted = false;
+                        break 'read;
+                    }
+                    let seq = r.seq;
+                    if forward {
+                        if seq > last_seq {
+                            break 'read;
+                        }
+                        push_range(&mut page.removed, expected, seq - 1, true);
+                    } else {
+                        push_range(&mut page.removed, seq + 1, expected, false);
+                    }
+                    if is_expired(&r.env.envelope, now_ms) {
+                        push_range(&mut page.removed, seq, seq, forward);
+                        skipped += 1;
+                    } else {
+                        page.envelopes.push(r.env);
+                    }
+                    expected = if forward { seq + 1 } else { seq - 1 };
+                }
+                if got < chunk {
                     break;
                 }
-                let (k, v) = item?;
-                let seq = env_seq(&k)?;
-                if forward {
-                    if seq > last_seq {
-                        break;
-                    }
-                    push_range(&mut page.removed, expected, seq - 1, true);
-                } else {
-                    push_range(&mut page.removed, seq + 1, expected, false);
+                if !forward && expected == 0 {
+                    break;
                 }
-                let e = decode_envelope(&k, &v, conversation_id, seq)?;
-                if is_expired(&e.envelope, now_ms) {
-                    push_range(&mut page.removed, seq, seq, forward);
-                    skipped += 1;
-                } else {
-                    page.envelopes.push(e);
-                }
-                expected = if forward { seq + 1 } else { seq - 1 };
+                cursor = expected;
             }
             if exhausted {
                 // Nothing more is held in this direction: the rest of the span was removed.
@@ -813,11 +1210,28 @@ impl StateStore {
             }
             for conv in retained {
                 let Some(meta) = self.conv_meta_at(group, generation, &conv)? else { continue };
-                let prefix = keys::conv_prefix(group, generation, keys::KIND_ENV, &conv);
-                if let Some(item) = data.scan_prefix(&prefix).next() {
-                    let (ek, ev) = item?;
-                    let e = decode_envelope(&ek, &ev, "", env_seq(&ek)?)?;
-                    if meta.retention_removes(e.seq, e.committed_at_ms, now_ms) {
+                // Something a count retention at append left below `removed_below` (a run
+                // wholly below it, or an item) is housekeeping to do as well.
+                let below = |kind: u8| -> Result<bool, StoreError> {
+                    match data.scan_prefix(keys::conv_prefix(group, generation, kind, &conv)).next() {
+                        Some(item) => {
+                            let (k, v) = item?;
+                            let first = run_first_seq(&k)?;
+                            let last = match kind {
+                                keys::KIND_RUN => RunRef::decode(&v).map_err(|e| corrupt_key(&k, e))?.last_seq(first),
+                                _ => first,
+                            };
+                            Ok(last < meta.removed_below)
+                        }
+                        None => Ok(false),
+                    }
+                };
+                if below(keys::KIND_RUN)? || below(keys::KIND_ENV)? {
+                    return Ok(true);
+                }
+                let conv = String::from_utf8_lossy(&conv);
+                if let Some(r) = self.gather((group, generation), &conv, &meta, meta.first_kept(), true, 1)?.first() {
+                    if meta.retention_removes(r.seq, r.env.committed_at_ms, now_ms) {
                         return Ok(true);
                     }
                 }
@@ -906,12 +1320,71 @@ impl StateStore {
     pub fn dump_group(&self, group: GroupId) -> Result<Vec<crate::snapshot::Record>, StoreError> {
         self.at_stable_generation(group, |generation| {
             let mut out = Vec::new();
-            for item in self.inner.scan_prefix(keys::gen_prefix(group, generation)) {
-                let (k, v) = item?;
-                out.push((k[keys::GEN_PREFIX_LEN..].to_vec(), v.to_vec()));
-            }
+            let items = self.inner.scan_prefix(keys::gen_prefix(group, generation));
+            self.export(group, generation, items, |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })?;
+            // Runs come out where their items are; a replica that holds an envelope as an
+            // item must compare equal.
+            out.sort();
             Ok(out)
         })
+    }
+
+    /// A group's state as every replica holds it, record by record (key without the
+    /// generation prefix, value), from `items` (the generation's sled items, merged with the
+    /// overlay or not): this node's own items (runs, segment marks) are left out, each run
+    /// comes out as ENV records (out of key order: where its item was), and what a read can no longer find (below a
+    /// conversation's `removed_below`) is left out. What snapshots carry and replicas are
+    /// compared by.
+    fn export(
+        &self,
+        group: GroupId,
+        generation: u32,
+        items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        mut emit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        const P: usize = keys::GEN_PREFIX_LEN;
+        // Escaped conversation id -> removed_below, for the conversations that have one
+        // (CONV items come before ENV and RUN items in key order).
+        let mut removed: HashMap<Vec<u8>, u64> = HashMap::new();
+        for item in items {
+            let (k, v) = item?;
+            match k.get(P).copied() {
+                Some(keys::KIND_CONV) => {
+                    let m = ConvMeta::decode(&k, &v)?;
+                    if m.removed_below > 0 {
+                        removed.insert(k[P + 1..].to_vec(), m.removed_below);
+                    }
+                }
+                Some(keys::KIND_ENV) => {
+                    let conv = &k[P + 1..k.len().saturating_sub(8)];
+                    if removed.get(conv).is_some_and(|rb| env_seq(&k).is_ok_and(|s| s < *rb)) {
+                        continue;
+                    }
+                }
+                Some(keys::KIND_RUN) => {
+                    let r = RunRef::decode(&v).map_err(|e| corrupt_key(&k, e))?;
+                    let conv_part = &k[..k.len().saturating_sub(8)];
+                    let rb = removed.get(&conv_part[P + 1..]).copied().unwrap_or(0);
+                    for (seq, value) in self.read_run(group, generation, &k, run_first_seq(&k)?, &r)? {
+                        if seq < rb {
+                            continue;
+                        }
+                        let mut ek = conv_part.to_vec();
+                        ek[P] = keys::KIND_ENV;
+                        ek.extend_from_slice(&seq.to_be_bytes());
+                        emit(&ek[P..], &value)?;
+                    }
+                    continue;
+                }
+                Some(keys::KIND_SEGS) => continue,
+                _ => {}
+            }
+            emit(&k[P..], &v)?;
+        }
+        Ok(())
     }
 
     /// Keys of the group in every generation (active or garbage): for tests and checks.
@@ -968,6 +1441,9 @@ impl StateStore {
                 }
                 EntryPayload::Normal(cmd) => {
                     self.write_run(&mut run, &mut changed)?;
+                    // No checkpoint moves envelopes into runs while these remove envelopes:
+                    // an erasure must find (and zero) every run of its conversation.
+                    let _hold = self.inner.overlay.hold_checkpoints();
                     let resp = match cmd {
                         Command::Maintain { now_ms, dedupe_window_ms, max_removals } => {
                             self.apply_maintain(&mut run, *now_ms, *dedupe_window_ms, *max_removals)?
@@ -1059,6 +1535,12 @@ impl StateStore {
             let entry = self.run_conv(run, conv)?;
             entry.0.last_seq += 1;
             entry.1 = true;
+            let m = &mut entry.0;
+            if m.max_count > 0 && m.last_seq > m.max_count {
+                // Count retention at append: everything max_count below goes (envelopes in
+                // runs have no item to delete; a read skips what lies below this).
+                m.removed_below = m.removed_below.max(m.last_seq - m.max_count + 1);
+            }
             let meta = entry.0;
             let seq = meta.last_seq;
             run.batch.insert(keys::env_key(group, generation, conv.as_bytes(), seq), encode_envelope(e, now_ms));
@@ -1071,8 +1553,8 @@ impl StateStore {
                 );
             }
             if meta.max_count > 0 && seq > meta.max_count {
-                // Count retention at append: the envelope max_count below goes (a key that
-                // is already gone is a no-op; its expiry entry is checked when it fires).
+                // Its item, if it has one (a key that is already gone is a no-op; its expiry
+                // entry is checked when it fires).
                 run.batch.remove(keys::env_key(group, generation, conv.as_bytes(), seq - meta.max_count));
             }
             added.push((conv, e.message_id));
@@ -1173,6 +1655,10 @@ impl StateStore {
                 break;
             }
             let Some(meta) = self.conv_meta_at(group, generation, &conv)? else { continue };
+            let conv = String::from_utf8(conv).map_err(|e| {
+                let k = keys::retention_key(group, generation, e.as_bytes());
+                corrupt_key(&k, keys::DecodeError("conversation id is not UTF-8".into()))
+            })?;
             let (n, more) = self.enforce_retention(run, &conv, &meta, now_ms, budget)?;
             report.retention_removed += n;
             budget -= n.min(budget);
@@ -1210,30 +1696,88 @@ impl StateStore {
     }
 
     /// Removes the conversation's oldest envelopes that its retention no longer allows,
-    /// at most `budget`; returns how many and whether it stopped at the budget.
+    /// at most `budget`; returns how many and whether it stopped at the budget. Writes the
+    /// conversation's record when its `removed_below` moves, and drops what lies below it
+    /// (runs wholly below, and ENV items a count retention at append left there).
     fn enforce_retention(
         &self,
         run: &mut Run,
-        conv: &[u8],
+        conversation_id: &str,
         meta: &ConvMeta,
         now_ms: u64,
         budget: u64,
     ) -> Result<(u64, bool), StoreError> {
         let (group, generation) = (run.group, run.generation);
+        let conv = conversation_id.as_bytes();
         let mut n = 0;
-        for item in self.inner.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
-            let (k, v) = item?;
-            let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
-            if !meta.retention_removes(e.seq, e.committed_at_ms, now_ms) {
-                return Ok((n, false));
+        let mut more = false;
+        let mut removed_below = meta.removed_below;
+        let mut cursor = meta.first_kept();
+        'scan: loop {
+            let recs = self.gather((group, generation), conversation_id, meta, cursor, true, READ_CHUNK)?;
+            let got = recs.len();
+            for r in recs {
+                if !meta.retention_removes(r.seq, r.env.committed_at_ms, now_ms) {
+                    break 'scan;
+                }
+                if n >= budget {
+                    more = true;
+                    break 'scan;
+                }
+                if r.item {
+                    Self::remove_envelope(&mut run.batch, group, generation, conv, &r.env);
+                }
+                removed_below = r.seq + 1;
+                cursor = r.seq + 1;
+                n += 1;
             }
-            if n >= budget {
-                return Ok((n, true));
+            if got < READ_CHUNK {
+                break;
             }
-            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
-            n += 1;
         }
-        Ok((n, false))
+        if removed_below > meta.removed_below {
+            let m = ConvMeta { removed_below, ..*meta };
+            run.batch.insert(keys::conv_key(group, generation, conv), m.encode());
+        }
+        self.drop_below(run, conv, removed_below, false)?;
+        Ok((n, more))
+    }
+
+    /// Deletes what a read can no longer find below `removed_below`: the conversation's
+    /// runs that lie wholly below it (zeroing their records if `zero`: an erasure) and ENV
+    /// items below it. Neither changes what any read returns, so replicas that hold the same
+    /// envelopes differently (in runs or items) stay the same to every reader.
+    fn drop_below(&self, run: &mut Run, conv: &[u8], removed_below: u64, zero: bool) -> Result<(), StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        if removed_below <= 1 {
+            return Ok(());
+        }
+        let mut gone = Vec::new();
+        for item in self.inner.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_RUN, conv)) {
+            let (k, v) = item?;
+            let r = RunRef::decode(&v).map_err(|e| corrupt_key(&k, e))?;
+            if r.last_seq(run_first_seq(&k)?) >= removed_below {
+                break;
+            }
+            gone.push((k, r));
+        }
+        if zero {
+            run.zero.extend(gone.iter().map(|(_, r)| (r.segment, r.offset, r.bytes)));
+        }
+        for (k, _) in gone {
+            run.batch.remove(k);
+        }
+        let mut below = Vec::new();
+        let range = keys::env_key(group, generation, conv, 0)..keys::env_key(group, generation, conv, removed_below);
+        for item in self.inner.range(range) {
+            let (k, v) = item?;
+            let seq = env_seq(&k)?;
+            below.push(decode_envelope(&k, &v, "", seq)?);
+        }
+        for e in below {
+            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
+        }
+        Ok(())
     }
 
     /// One step of an erasure (`Command::EraseConversation`): at most `max_removals` keys,
@@ -1251,19 +1795,37 @@ impl StateStore {
         let data = &*self.inner;
         let conv = conversation_id.as_bytes();
         let meta = self.conv_meta_at(group, generation, conv)?;
+        let m = meta.unwrap_or_default();
         let mut budget = budget.max(1);
         let (mut envelopes, mut cursors, mut more) = (0u64, 0u64, false);
-        for item in data.scan_prefix(keys::conv_prefix(group, generation, keys::KIND_ENV, conv)) {
-            if budget == 0 {
-                more = true;
+        let mut removed_below = m.removed_below;
+        let mut cursor = m.first_kept();
+        'scan: loop {
+            let recs = self.gather((group, generation), conversation_id, &m, cursor, true, READ_CHUNK)?;
+            let got = recs.len();
+            for r in recs {
+                if budget == 0 {
+                    more = true;
+                    break 'scan;
+                }
+                if r.item {
+                    Self::remove_envelope(&mut run.batch, group, generation, conv, &r.env);
+                }
+                removed_below = r.seq + 1;
+                cursor = r.seq + 1;
+                envelopes += 1;
+                budget -= 1;
+            }
+            if got < READ_CHUNK {
                 break;
             }
-            let (k, v) = item?;
-            let e = decode_envelope(&k, &v, "", env_seq(&k)?)?;
-            Self::remove_envelope(&mut run.batch, group, generation, conv, &e);
-            envelopes += 1;
-            budget -= 1;
         }
+        if !more {
+            // Everything is gone: nothing below the last seq can be read any more.
+            removed_below = removed_below.max(m.last_seq + 1);
+        }
+        // Runs wholly erased are zeroed in their segment now, and their items deleted.
+        self.drop_below(run, conv, removed_below, true)?;
         for kind in [keys::KIND_DEDUPE, keys::KIND_CURSOR] {
             if more {
                 break;
@@ -1286,7 +1848,10 @@ impl StateStore {
             run.batch.remove(keys::retention_key(group, generation, conv));
             1
         } else {
-            meta.map_or(1, |m| m.last_seq + 1)
+            if meta.is_some() && removed_below > m.removed_below {
+                run.batch.insert(keys::conv_key(group, generation, conv), ConvMeta { removed_below, ..m }.encode());
+            }
+            m.last_seq + 1
         };
         Ok(CommandResponse::Erased { existed, envelopes, cursors, next_seq, more })
     }
@@ -1314,7 +1879,7 @@ impl StateStore {
         } else {
             run.batch.remove(rk);
         }
-        self.enforce_retention(run, conv, &meta, now_ms, budget.max(1))
+        self.enforce_retention(run, conversation_id, &meta, now_ms, budget.max(1))
     }
 
     /// Writes what the run holds (data, conversation records, applied state) in one
@@ -1331,6 +1896,11 @@ impl StateStore {
             postcard::to_allocvec(&(run.applied, &run.membership)).map_err(|e| StoreError::Encode(e.to_string()))?;
         run.batch.insert(keys::meta_key(group, generation), keys::encode_value(&state));
         self.inner.overlay.write(std::mem::take(&mut run.batch).0);
+        if !run.zero.is_empty() {
+            // With the deletes of their items, never before (a checkpoint zeroes them).
+            let mut to_zero = self.inner.to_zero.lock().unwrap_or_else(|p| p.into_inner());
+            to_zero.entry((group, generation)).or_default().append(&mut run.zero);
+        }
         run.dedupe.clear();
         run.cursors.clear();
         Ok(())
@@ -1359,10 +1929,8 @@ impl StateStore {
         // sled directly, without the overlay's gate: after that checkpoint the overlay holds
         // nothing of this group and nothing of it is applied meanwhile, so no batch lands in
         // this range during the scan, and other groups' checkpoints need not wait for it.
-        for item in self.inner.data.scan_prefix(keys::gen_prefix(group, generation)) {
-            let (k, v) = item?;
-            w.record(&k[keys::GEN_PREFIX_LEN..], &v)?;
-        }
+        let items = self.inner.data.scan_prefix(keys::gen_prefix(group, generation));
+        self.export(group, generation, items, |k, v| w.record(k, v))?;
         let data = w.finish()?;
         let path = tmp.with_extension("snap");
         self.publish_snapshot(rt, &meta, data.path(), &path, false)?;
@@ -1482,7 +2050,19 @@ impl StateStore {
             let mut key = Vec::with_capacity(keys::GEN_PREFIX_LEN + k.len());
             key.extend_from_slice(&new_prefix);
             key.extend_from_slice(&k);
-            keys::decode_key(&key).map_err(|e| corrupt_key(&key, e))?;
+            match keys::decode_key(&key).map_err(|e| corrupt_key(&key, e))? {
+                keys::Key::Run { .. } | keys::Key::Segs => {
+                    return Err(StoreError::Corrupt {
+                        what: data.path().display().to_string(),
+                        offset: 0,
+                        reason: format!(
+                            "snapshot carries a node's own item {} (runs and segment marks never travel)",
+                            hex(&key)
+                        ),
+                    })
+                }
+                _ => {}
+            }
             bytes += key.len() + v.len();
             n += 1;
             batch.insert(key, v);
@@ -1510,6 +2090,7 @@ impl StateStore {
         crash_point("after_switch", &self.inner.db);
         rt.generation.store(new, Ordering::Release);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
+        self.remove_segments(group, |g| g != new)?;
 
         let idx = meta.last_log_id.map_or(0, |l| l.index);
         let nanos = unix_nanos();
@@ -1549,6 +2130,8 @@ struct Run {
     /// Dedupe entries added in this run (sled does not see the batch until it is written).
     dedupe: HashMap<Vec<u8>, (u64, u64)>,
     cursors: HashMap<Vec<u8>, (u64, u64)>,
+    /// Erased runs `(segment, offset, bytes)` whose items this run deletes.
+    zero: Vec<runs::Stretch>,
 }
 
 /// One group's state machine: what openraft drives. Cheap to clone.

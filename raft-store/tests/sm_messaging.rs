@@ -111,7 +111,8 @@ impl Model {
                     mc.envs.insert(seq, (*m, now, expires));
                     mc.dedupe.insert(*m, (seq, now));
                     if mc.max_count > 0 && seq > mc.max_count {
-                        mc.envs.remove(&(seq - mc.max_count));
+                        // Only the newest max_count stay.
+                        mc.envs.retain(|s, _| *s > seq - mc.max_count);
                     }
                 }
             }
