@@ -360,6 +360,7 @@ impl Inner {
     /// the items back), then zeroes the runs' records.
     fn zero_erased(&self, done: &[ZeroList]) -> Result<(), StoreError> {
         self.data.flush()?;
+        checkpoint_crash_point("before_zeroing");
         for ((group, generation), stretches) in done {
             let segs = self.segments(*group, *generation)?;
             for &(segment, offset, bytes) in stretches {
@@ -455,6 +456,7 @@ impl Inner {
             }
             metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
             synced.push((group, generation, segs.sync()?));
+            checkpoint_crash_point("after_segments");
             i = end;
         }
         // Erasures applied before this checkpoint froze (they hold off checkpoints while
@@ -678,6 +680,16 @@ fn crash_point(point: &str, db: &sled::Db) {
     let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_IN_INSTALL").ok());
     if wanted.as_deref() == Some(point) {
         let _ = db.flush();
+        std::process::abort();
+    }
+}
+
+/// Crash-test hook of checkpoints, as [`crash_point`] with `HABAR_TEST_CRASH_IN_CHECKPOINT`,
+/// without flushing sled (a checkpoint's batch is not durable until sled flushes).
+fn checkpoint_crash_point(point: &str) {
+    static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_IN_CHECKPOINT").ok());
+    if wanted.as_deref() == Some(point) {
         std::process::abort();
     }
 }
@@ -1385,6 +1397,13 @@ impl StateStore {
             emit(&k[P..], &v)?;
         }
         Ok(())
+    }
+
+    /// How many items of `kind` (`keys::KIND_*`) sled holds for the group's active
+    /// generation (what checkpoints wrote; the overlay not included): for tests and checks.
+    pub fn sled_items_of_kind(&self, group: GroupId, kind: u8) -> Result<usize, StoreError> {
+        let generation = self.rt(group)?.generation.load(Ordering::Acquire);
+        Ok(self.inner.data.scan_prefix(keys::kind_prefix(group, generation, kind)).count())
     }
 
     /// Keys of the group in every generation (active or garbage): for tests and checks.

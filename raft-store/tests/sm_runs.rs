@@ -1,0 +1,277 @@
+//! Runs (`runs.rs`): checkpoints move envelopes that do not expire out of sled into the
+//! group's envelope segment. What every replica must still see the same, what erasure must
+//! leave behind (nothing), and what a crash inside a checkpoint must not lose.
+
+use std::path::Path;
+use std::path::PathBuf;
+
+use habar_raft_store::keys;
+use habar_raft_store::sm::Direction;
+use habar_raft_store::types::Command;
+use habar_raft_store::types::Entry;
+use habar_raft_store::types::EntryPayload;
+use habar_raft_store::types::LogId;
+use habar_raft_store::types::NewEnvelope;
+use habar_raft_store::GroupStateMachine;
+use habar_raft_store::SnapshotData;
+use habar_raft_store::StateStore;
+use openraft::storage::RaftStateMachine;
+use openraft::RaftSnapshotBuilder;
+
+const GROUP: u32 = 2;
+const SECRET: &[u8] = b"SECRET-CIPHERTEXT-MARKER";
+
+/// Envelope `n` of `conv`: every seventh expires (those stay sled items), the others do not;
+/// conversation "secret" carries the marker.
+fn env(conv: &str, n: u64) -> NewEnvelope {
+    let mut message_id = [0u8; 16];
+    message_id[..8].copy_from_slice(&n.to_be_bytes());
+    let ciphertext = if conv == "secret" {
+        [SECRET, &n.to_be_bytes()].concat()
+    } else {
+        vec![(n % 251) as u8; 20 + (n % 300) as usize]
+    };
+    NewEnvelope {
+        conversation_id: conv.to_string(),
+        message_id,
+        sender: format!("s{}", n % 3),
+        ciphertext: ciphertext.into(),
+        expires_at_ms: if n % 7 == 0 { u64::MAX / 2 } else { 0 },
+    }
+}
+
+/// Entries `first..first + n`, each appending four envelopes over five conversations.
+fn appends(first: u64, n: u64) -> Vec<Entry> {
+    (first..first + n)
+        .map(|i| {
+            let envelopes = (0..4)
+                .map(|k| {
+                    let c = match (i + k) % 5 {
+                        0 => "secret".to_string(),
+                        x => format!("c\u{0}{x}"),
+                    };
+                    env(&c, i * 10 + k)
+                })
+                .collect();
+            Entry {
+                log_id: LogId::new_term_index(1, i),
+                payload: EntryPayload::Normal(Command::Append { now_ms: 1_000 + i, envelopes }),
+            }
+        })
+        .collect()
+}
+
+fn erase(index: u64, conv: &str) -> Entry {
+    Entry {
+        log_id: LogId::new_term_index(1, index),
+        payload: EntryPayload::Normal(Command::DeleteConversation {
+            now_ms: 5_000,
+            conversation_id: conv.to_string(),
+            reset_seq: false,
+        }),
+    }
+}
+
+async fn apply(sm: &mut GroupStateMachine, es: Vec<Entry>) {
+    let stream = futures::stream::iter(es.into_iter().map(|e| Ok((e, None))));
+    sm.apply(stream).await.unwrap();
+}
+
+/// A store whose checkpoints happen only when the test asks.
+fn open(dir: &Path) -> StateStore {
+    let s = StateStore::open(dir, 8 << 20).unwrap();
+    s.set_checkpoint_interval(std::time::Duration::from_secs(3600));
+    s
+}
+
+/// Every conversation read forward in pages of 7 and backward in pages of 5.
+fn read_all(store: &StateStore) -> Vec<(String, Vec<(u64, Vec<u8>)>)> {
+    let mut out = Vec::new();
+    for c in ["secret", "c\u{0}1", "c\u{0}2", "c\u{0}3", "c\u{0}4"] {
+        let (mut fwd, mut from) = (Vec::new(), 1);
+        loop {
+            let p = store.read_page(GROUP, c, Direction::Forward, from, 7, 10_000).unwrap();
+            fwd.extend(p.envelopes.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())));
+            from = p.next;
+            if p.end {
+                break;
+            }
+        }
+        let (mut back, mut before) = (Vec::new(), 0);
+        loop {
+            let p = store.read_page(GROUP, c, Direction::Backward, before, 5, 10_000).unwrap();
+            back.extend(p.envelopes.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())));
+            before = p.next;
+            if p.end {
+                break;
+            }
+        }
+        back.reverse();
+        assert_eq!(fwd, back, "{c:?}: backward pages read the same envelopes as forward ones");
+        out.push((c.to_string(), fwd));
+    }
+    out
+}
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return hits };
+    for e in entries {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            hits.extend(files_containing(&p, needle));
+        } else if std::fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle) {
+            hits.push(p);
+        }
+    }
+    hits
+}
+
+/// Property: after checkpoints, sled holds no ENV item for an envelope that does not expire
+/// (one RUN item per conversation and checkpoint instead), and every read, the replica dump
+/// and a snapshot are the same as on a store that never checkpointed; a snapshot built from
+/// runs installs on another store to the same state.
+#[tokio::test]
+async fn runs_read_and_travel_like_items() {
+    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (with_runs, without) = (open(d1.path()), open(d2.path()));
+    let (mut a, mut b) = (with_runs.group(GROUP).unwrap(), without.group(GROUP).unwrap());
+    for round in 0..6 {
+        let es = appends(1 + round * 30, 30);
+        apply(&mut a, es.clone()).await;
+        apply(&mut b, es).await;
+        with_runs.checkpoint().unwrap();
+    }
+    let expiring = (1..181u64).flat_map(|i| (0..4).map(move |k| i * 10 + k)).filter(|n| n % 7 == 0).count();
+    assert_eq!(
+        with_runs.sled_items_of_kind(GROUP, keys::KIND_ENV).unwrap(),
+        expiring,
+        "only expiring envelopes stay items"
+    );
+    let runs = with_runs.sled_items_of_kind(GROUP, keys::KIND_RUN).unwrap();
+    assert!(runs > 0 && runs < 720 / 4, "{runs} runs for 720 envelopes");
+    assert_eq!(without.sled_items_of_kind(GROUP, keys::KIND_RUN).unwrap(), 0);
+
+    let reads = read_all(&with_runs);
+    assert_eq!(reads, read_all(&without), "reads from runs equal reads from items");
+    assert_eq!(reads.iter().map(|(_, e)| e.len()).sum::<usize>(), 720);
+    assert_eq!(with_runs.dump_group(GROUP).unwrap(), without.dump_group(GROUP).unwrap(), "replica dumps equal");
+    assert_eq!(with_runs.read(GROUP, "c\u{0}2", 40, 3).unwrap(), without.read(GROUP, "c\u{0}2", 40, 3).unwrap());
+
+    // A snapshot built from runs: installed elsewhere, the same state (as items there).
+    let snap = a.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
+    let target = open(d3.path());
+    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
+    target
+        .group(GROUP)
+        .unwrap()
+        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
+        .await
+        .unwrap();
+    assert_eq!(target.dump_group(GROUP).unwrap(), without.dump_group(GROUP).unwrap(), "installed from runs");
+    assert_eq!(read_all(&target), reads);
+
+    // Reopened: the runs are still where their items say.
+    drop((a, b));
+    drop(with_runs);
+    let again = open(d1.path());
+    assert_eq!(read_all(&again), reads, "after a reopen");
+}
+
+/// Property: an erasure leaves none of the conversation's ciphertext in the envelope
+/// segments once the checkpoint after it is written (its runs are zeroed in place), while
+/// every other conversation still reads back whole.
+#[tokio::test]
+async fn erasure_zeroes_the_conversations_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let mut sm = store.group(GROUP).unwrap();
+    apply(&mut sm, appends(1, 40)).await;
+    store.checkpoint().unwrap();
+    apply(&mut sm, appends(41, 40)).await;
+    store.checkpoint().unwrap();
+    let env_dir = dir.path().join("env");
+    assert!(!files_containing(&env_dir, SECRET).is_empty(), "the marker is in a segment before the erasure");
+    let before = read_all(&store);
+
+    apply(&mut sm, vec![erase(81, "secret")]).await;
+    store.checkpoint().unwrap();
+    assert_eq!(files_containing(&env_dir, SECRET), Vec::<PathBuf>::new(), "erased ciphertext left the segments");
+    let after = read_all(&store);
+    assert_eq!(after[0], ("secret".to_string(), Vec::new()));
+    assert_eq!(after[1..], before[1..], "other conversations are untouched");
+}
+
+const CRASH_POINTS: [&str; 2] = ["after_segments", "before_zeroing"];
+
+fn crash_child(dst: &Path, point: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = open(dst);
+        let mut sm = store.group(GROUP).unwrap();
+        apply(&mut sm, appends(1, 40)).await;
+        if point == "before_zeroing" {
+            store.checkpoint().unwrap();
+            apply(&mut sm, vec![erase(41, "secret")]).await;
+        }
+        store.checkpoint().unwrap();
+    });
+}
+
+/// Property: a crash inside a checkpoint (after its segment write and fdatasync but before
+/// its sled batch; after the batch of an erasure is flushed but before the erased runs are
+/// zeroed) loses nothing: after the reopen and the re-apply of the log from the durable
+/// applied id, reads equal those of a store that never crashed, and no erased ciphertext is
+/// left in the segments. The crash is a real `abort()` of a child process.
+#[test]
+fn a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes() {
+    if let (Ok(dst), Ok(point)) =
+        (std::env::var("HABAR_SM_RUNS_CRASH_DST"), std::env::var("HABAR_TEST_CRASH_IN_CHECKPOINT"))
+    {
+        crash_child(Path::new(&dst), &point);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for point in CRASH_POINTS {
+        let dst = dir.path().join(point);
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes",
+                "--test-threads=1",
+            ])
+            .env("HABAR_SM_RUNS_CRASH_DST", &dst)
+            .env("HABAR_TEST_CRASH_IN_CHECKPOINT", point)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "{point}: the child must have crashed");
+
+        let mut log = appends(1, 40);
+        if point == "before_zeroing" {
+            log.push(erase(41, "secret"));
+        }
+        let reference = open(&dir.path().join(format!("{point}-reference")));
+        rt.block_on(async {
+            apply(&mut reference.group(GROUP).unwrap(), log.clone()).await;
+            let store = open(&dst);
+            let durable = store.applied(GROUP).unwrap().map_or(0, |l| l.index);
+            let mut sm = store.group(GROUP).unwrap();
+            apply(&mut sm, log.into_iter().filter(|e| e.log_id.index > durable).collect()).await;
+            assert_eq!(read_all(&store), read_all(&reference), "{point}: reads after recovery");
+            store.checkpoint().unwrap();
+            assert_eq!(read_all(&store), read_all(&reference), "{point}: reads after the next checkpoint");
+            assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "{point}: dump");
+            if point == "before_zeroing" {
+                assert_eq!(
+                    files_containing(&dst.join("env"), SECRET),
+                    Vec::<PathBuf>::new(),
+                    "{point}: zeroed at open"
+                );
+            }
+        });
+    }
+}
