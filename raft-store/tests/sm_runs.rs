@@ -36,7 +36,7 @@ fn env(conv: &str, n: u64) -> NewEnvelope {
         message_id,
         sender: format!("s{}", n % 3),
         ciphertext: ciphertext.into(),
-        expires_at_ms: if n % 7 == 0 { u64::MAX / 2 } else { 0 },
+        expires_at_ms: if n.is_multiple_of(7) { u64::MAX / 2 } else { 0 },
     }
 }
 
@@ -84,8 +84,11 @@ fn open(dir: &Path) -> StateStore {
     s
 }
 
+/// `(seq, ciphertext)` of a conversation's envelopes.
+type Seqs = Vec<(u64, Vec<u8>)>;
+
 /// Every conversation read forward in pages of 7 and backward in pages of 5.
-fn read_all(store: &StateStore) -> Vec<(String, Vec<(u64, Vec<u8>)>)> {
+fn read_all(store: &StateStore) -> Vec<(String, Seqs)> {
     let mut out = Vec::new();
     for c in ["secret", "c\u{0}1", "c\u{0}2", "c\u{0}3", "c\u{0}4"] {
         let (mut fwd, mut from) = (Vec::new(), 1);
@@ -143,7 +146,7 @@ async fn runs_read_and_travel_like_items() {
         apply(&mut b, es).await;
         with_runs.checkpoint().unwrap();
     }
-    let expiring = (1..181u64).flat_map(|i| (0..4).map(move |k| i * 10 + k)).filter(|n| n % 7 == 0).count();
+    let expiring = (1..181u64).flat_map(|i| (0..4).map(move |k| i * 10 + k)).filter(|n| n.is_multiple_of(7)).count();
     assert_eq!(
         with_runs.sled_items_of_kind(GROUP, keys::KIND_ENV).unwrap(),
         expiring,
