@@ -292,12 +292,9 @@ impl Segments {
         for &seq in on_disk.iter().filter(|s| **s < keep_to) {
             sealed.insert(seq, None);
         }
-        // Sealed segments run without a gap up to the mark's (older ones may be gone).
-        if let Some(&first) = sealed.keys().next() {
-            if let Some(missing) = (first..keep_to).find(|s| !sealed.contains_key(s)) {
-                return Err(corrupt(missing, 0, "the checkpoint covers this segment but it is missing".into()));
-            }
-        }
+        // Sealed segments may have gaps: the owner deletes a segment once nothing it keeps
+        // points into it ([`Segments::remove`]), and checks itself that those it still
+        // points into exist ([`Segments::segments`]).
         let open_rw = |path: &Path| OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path));
         let active = match durable {
             Some(d) => {
@@ -605,6 +602,33 @@ impl Segments {
             }
         }
         Some(opened)
+    }
+
+    /// Deletes sealed segment `seq` (the caller knows nothing points into it any more, and
+    /// that this is durable) and fsyncs the directory. The active segment is never deleted.
+    pub fn remove(&self, seq: u64) -> Result<(), StoreError> {
+        let path = segment_path(&self.dir, seq);
+        {
+            let mut st = self.lock();
+            if seq == st.active.seq {
+                return Err(StoreError::Corrupt {
+                    what: path.display().to_string(),
+                    offset: 0,
+                    reason: "refusing to delete the active envelope segment".into(),
+                });
+            }
+            if st.sealed.remove(&seq).is_none() {
+                return Ok(());
+            }
+            st.opened.retain(|s| *s != seq);
+        }
+        fs::remove_file(&path).map_err(io_err(&path))?;
+        crate::repair::sync_dir(&self.dir)
+    }
+
+    /// The active segment's seq.
+    pub fn active(&self) -> u64 {
+        self.lock().active.seq
     }
 
     /// The segments on disk, oldest first (the active one last).

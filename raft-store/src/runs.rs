@@ -9,12 +9,14 @@
 //!              format u8 (= 2) | seq u64 LE | the envelope's sled value as it was (ENV value)
 //! SEGS value = format u8 (= 1) | has mark u8 | [segment u64 BE | end u64 BE] (the segments'
 //!              durable mark) | n u32 BE | n x (segment u64 BE | offset u64 BE | bytes u32 BE)
-//!              (erased runs to zero)
+//!              (erased runs to zero) | m u32 BE | m x (segment u64 BE | RUN items in it u64 BE)
 //! ```
 //! A run's records hold the seqs `first_seq .. first_seq + count`, in order, where
 //! `first_seq` is in the RUN key. A run whose bytes are all zero was erased
 //! (`Segments::zero`) after its RUN item was deleted; a reader that still found the item
 //! (a crash before the deletion reached sled, replayed later) reads it as removed.
+
+use std::collections::BTreeMap;
 
 use crate::envseg::Durable;
 use crate::frame;
@@ -124,7 +126,13 @@ pub struct SegsState {
     pub mark: Option<Durable>,
     /// `(segment, offset, bytes)`.
     pub to_zero: Vec<Stretch>,
+    /// segment -> how many RUN items point into it (segments with none are not listed:
+    /// they can be deleted, all but the active one).
+    pub live: BTreeMap<u64, u64>,
 }
+
+/// At most this many segments with live runs per group (64 MiB each by default: 64 TiB).
+pub const MAX_LIVE_SEGMENTS: usize = 1 << 20;
 
 /// At most this many stretches to zero in one SEGS value (an erasure of a conversation with
 /// more runs zeroes them over several checkpoints).
@@ -147,6 +155,11 @@ pub fn encode_segs(s: &SegsState) -> Vec<u8> {
         b.extend_from_slice(&off.to_be_bytes());
         b.extend_from_slice(&len.to_be_bytes());
     }
+    b.extend_from_slice(&(s.live.len() as u32).to_be_bytes());
+    for (seg, n) in &s.live {
+        b.extend_from_slice(&seg.to_be_bytes());
+        b.extend_from_slice(&n.to_be_bytes());
+    }
     keys::encode_value(&b)
 }
 
@@ -165,19 +178,31 @@ pub fn decode_segs(v: &[u8]) -> Result<SegsState, keys::DecodeError> {
         Some(0) => (None, 2),
         _ => return Err(bad("bad mark flag")),
     };
-    let n: [u8; 4] = b.get(i..i + 4).and_then(|s| s.try_into().ok()).ok_or_else(|| bad("too short"))?;
-    let n = u32::from_be_bytes(n) as usize;
+    let u32_at = |i: usize| -> Result<usize, keys::DecodeError> {
+        let s: [u8; 4] = b.get(i..i + 4).and_then(|s| s.try_into().ok()).ok_or_else(|| bad("too short"))?;
+        Ok(u32::from_be_bytes(s) as usize)
+    };
+    let n = u32_at(i)?;
     i += 4;
-    if n > MAX_TO_ZERO || b.len() != i + n * 20 {
+    if n > MAX_TO_ZERO || b.len() < i + n * 20 {
         return Err(bad(&format!("{} bytes for {n} stretches to zero", b.len())));
     }
     let mut to_zero = Vec::with_capacity(n);
     for _ in 0..n {
-        let len: [u8; 4] = b.get(i + 16..i + 20).and_then(|s| s.try_into().ok()).ok_or_else(|| bad("too short"))?;
-        to_zero.push((u64_at(i)?, u64_at(i + 8)?, u32::from_be_bytes(len)));
+        to_zero.push((u64_at(i)?, u64_at(i + 8)?, u32_at(i + 16)? as u32));
         i += 20;
     }
-    Ok(SegsState { mark, to_zero })
+    let n = u32_at(i)?;
+    i += 4;
+    if n > MAX_LIVE_SEGMENTS || b.len() != i + n * 16 {
+        return Err(bad(&format!("{} bytes for {n} live segments", b.len())));
+    }
+    let mut live = BTreeMap::new();
+    for _ in 0..n {
+        live.insert(u64_at(i)?, u64_at(i + 8)?);
+        i += 16;
+    }
+    Ok(SegsState { mark, to_zero, live })
 }
 
 #[cfg(test)]
@@ -205,7 +230,11 @@ mod tests {
         assert_eq!(r.last_seq(7), 9);
         for s in [
             SegsState::default(),
-            SegsState { mark: Some(Durable { segment: 2, end: 999 }), to_zero: vec![(2, 40, 77), (3, 32, 1)] },
+            SegsState {
+                mark: Some(Durable { segment: 2, end: 999 }),
+                to_zero: vec![(2, 40, 77), (3, 32, 1)],
+                live: [(1, 5), (2, 1)].into_iter().collect(),
+            },
         ] {
             assert_eq!(decode_segs(&encode_segs(&s)), Ok(s));
         }

@@ -13,6 +13,7 @@
 //! built, because openraft purges the log behind a snapshot, and before and around the
 //! generation switch of an install.
 
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::fs;
@@ -276,9 +277,16 @@ struct Inner {
     /// Each group's (and generation's) envelope segments, opened on first use.
     segs: Mutex<HashMap<(GroupId, u32), Arc<Segments>>>,
     seg_cfg: SegConfig,
+    /// Segments roll at this size (default `SegConfig`'s; tests set it small).
+    env_segment_bytes: AtomicU64,
     /// Erased runs `(segment, offset, bytes)` per group and generation, to be zeroed once a
     /// checkpoint that deleted their items (and lists them in its SEGS item) is flushed.
     to_zero: Mutex<ZeroLists>,
+    /// Per group and generation: segment -> RUN items pointing into it, as the last
+    /// checkpoint wrote it (its SEGS item); loaded when the segments are opened.
+    live: Mutex<HashMap<(GroupId, u32), BTreeMap<u64, u64>>>,
+    /// Segments of RUN items that applies deleted since the last checkpoint froze.
+    dropped: Mutex<HashMap<(GroupId, u32), Vec<u64>>>,
 }
 
 impl Inner {
@@ -305,14 +313,14 @@ impl Inner {
             return Err(StoreError::Checkpoint(e));
         }
         let started = Instant::now();
-        let mut zero = Vec::new();
+        let mut after = After::default();
         let done = self.overlay.checkpoint_with(
             &self.data,
-            |frozen, redone| self.checkpoint_batch(frozen, redone, &mut zero),
+            |frozen, redone| self.checkpoint_batch(frozen, redone, &mut after),
             flush,
         );
         let done = match done {
-            Ok(writes) if !zero.is_empty() => self.zero_erased(&zero).map(|()| writes),
+            Ok(writes) => self.after_checkpoint(after).map(|()| writes),
             other => other,
         };
         let took = started.elapsed();
@@ -347,21 +355,42 @@ impl Inner {
             None => runs::SegsState::default(),
         };
         let dir = self.env_dir.join(format!("g{group}-gen{generation}"));
-        let s = Arc::new(Segments::open(&dir, group, generation, state.mark, self.seg_cfg.clone())?);
+        let cfg = SegConfig { segment_bytes: self.env_segment_bytes.load(Ordering::Relaxed), ..self.seg_cfg.clone() };
+        let s = Arc::new(Segments::open(&dir, group, generation, state.mark, cfg)?);
         // Erased runs the last checkpoint listed may not have been zeroed before a crash.
         for &(segment, offset, bytes) in &state.to_zero {
             s.zero(segment, offset, bytes as usize)?;
         }
+        // Every segment a RUN item points into must be here; one none points into goes (a
+        // crash after the checkpoint that emptied it, before the deletion).
+        let on_disk = s.segments();
+        if let Some(missing) = state.live.keys().find(|seg| !on_disk.contains(seg)) {
+            return Err(StoreError::Corrupt {
+                what: dir.join(format!("{missing:020}.env")).display().to_string(),
+                offset: 0,
+                reason: "runs point into this envelope segment but it is missing".into(),
+            });
+        }
+        for seg in on_disk {
+            if seg != s.active() && !state.live.contains_key(&seg) {
+                s.remove(seg)?;
+            }
+        }
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert((group, generation), state.live);
         segs.insert((group, generation), s.clone());
         Ok(s)
     }
 
-    /// After a checkpoint that deleted erased runs' items: flushes sled (so no crash brings
-    /// the items back), then zeroes the runs' records.
-    fn zero_erased(&self, done: &[ZeroList]) -> Result<(), StoreError> {
+    /// After a checkpoint's batch landed: if it deleted erased runs' items or emptied
+    /// segments, flushes sled (so no crash brings the items back), then zeroes the runs'
+    /// records and deletes the empty segments.
+    fn after_checkpoint(&self, after: After) -> Result<(), StoreError> {
+        if after.zero.is_empty() && after.delete.is_empty() {
+            return Ok(());
+        }
         self.data.flush()?;
         checkpoint_crash_point("before_zeroing");
-        for ((group, generation), stretches) in done {
+        for ((group, generation), stretches) in &after.zero {
             let segs = self.segments(*group, *generation)?;
             for &(segment, offset, bytes) in stretches {
                 segs.zero(segment, offset, bytes as usize)?;
@@ -372,6 +401,13 @@ impl Inner {
                 if left.is_empty() {
                     to_zero.remove(&(*group, *generation));
                 }
+            }
+        }
+        for ((group, generation), empty) in after.delete {
+            let segs = self.segments(group, generation)?;
+            for seg in empty {
+                segs.remove(seg)?;
+                metrics::counter!("habar_sm_env_segments_deleted_total").increment(1);
             }
         }
         Ok(())
@@ -385,12 +421,13 @@ impl Inner {
         &self,
         frozen: &Pending,
         redone: &HashSet<Vec<u8>>,
-        zero: &mut Vec<ZeroList>,
+        after: &mut After,
     ) -> Result<sled::Batch, StoreError> {
         let mut batch = sled::Batch::default();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
+        let mut added_runs: HashMap<(GroupId, u32), Vec<u64>> = HashMap::new();
         for (k, v) in frozen.iter() {
             match v {
                 Some(v) => match moves_to_a_run(k, v) {
@@ -450,34 +487,62 @@ impl Inner {
             let segs = self.segments(group, generation)?;
             let blobs: Vec<&[u8]> = planned.iter().map(|(_, r, _)| &buf[r.clone()]).collect();
             let at = segs.append_blobs(&blobs)?;
+            let added = added_runs.entry((group, generation)).or_default();
             for ((key, range, count), (segment, offset)) in planned.iter().zip(at) {
                 let r = RunRef { segment, offset, bytes: range.len() as u32, count: *count };
                 batch.insert(key.as_slice(), r.encode());
+                added.push(segment);
             }
             metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
             synced.push((group, generation, segs.sync()?));
             checkpoint_crash_point("after_segments");
             i = end;
         }
-        // Erasures applied before this checkpoint froze (they hold off checkpoints while
-        // they run, so their RUN deletes are in `frozen`): their runs are listed in SEGS now
-        // and zeroed once this batch is flushed.
+        // Erasures and retention applied before this checkpoint froze (they hold off
+        // checkpoints while they run, so their RUN deletes are in `frozen`): the segments of
+        // the deleted runs count one less; erased runs are listed in SEGS now and zeroed once
+        // this batch is flushed.
+        let dropped = std::mem::take(&mut *self.dropped.lock().unwrap_or_else(|p| p.into_inner()));
         let to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
-        for (&(group, generation), _) in to_zero.iter() {
+        for &(group, generation) in to_zero.keys().chain(dropped.keys()) {
             if !synced.iter().any(|(g, n, _)| (*g, *n) == (group, generation)) {
                 synced.push((group, generation, self.segments(group, generation)?.sync()?));
             }
         }
         for (group, generation, mark) in synced {
-            let listed: Vec<runs::Stretch> = to_zero
-                .get(&(group, generation))
-                .map(|z| z.iter().take(runs::MAX_TO_ZERO).copied().collect())
-                .unwrap_or_default();
-            let state = runs::SegsState { mark: Some(mark), to_zero: listed.clone() };
+            let at = (group, generation);
+            let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner()).get(&at).cloned().unwrap_or_default();
+            for seg in added_runs.get(&at).into_iter().flatten() {
+                *live.entry(*seg).or_insert(0) += 1;
+            }
+            let mut emptied = Vec::new();
+            for seg in dropped.get(&at).into_iter().flatten() {
+                let n = live.get_mut(seg).ok_or_else(|| StoreError::Corrupt {
+                    what: format!("envelope segment {seg} of group {group} generation {generation}"),
+                    offset: 0,
+                    reason: "a run in it was deleted but the segment counts no runs".into(),
+                })?;
+                *n -= 1;
+                if *n == 0 {
+                    live.remove(seg);
+                    if *seg != mark.segment {
+                        emptied.push(*seg);
+                    }
+                }
+            }
+            let listed: Vec<runs::Stretch> =
+                to_zero.get(&at).map(|z| z.iter().take(runs::MAX_TO_ZERO).copied().collect()).unwrap_or_default();
+            let state = runs::SegsState { mark: Some(mark), to_zero: listed.clone(), live: live.clone() };
             batch.insert(keys::segs_key(group, generation), runs::encode_segs(&state));
             if !listed.is_empty() {
-                zero.push(((group, generation), listed));
+                after.zero.push((at, listed));
             }
+            if !emptied.is_empty() {
+                after.delete.push((at, emptied));
+            }
+            // Recorded now, under the checkpoint's lock, so the next checkpoint counts from
+            // here (if this batch fails, no checkpoint follows: the node stops applying).
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(at, live);
         }
         Ok(batch)
     }
@@ -520,6 +585,15 @@ fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
             let _ = inner.checkpoint(false);
         }
     }
+}
+
+/// What a checkpoint does after its batch landed (`Inner::after_checkpoint`).
+#[derive(Default)]
+struct After {
+    /// Erased runs to zero.
+    zero: Vec<ZeroList>,
+    /// Segments no run points into any more, to delete.
+    delete: Vec<((GroupId, u32), Vec<u64>)>,
 }
 
 /// The seq of an envelope a checkpoint moves into a run: an ENV item whose envelope does
@@ -754,7 +828,10 @@ impl StateStore {
                 env_dir: dir.join("env"),
                 segs: Mutex::new(HashMap::new()),
                 seg_cfg: SegConfig::default(),
+                env_segment_bytes: AtomicU64::new(SegConfig::default().segment_bytes),
                 to_zero: Mutex::new(HashMap::new()),
+                live: Mutex::new(HashMap::new()),
+                dropped: Mutex::new(HashMap::new()),
             }),
         };
         store.remove_inactive_generations()?;
@@ -1310,6 +1387,12 @@ impl StateStore {
         self.inner.checkpoint_interval_ms.store(ms, Ordering::Relaxed);
     }
 
+    /// The size at which envelope segments opened from now on roll (default 64 MiB): tests
+    /// set it small to see segments come and go.
+    pub fn set_env_segment_bytes(&self, bytes: u64) {
+        self.inner.env_segment_bytes.store(bytes, Ordering::Relaxed);
+    }
+
     /// Writes a checkpoint now (everything applied so far goes to sled, not fsynced).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
         self.inner.checkpoint(false)
@@ -1783,6 +1866,7 @@ impl StateStore {
         if zero {
             run.zero.extend(gone.iter().map(|(_, r)| (r.segment, r.offset, r.bytes)));
         }
+        run.dropped.extend(gone.iter().map(|(_, r)| r.segment));
         for (k, _) in gone {
             run.batch.remove(k);
         }
@@ -1919,6 +2003,10 @@ impl StateStore {
             // With the deletes of their items, never before (a checkpoint zeroes them).
             let mut to_zero = self.inner.to_zero.lock().unwrap_or_else(|p| p.into_inner());
             to_zero.entry((group, generation)).or_default().append(&mut run.zero);
+        }
+        if !run.dropped.is_empty() {
+            let mut dropped = self.inner.dropped.lock().unwrap_or_else(|p| p.into_inner());
+            dropped.entry((group, generation)).or_default().append(&mut run.dropped);
         }
         run.dedupe.clear();
         run.cursors.clear();
@@ -2151,6 +2239,8 @@ struct Run {
     cursors: HashMap<Vec<u8>, (u64, u64)>,
     /// Erased runs `(segment, offset, bytes)` whose items this run deletes.
     zero: Vec<runs::Stretch>,
+    /// Segments of the runs whose items this run deletes.
+    dropped: Vec<u64>,
 }
 
 /// One group's state machine: what openraft drives. Cheap to clone.
