@@ -390,13 +390,15 @@ async fn retention_and_erasure_apply_on_every_replica_and_leave_no_bytes_in_wal_
     assert_eq!(missing.code(), tonic::Code::NotFound);
     assert!(missing.message().contains("never-existed"), "{}", missing.message());
 
-    // Compaction after the erasure: the WAL and snapshot files of every node lose the bytes.
+    // Compaction after the erasure: the WAL, snapshot and envelope segment files of every
+    // node lose the bytes.
     let start = Instant::now();
     loop {
         let mut left = Vec::new();
         for n in &cluster.nodes {
             left.extend(files_containing(&n.node.cfg.data_dir.join("wal"), marker));
             left.extend(files_containing(&n.node.cfg.data_dir.join("sm").join("snapshots"), marker));
+            left.extend(files_containing(&n.node.cfg.data_dir.join("sm").join("env"), marker));
         }
         if left.is_empty() {
             break;

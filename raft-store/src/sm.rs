@@ -69,10 +69,11 @@ use crate::types::StoredMembership;
 use crate::types::TypeConfig;
 use crate::types::MESSAGE_ID_LEN;
 
-/// Default sled page cache. sled's RAM use is several times this. 96 MiB since the
-/// checkpointed overlay (which costs ~60 MiB more per node under load, measured): the same
-/// peak RSS as 128 MiB before it, and no throughput lost (docs/BENCHMARKS.md).
-pub const DEFAULT_CACHE_CAPACITY: u64 = 96 << 20;
+/// Default sled page cache. sled's RAM use is several times this, and more so the smaller its
+/// items: since envelope bodies moved into runs (step 2b), sled holds mostly small items and
+/// 96 MiB grew the one-to-one run's peak RSS to ~370 MiB; 48 MiB: 263-268 MiB and no
+/// closed-loop throughput lost (docs/BENCHMARKS.md, "Runs").
+pub const DEFAULT_CACHE_CAPACITY: u64 = 48 << 20;
 /// Bound on the records of one sled batch while installing a snapshot.
 const INSTALL_BATCH_RECORDS: usize = 2048;
 /// Where damaged snapshot files go, beside `snapshots/` (never read again).
