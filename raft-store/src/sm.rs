@@ -516,7 +516,6 @@ impl Inner {
             for seg in added_runs.get(&at).into_iter().flatten() {
                 *live.entry(*seg).or_insert(0) += 1;
             }
-            let mut emptied = Vec::new();
             for seg in dropped.get(&at).into_iter().flatten() {
                 let n = live.get_mut(seg).ok_or_else(|| StoreError::Corrupt {
                     what: format!("envelope segment {seg} of group {group} generation {generation}"),
@@ -526,11 +525,16 @@ impl Inner {
                 *n -= 1;
                 if *n == 0 {
                     live.remove(seg);
-                    if *seg != mark.segment {
-                        emptied.push(*seg);
-                    }
                 }
             }
+            // Every sealed segment no run points into (also one that emptied while it was
+            // still the active one).
+            let emptied: Vec<u64> = self
+                .segments(group, generation)?
+                .segments()
+                .into_iter()
+                .filter(|seg| *seg < mark.segment && !live.contains_key(seg))
+                .collect();
             let listed: Vec<runs::Stretch> =
                 to_zero.get(&at).map(|z| z.iter().take(runs::MAX_TO_ZERO).copied().collect()).unwrap_or_default();
             let state = runs::SegsState { mark: Some(mark), to_zero: listed.clone(), live: live.clone() };
@@ -890,7 +894,11 @@ impl StateStore {
                 .and_then(|g| g.parse::<u32>().ok());
             let Some(generation) = generation else { continue };
             if which(generation) {
-                self.inner.segs.lock().unwrap_or_else(|p| p.into_inner()).remove(&(group, generation));
+                let at = (group, generation);
+                self.inner.segs.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
+                self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
+                self.inner.to_zero.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
+                self.inner.dropped.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
                 fs::remove_dir_all(&path).map_err(io_err(&path))?;
                 removed = true;
             }
@@ -1071,6 +1079,41 @@ impl StateStore {
         Ok(merge_recs(items, in_runs, forward, n))
     }
 
+    /// The lowest seq a read can find (0: none), from the items' and runs' keys alone (a
+    /// run's seqs are dense: its first one at or above `removed_below` is readable).
+    fn first_seq(&self, (group, generation): (GroupId, u32), conv: &[u8], meta: &ConvMeta) -> Result<u64, StoreError> {
+        let lo = meta.first_kept();
+        let data = &*self.inner;
+        let end = keys::env_key(group, generation, conv, u64::MAX);
+        let item = match data.range(keys::env_key(group, generation, conv, lo)..=end).next() {
+            Some(kv) => Some(env_seq(&kv?.0)?),
+            None => None,
+        };
+        // The last run that starts at or below `lo` may still hold it; else the next one.
+        let mut in_runs = None;
+        let below = data
+            .range_rev(keys::run_key(group, generation, conv, 0)..=keys::run_key(group, generation, conv, lo))
+            .next();
+        if let Some(kv) = below {
+            let (k, v) = kv?;
+            let r = RunRef::decode(&v).map_err(|e| corrupt_key(&k, e))?;
+            if r.last_seq(run_first_seq(&k)?) >= lo {
+                in_runs = Some(lo);
+            }
+        }
+        if in_runs.is_none() && lo < u64::MAX {
+            let after =
+                keys::run_key(group, generation, conv, lo + 1)..=keys::run_key(group, generation, conv, u64::MAX);
+            if let Some(kv) = data.range(after).next() {
+                in_runs = Some(run_first_seq(&kv?.0)?);
+            }
+        }
+        Ok(match (item, in_runs) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(0),
+        })
+    }
+
     /// A run's records as `(seq, ENV value)`, checked; none if the run was erased.
     fn read_run(
         &self,
@@ -1132,10 +1175,7 @@ impl StateStore {
         self.at_stable_generation(group, |generation| {
             let meta = self.conv_meta_at(group, generation, conversation_id.as_bytes())?.unwrap_or_default();
             let last_seq = meta.last_seq;
-            let first_seq = match self.gather((group, generation), conversation_id, &meta, 1, true, 1)?.first() {
-                Some(r) => r.seq,
-                None => 0,
-            };
+            let first_seq = self.first_seq((group, generation), conversation_id.as_bytes(), &meta)?;
             let mut page = ReadPage { last_seq, first_seq, ..ReadPage::default() };
             let forward = direction == Direction::Forward;
             // `expected`: the next seq this read accounts for, in its direction.
