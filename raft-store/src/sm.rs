@@ -1852,20 +1852,40 @@ impl StateStore {
     ) -> Result<(u64, bool), StoreError> {
         let (group, generation) = (run.group, run.generation);
         let conv = conversation_id.as_bytes();
-        let mut n = 0;
-        let mut more = false;
-        let mut removed_below = meta.removed_below;
-        let mut cursor = meta.first_kept();
-        'scan: loop {
+        let (n, removed_below, more) = self.remove_oldest(run, conversation_id, meta, budget, |r| {
+            meta.retention_removes(r.seq, r.env.committed_at_ms, now_ms)
+        })?;
+        if removed_below > meta.removed_below {
+            let m = ConvMeta { removed_below, ..*meta };
+            run.batch.insert(keys::conv_key(group, generation, conv), m.encode());
+        }
+        self.drop_below(run, conv, removed_below, false)?;
+        Ok((n, more))
+    }
+
+    /// Removes the conversation's oldest envelopes while `removes` says so, at most `budget`:
+    /// deletes those that are items; returns how many, the `removed_below` that hides them
+    /// (in runs or not), and whether it stopped at the budget with more to remove.
+    fn remove_oldest(
+        &self,
+        run: &mut Run,
+        conversation_id: &str,
+        meta: &ConvMeta,
+        budget: u64,
+        removes: impl Fn(&Rec) -> bool,
+    ) -> Result<(u64, u64, bool), StoreError> {
+        let (group, generation) = (run.group, run.generation);
+        let conv = conversation_id.as_bytes();
+        let (mut n, mut removed_below, mut cursor) = (0u64, meta.removed_below, meta.first_kept());
+        loop {
             let recs = self.gather((group, generation), conversation_id, meta, cursor, true, READ_CHUNK)?;
             let got = recs.len();
             for r in recs {
-                if !meta.retention_removes(r.seq, r.env.committed_at_ms, now_ms) {
-                    break 'scan;
+                if !removes(&r) {
+                    return Ok((n, removed_below, false));
                 }
                 if n >= budget {
-                    more = true;
-                    break 'scan;
+                    return Ok((n, removed_below, true));
                 }
                 if r.item {
                     Self::remove_envelope(&mut run.batch, group, generation, conv, &r.env);
@@ -1875,15 +1895,9 @@ impl StateStore {
                 n += 1;
             }
             if got < READ_CHUNK {
-                break;
+                return Ok((n, removed_below, false));
             }
         }
-        if removed_below > meta.removed_below {
-            let m = ConvMeta { removed_below, ..*meta };
-            run.batch.insert(keys::conv_key(group, generation, conv), m.encode());
-        }
-        self.drop_below(run, conv, removed_below, false)?;
-        Ok((n, more))
     }
 
     /// Deletes what a read can no longer find below `removed_below`: the conversation's
@@ -1941,29 +1955,10 @@ impl StateStore {
         let meta = self.conv_meta_at(group, generation, conv)?;
         let m = meta.unwrap_or_default();
         let mut budget = budget.max(1);
-        let (mut envelopes, mut cursors, mut more) = (0u64, 0u64, false);
-        let mut removed_below = m.removed_below;
-        let mut cursor = m.first_kept();
-        'scan: loop {
-            let recs = self.gather((group, generation), conversation_id, &m, cursor, true, READ_CHUNK)?;
-            let got = recs.len();
-            for r in recs {
-                if budget == 0 {
-                    more = true;
-                    break 'scan;
-                }
-                if r.item {
-                    Self::remove_envelope(&mut run.batch, group, generation, conv, &r.env);
-                }
-                removed_below = r.seq + 1;
-                cursor = r.seq + 1;
-                envelopes += 1;
-                budget -= 1;
-            }
-            if got < READ_CHUNK {
-                break;
-            }
-        }
+        let (envelopes, mut removed_below, mut more) =
+            self.remove_oldest(run, conversation_id, &m, budget, |_| true)?;
+        budget -= envelopes;
+        let mut cursors = 0u64;
         if !more {
             // Everything is gone: nothing below the last seq can be read any more.
             removed_below = removed_below.max(m.last_seq + 1);
