@@ -3,7 +3,7 @@
 //! Per group it keeps, under its active generation (see `keys.rs`): each conversation's last
 //! `seq`, every envelope under (conversation, seq), and the last applied log id with the
 //! membership. Applies write into an in-memory overlay (`overlay.rs`); a checkpoint (at
-//! least every 100 ms, on the `habar-sm-checkpoint` thread) moves it to sled in one atomic
+//! least every 300 ms, on the `habar-sm-checkpoint` thread) moves it to sled in one atomic
 //! batch that carries the applied log ids with the data, so sled is always the state at the
 //! applied id it stores, and a crash never leaves data and applied state apart.
 //!
@@ -563,13 +563,16 @@ impl Inner {
     }
 }
 
-/// A checkpoint is written at least this often while anything is pending. Short, because
-/// sled's `apply_batch` holds a process-wide lock that every sled read waits for: one big
-/// batch a second stalled applies for hundreds of ms (measured: closed-loop p99 doubled, and
-/// peak RSS went from ~185 to ~400 MiB with 1 s / 16 MiB).
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+/// A checkpoint is written at least this often while anything is pending. Not long, because
+/// sled's `apply_batch` holds a process-wide lock that every sled read waits for: the longer
+/// the interval, the longer those stalls (closed-loop p99 ~100 ms at 100 ms, ~140 at 300,
+/// ~200 at 500, ~300 at 1 s) and the more memory (peak RSS ~250 MiB at 300 ms, ~365 at 1 s).
+/// Not short either: a checkpoint writes each conversation it touched once (its CONV item
+/// and its run), so longer intervals write fewer items per envelope: 300 ms / 4 MiB gave
+/// +24-42% closed-loop throughput over 100 ms / 1 MiB with runs (docs/BENCHMARKS.md, "Runs").
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(300);
 /// ... or as soon as the overlay holds this many bytes.
-pub const CHECKPOINT_BYTES: usize = 1 << 20;
+pub const CHECKPOINT_BYTES: usize = 4 << 20;
 /// An apply that finds the overlay this full writes a checkpoint itself before it goes on
 /// (back-pressure when sled falls behind: the overlay's memory stays bounded).
 const OVERLAY_MAX_BYTES: usize = 2 * CHECKPOINT_BYTES;
