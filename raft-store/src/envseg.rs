@@ -454,22 +454,37 @@ impl Segments {
         Ok(buf)
     }
 
-    /// Overwrites `len` bytes at `offset` of segment `segment` with zeros and fdatasyncs it:
-    /// an erasure's envelopes leave the file at once (SECURITY.md). Offsets of other records
-    /// do not move.
-    pub fn zero(&self, segment: u64, offset: u64, len: usize) -> Result<(), StoreError> {
-        let path = segment_path(&self.dir, segment);
-        if offset < HEADER_LEN as u64 {
-            return Err(StoreError::Corrupt {
-                what: path.display().to_string(),
-                offset,
-                reason: "refusing to zero a segment header".into(),
-            });
+    /// Overwrites each stretch `(segment, offset, bytes)` with zeros, one fdatasync per
+    /// segment: an erasure's envelopes leave the file (SECURITY.md). Offsets of other records
+    /// do not move. A stretch in a segment that is gone (deleted since) has nothing to zero.
+    pub fn zero_all(&self, stretches: &[(u64, u64, u32)]) -> Result<(), StoreError> {
+        let mut by_segment: BTreeMap<u64, Vec<(u64, u32)>> = BTreeMap::new();
+        for &(segment, offset, bytes) in stretches {
+            by_segment.entry(segment).or_default().push((offset, bytes));
         }
-        let file = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
-        let zeros = vec![0u8; len];
-        std::os::unix::fs::FileExt::write_all_at(&file, &zeros, offset).map_err(io_err(&path))?;
-        file.sync_data().map_err(io_err(&path))?;
+        for (segment, parts) in by_segment {
+            let path = segment_path(&self.dir, segment);
+            let known = {
+                let st = self.lock();
+                st.active.seq == segment || st.sealed.contains_key(&segment)
+            };
+            if !known {
+                continue;
+            }
+            let file = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+            for (offset, bytes) in parts {
+                if offset < HEADER_LEN as u64 {
+                    return Err(StoreError::Corrupt {
+                        what: path.display().to_string(),
+                        offset,
+                        reason: "refusing to zero a segment header".into(),
+                    });
+                }
+                let zeros = vec![0u8; bytes as usize];
+                std::os::unix::fs::FileExt::write_all_at(&file, &zeros, offset).map_err(io_err(&path))?;
+            }
+            file.sync_data().map_err(io_err(&path))?;
+        }
         Ok(())
     }
 

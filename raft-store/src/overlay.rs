@@ -176,8 +176,9 @@ impl Overlay {
             |frozen, _| {
                 let mut batch = plain_batch(frozen);
                 extra(&mut batch);
-                Ok::<_, sled::Error>(batch)
+                Ok::<_, sled::Error>((batch, ()))
             },
+            |()| Ok(()),
             flush,
         )
     }
@@ -190,10 +191,14 @@ impl Overlay {
     /// `build` also gets the keys whose frozen put replaced a delete that never reached sled
     /// (a key deleted and written again between two checkpoints): a builder that leaves such
     /// a put out of the batch must delete the key in it, or sled's older value would stay.
-    pub fn checkpoint_with<E: From<sled::Error>>(
+    ///
+    /// `after` runs once the batch landed (and sled is flushed, if `flush`), still before
+    /// any other checkpoint can start, with what `build` handed it.
+    pub fn checkpoint_with<A, E: From<sled::Error>>(
         &self,
         tree: &sled::Tree,
-        build: impl FnOnce(&Pending, &HashSet<Vec<u8>>) -> Result<sled::Batch, E>,
+        build: impl FnOnce(&Pending, &HashSet<Vec<u8>>) -> Result<(sled::Batch, A), E>,
+        after: impl FnOnce(A) -> Result<(), E>,
         flush: bool,
     ) -> Result<usize, E> {
         let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
@@ -218,7 +223,7 @@ impl Overlay {
             l.frozen_redone.extend(active_redone);
             (frozen, l.frozen_redone.clone())
         };
-        let batch = build(&frozen, &redone)?;
+        let (batch, then) = build(&frozen, &redone)?;
         self.exclusive(|| tree.apply_batch(batch))?;
         if flush {
             tree.flush()?;
@@ -228,6 +233,7 @@ impl Overlay {
             l.frozen = None;
             l.frozen_redone.clear();
         }
+        after(then)?;
         Ok(frozen.len())
     }
 

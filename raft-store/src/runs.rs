@@ -37,6 +37,8 @@ const SEGS_FORMAT: u8 = 1;
 pub const MAX_RUN_BYTES: usize = 64 << 10;
 /// `format | seq`.
 const RECORD_HEAD: usize = 1 + 8;
+/// What a run record adds to the ENV value it carries: its frame and head.
+pub const RECORD_OVERHEAD: usize = frame::FRAME_LEN + RECORD_HEAD;
 
 /// Where a run lies (the RUN item's value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,9 +136,9 @@ pub struct SegsState {
 /// At most this many segments with live runs per group (64 MiB each by default: 64 TiB).
 pub const MAX_LIVE_SEGMENTS: usize = 1 << 20;
 
-/// At most this many stretches to zero in one SEGS value (an erasure of a conversation with
-/// more runs zeroes them over several checkpoints).
-pub const MAX_TO_ZERO: usize = 4096;
+/// At most this many stretches to zero in one SEGS value (20 bytes each): a checkpoint lists
+/// every erased run not yet zeroed, and fails (the node stops) rather than forget one.
+pub const MAX_TO_ZERO: usize = 1 << 22;
 
 pub fn encode_segs(s: &SegsState) -> Vec<u8> {
     let mut b = Vec::with_capacity(1 + 1 + 16 + 4 + s.to_zero.len() * 20);

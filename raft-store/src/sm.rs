@@ -314,16 +314,14 @@ impl Inner {
             return Err(StoreError::Checkpoint(e));
         }
         let started = Instant::now();
-        let mut after = After::default();
+        // The zeroing and deletions after the batch run before the next checkpoint can
+        // start: it must not list (or delete) what this one is still working on.
         let done = self.overlay.checkpoint_with(
             &self.data,
-            |frozen, redone| self.checkpoint_batch(frozen, redone, &mut after),
+            |frozen, redone| self.checkpoint_batch(frozen, redone),
+            |after| self.after_checkpoint(after),
             flush,
         );
-        let done = match done {
-            Ok(writes) => self.after_checkpoint(after).map(|()| writes),
-            other => other,
-        };
         let took = started.elapsed();
         match done {
             Ok(writes) => {
@@ -359,9 +357,7 @@ impl Inner {
         let cfg = SegConfig { segment_bytes: self.env_segment_bytes.load(Ordering::Relaxed), ..self.seg_cfg.clone() };
         let s = Arc::new(Segments::open(&dir, group, generation, state.mark, cfg)?);
         // Erased runs the last checkpoint listed may not have been zeroed before a crash.
-        for &(segment, offset, bytes) in &state.to_zero {
-            s.zero(segment, offset, bytes as usize)?;
-        }
+        s.zero_all(&state.to_zero)?;
         // Every segment a RUN item points into must be here; one none points into goes (a
         // crash after the checkpoint that emptied it, before the deletion).
         let on_disk = s.segments();
@@ -392,10 +388,7 @@ impl Inner {
         self.data.flush()?;
         checkpoint_crash_point("before_zeroing");
         for ((group, generation), stretches) in &after.zero {
-            let segs = self.segments(*group, *generation)?;
-            for &(segment, offset, bytes) in stretches {
-                segs.zero(segment, offset, bytes as usize)?;
-            }
+            self.segments(*group, *generation)?.zero_all(stretches)?;
             let mut to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(left) = to_zero.get_mut(&(*group, *generation)) {
                 left.retain(|z| !stretches.contains(z));
@@ -422,8 +415,8 @@ impl Inner {
         &self,
         frozen: &Pending,
         redone: &HashSet<Vec<u8>>,
-        after: &mut After,
-    ) -> Result<sled::Batch, StoreError> {
+    ) -> Result<(sled::Batch, After), StoreError> {
+        let mut after = After::default();
         let mut batch = sled::Batch::default();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
@@ -458,13 +451,16 @@ impl Inner {
                 _ => return Err(corrupt_key(moving[i].0, keys::DecodeError("not an envelope key".into()))),
             };
             // Runs: a conversation's consecutive seqs, split at MAX_RUN_BYTES.
-            let mut buf = Vec::with_capacity(moving[i..end].iter().map(|(_, _, v)| v.len() + 17).sum());
+            let mut buf =
+                Vec::with_capacity(moving[i..end].iter().map(|(_, _, v)| v.len() + runs::RECORD_OVERHEAD).sum());
             let mut planned: Vec<(Vec<u8>, std::ops::Range<usize>, u32)> = Vec::new();
             let mut open: Option<(&[u8], u64, usize, u32)> = None; // (key without seq, next seq, start, count)
             for &(k, seq, v) in &moving[i..end] {
                 let conv_part = &k[..k.len() - 8];
                 let extends = open.is_some_and(|(c, next, start, _)| {
-                    c == conv_part && next == seq && buf.len() - start + v.len() + 17 <= runs::MAX_RUN_BYTES
+                    c == conv_part
+                        && next == seq
+                        && buf.len() - start + v.len() + runs::RECORD_OVERHEAD <= runs::MAX_RUN_BYTES
                 });
                 if !extends {
                     if let Some((c, next, start, count)) = open.take() {
@@ -535,8 +531,18 @@ impl Inner {
                 .into_iter()
                 .filter(|seg| *seg < mark.segment && !live.contains_key(seg))
                 .collect();
-            let listed: Vec<runs::Stretch> =
-                to_zero.get(&at).map(|z| z.iter().take(runs::MAX_TO_ZERO).copied().collect()).unwrap_or_default();
+            // Every erased run still to zero, but those in segments this checkpoint deletes.
+            let listed: Vec<runs::Stretch> = to_zero
+                .get(&at)
+                .map(|z| z.iter().filter(|(seg, _, _)| !emptied.contains(seg)).copied().collect())
+                .unwrap_or_default();
+            if listed.len() > runs::MAX_TO_ZERO {
+                return Err(StoreError::Encode(format!(
+                    "{} erased runs to zero in group {group} at once, over the {} one checkpoint can list",
+                    listed.len(),
+                    runs::MAX_TO_ZERO
+                )));
+            }
             let state = runs::SegsState { mark: Some(mark), to_zero: listed.clone(), live: live.clone() };
             batch.insert(keys::segs_key(group, generation), runs::encode_segs(&state));
             if !listed.is_empty() {
@@ -549,7 +555,7 @@ impl Inner {
             // here (if this batch fails, no checkpoint follows: the node stops applying).
             self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(at, live);
         }
-        Ok(batch)
+        Ok((batch, after))
     }
 
     /// A checkpoint is due: the overlay holds [`CHECKPOINT_BYTES`], or anything at all and
@@ -609,6 +615,10 @@ struct After {
 /// conversation, which a run cannot express).
 fn moves_to_a_run(key: &[u8], value: &[u8]) -> Option<u64> {
     if key.get(keys::GEN_PREFIX_LEN) != Some(&keys::KIND_ENV) || value.len() < ENV_VALUE_MIN {
+        return None;
+    }
+    // One too big for a run stays an item too (a run is read whole; runs::MAX_RUN_BYTES).
+    if value.len() + runs::RECORD_OVERHEAD > runs::MAX_RUN_BYTES {
         return None;
     }
     // The value's body (after the format byte and CRC): committed_at_ms, expires_at_ms, ...
@@ -1055,12 +1065,15 @@ impl StateStore {
         let run_start = keys::run_key(group, generation, conv, 0);
         if forward {
             // The run that starts at or before `start` may hold it.
-            let before = data.range_rev(run_start.clone()..=keys::run_key(group, generation, conv, start)).next();
+            // Its run is read while the range (and so the gate) lives: a checkpoint that
+            // deletes the run's item, then zeroes it, cannot land in between.
+            let mut before = data.range_rev(run_start.clone()..=keys::run_key(group, generation, conv, start));
             let mut more = true;
-            if let Some(item) = before {
+            if let Some(item) = before.next() {
                 let (k, v) = item?;
                 more = take_run(&k, &v, run_first_seq(&k)?, &mut in_runs)?;
             }
+            drop(before);
             if more && start < u64::MAX {
                 let after = keys::run_key(group, generation, conv, start + 1)
                     ..=keys::run_key(group, generation, conv, u64::MAX);
@@ -1497,15 +1510,18 @@ impl StateStore {
                         removed.insert(k[P + 1..].to_vec(), m.removed_below);
                     }
                 }
+                Some(keys::KIND_ENV) | Some(keys::KIND_RUN) if k.len() < P + 1 + 2 + 8 => {
+                    return Err(corrupt_key(&k, keys::DecodeError("key too short for its kind".into())));
+                }
                 Some(keys::KIND_ENV) => {
-                    let conv = &k[P + 1..k.len().saturating_sub(8)];
+                    let conv = &k[P + 1..k.len() - 8];
                     if removed.get(conv).is_some_and(|rb| env_seq(&k).is_ok_and(|s| s < *rb)) {
                         continue;
                     }
                 }
                 Some(keys::KIND_RUN) => {
                     let r = RunRef::decode(&v).map_err(|e| corrupt_key(&k, e))?;
-                    let conv_part = &k[..k.len().saturating_sub(8)];
+                    let conv_part = &k[..k.len() - 8];
                     let rb = removed.get(&conv_part[P + 1..]).copied().unwrap_or(0);
                     for (seq, value) in self.read_run(group, generation, &k, run_first_seq(&k)?, &r)? {
                         if seq < rb {
@@ -1862,7 +1878,8 @@ impl StateStore {
             let m = ConvMeta { removed_below, ..*meta };
             run.batch.insert(keys::conv_key(group, generation, conv), m.encode());
         }
-        self.drop_below(run, conv, removed_below, false)?;
+        // Zeroed like an erasure's: a later erasure of the conversation could not find them.
+        self.drop_below(run, conv, removed_below, true)?;
         Ok((n, more))
     }
 
