@@ -389,12 +389,14 @@ impl Inner {
         checkpoint_crash_point("before_zeroing");
         for ((group, generation), stretches) in &after.zero {
             self.segments(*group, *generation)?.zero_all(stretches)?;
+        }
+        {
+            // Every stretch the batch's groups had to zero is zeroed now, or lay in a segment
+            // deleted below; none was added meanwhile (an apply that adds some holds
+            // checkpoints off, and this runs inside one).
             let mut to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(left) = to_zero.get_mut(&(*group, *generation)) {
-                left.retain(|z| !stretches.contains(z));
-                if left.is_empty() {
-                    to_zero.remove(&(*group, *generation));
-                }
+            for at in &after.zeroed_groups {
+                to_zero.remove(at);
             }
         }
         for ((group, generation), empty) in after.delete {
@@ -501,6 +503,7 @@ impl Inner {
         // this batch is flushed.
         let dropped = std::mem::take(&mut *self.dropped.lock().unwrap_or_else(|p| p.into_inner()));
         let to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
+        after.zeroed_groups = to_zero.keys().copied().collect();
         for &(group, generation) in to_zero.keys().chain(dropped.keys()) {
             if !synced.iter().any(|(g, n, _)| (*g, *n) == (group, generation)) {
                 synced.push((group, generation, self.segments(group, generation)?.sync()?));
@@ -608,6 +611,8 @@ struct After {
     zero: Vec<ZeroList>,
     /// Segments no run points into any more, to delete.
     delete: Vec<((GroupId, u32), Vec<u64>)>,
+    /// The groups whose runs to zero the batch took up (listed, or in a deleted segment).
+    zeroed_groups: Vec<(GroupId, u32)>,
 }
 
 /// The seq of an envelope a checkpoint moves into a run: an ENV item whose envelope does
