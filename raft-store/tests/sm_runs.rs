@@ -87,28 +87,25 @@ fn open(dir: &Path) -> StateStore {
 /// `(seq, ciphertext)` of a conversation's envelopes.
 type Seqs = Vec<(u64, Vec<u8>)>;
 
+/// A conversation read page by page in one direction, from `start`, `limit` a page.
+fn pages(store: &StateStore, c: &str, direction: Direction, mut start: u64, limit: usize) -> Seqs {
+    let mut out = Vec::new();
+    loop {
+        let p = store.read_page(GROUP, c, direction, start, limit, 10_000).unwrap();
+        out.extend(p.envelopes.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())));
+        start = p.next;
+        if p.end {
+            return out;
+        }
+    }
+}
+
 /// Every conversation read forward in pages of 7 and backward in pages of 5.
 fn read_all(store: &StateStore) -> Vec<(String, Seqs)> {
     let mut out = Vec::new();
     for c in ["secret", "c\u{0}1", "c\u{0}2", "c\u{0}3", "c\u{0}4"] {
-        let (mut fwd, mut from) = (Vec::new(), 1);
-        loop {
-            let p = store.read_page(GROUP, c, Direction::Forward, from, 7, 10_000).unwrap();
-            fwd.extend(p.envelopes.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())));
-            from = p.next;
-            if p.end {
-                break;
-            }
-        }
-        let (mut back, mut before) = (Vec::new(), 0);
-        loop {
-            let p = store.read_page(GROUP, c, Direction::Backward, before, 5, 10_000).unwrap();
-            back.extend(p.envelopes.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())));
-            before = p.next;
-            if p.end {
-                break;
-            }
-        }
+        let fwd = pages(store, c, Direction::Forward, 1, 7);
+        let mut back = pages(store, c, Direction::Backward, 0, 5);
         back.reverse();
         assert_eq!(fwd, back, "{c:?}: backward pages read the same envelopes as forward ones");
         out.push((c.to_string(), fwd));
@@ -116,19 +113,34 @@ fn read_all(store: &StateStore) -> Vec<(String, Seqs)> {
     out
 }
 
-/// Every file under `dir` that contains `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
-    let mut hits = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return hits };
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return out };
     for e in entries {
         let p = e.unwrap().path();
         if p.is_dir() {
-            hits.extend(files_containing(&p, needle));
-        } else if std::fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle) {
-            hits.push(p);
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
         }
     }
-    hits
+    out
+}
+
+/// How many times `needle` occurs in `path`.
+fn count_in(path: &Path, needle: &[u8]) -> usize {
+    std::fs::read(path).unwrap().windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// Every file under `dir` that contains `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    files_under(dir).into_iter().filter(|p| count_in(p, needle) > 0).collect()
+}
+
+/// How many times `needle` occurs in the files under `dir`.
+fn occurrences(dir: &Path, needle: &[u8]) -> usize {
+    files_under(dir).iter().map(|p| count_in(p, needle)).sum()
 }
 
 /// Property: after checkpoints, sled holds no ENV item for an envelope that does not expire
@@ -378,21 +390,6 @@ fn reads_while_checkpoints_move_envelopes_see_each_once() {
         assert!(reads > 10, "only {reads} reads overlapped the writes");
     });
     assert_eq!(store.read(GROUP, "c", 1, 10_000).unwrap().len(), 5000);
-}
-
-/// How many times `needle` occurs in the files under `dir`.
-fn occurrences(dir: &Path, needle: &[u8]) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    let mut n = 0;
-    for e in entries {
-        let p = e.unwrap().path();
-        n += if p.is_dir() {
-            occurrences(&p, needle)
-        } else {
-            std::fs::read(&p).unwrap().windows(needle.len()).filter(|w| *w == needle).count()
-        };
-    }
-    n
 }
 
 /// Property: runs that retention removes are zeroed as well (a later erasure of the
