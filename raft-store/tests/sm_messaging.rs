@@ -265,6 +265,8 @@ fn check(store: &StateStore, model: &Model, now: u64) {
         for _ in 0..1000 {
             let p = store.read_page(GROUP, &id, Direction::Forward, from, 2, now).unwrap();
             assert_eq!(p.last_seq, mc.last_seq, "{id:?}: last_seq");
+            let held = mc.envs.keys().next().copied().unwrap_or(0);
+            assert_eq!(p.first_seq, held, "{id:?}: first_seq is the lowest seq still held (expired or not)");
             for e in &p.envelopes {
                 got.push((e.seq, e.envelope.message_id[0]));
             }
