@@ -566,15 +566,11 @@ impl Segments {
         let path = segment_path(&self.dir, loc.segment);
         let corrupt =
             |reason: String| StoreError::Corrupt { what: path.display().to_string(), offset: loc.offset, reason };
-        let file = self
-            .file(loc.segment)
-            .ok_or_else(|| corrupt("the envelope index names a segment that does not exist".into()))??;
         let len = loc.len as usize;
         if len < frame::FRAME_LEN + BODY_FIXED_LEN || len > frame::FRAME_LEN + self.cfg.max_record_bytes {
             return Err(corrupt(format!("the envelope index gives a record length of {len} bytes")));
         }
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, loc.offset).map_err(io_err(&path))?;
+        let buf = self.read_bytes(loc.segment, loc.offset, len)?;
         let body = match frame::parse(&buf, 0, len - frame::FRAME_LEN) {
             Ok((body, end)) if end == len => body,
             Ok((_, end)) => return Err(corrupt(format!("record is {end} bytes, the envelope index says {len}"))),
