@@ -301,9 +301,12 @@ pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
     }
 }
 
+/// `[format][crc32c u32 LE]` before every value's body.
+pub const VALUE_HEADER_LEN: usize = 5;
+
 /// Frames a value body with its format version and CRC.
 pub fn encode_value(body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + body.len());
+    let mut v = Vec::with_capacity(VALUE_HEADER_LEN + body.len());
     v.push(VALUE_FORMAT_V1);
     v.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
     v.extend_from_slice(body);
@@ -312,17 +315,17 @@ pub fn encode_value(body: &[u8]) -> Vec<u8> {
 
 /// Checks a value's version and CRC and returns its body.
 pub fn decode_value(v: &[u8]) -> Result<&[u8], DecodeError> {
-    if v.len() < 5 {
+    if v.len() < VALUE_HEADER_LEN {
         return Err(DecodeError(format!("value of {} bytes is too short", v.len())));
     }
     if v[0] != VALUE_FORMAT_V1 {
         return Err(DecodeError(format!("unknown value format {}", v[0])));
     }
     let crc = u32::from_le_bytes([v[1], v[2], v[3], v[4]]);
-    if crc32c::crc32c(&v[5..]) != crc {
+    if crc32c::crc32c(&v[VALUE_HEADER_LEN..]) != crc {
         return Err(DecodeError("value crc mismatch".into()));
     }
-    Ok(&v[5..])
+    Ok(&v[VALUE_HEADER_LEN..])
 }
 
 #[cfg(test)]

@@ -386,7 +386,7 @@ impl Inner {
             return Ok(());
         }
         self.data.flush()?;
-        checkpoint_crash_point("before_zeroing");
+        crash_point("before_zeroing", None);
         for ((group, generation), stretches) in &after.zero {
             self.segments(*group, *generation)?.zero_all(stretches)?;
         }
@@ -494,7 +494,7 @@ impl Inner {
             }
             metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
             synced.push((group, generation, segs.sync()?));
-            checkpoint_crash_point("after_segments");
+            crash_point("after_segments", None);
             i = end;
         }
         // Erasures and retention applied before this checkpoint froze (they hold off
@@ -619,23 +619,18 @@ struct After {
 /// not expire (expiring ones stay items: expiry removes them one by one, anywhere in a
 /// conversation, which a run cannot express).
 fn moves_to_a_run(key: &[u8], value: &[u8]) -> Option<u64> {
-    if key.get(keys::GEN_PREFIX_LEN) != Some(&keys::KIND_ENV) || value.len() < ENV_VALUE_MIN {
+    if key.get(keys::GEN_PREFIX_LEN) != Some(&keys::KIND_ENV) {
         return None;
     }
     // One too big for a run stays an item too (a run is read whole; runs::MAX_RUN_BYTES).
     if value.len() + runs::RECORD_OVERHEAD > runs::MAX_RUN_BYTES {
         return None;
     }
-    // The value's body (after the format byte and CRC): committed_at_ms, expires_at_ms, ...
-    let expires: [u8; 8] = value[5 + 8..5 + 16].try_into().ok()?;
-    if u64::from_be_bytes(expires) != 0 {
+    if env_value_expires_at(value)? != 0 {
         return None;
     }
     keys::env_key_seq(key)
 }
-
-/// The shortest ENV value: the frame (5) and the fixed part of the body (36).
-const ENV_VALUE_MIN: usize = 5 + 36;
 
 /// The node's state-machine store. Cheap to clone.
 #[derive(Clone)]
@@ -653,8 +648,22 @@ fn decode_u64(key: &[u8], v: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(b))
 }
 
+/// An ENV value's body: committed_at_ms u64 | expires_at_ms u64 | message_id [16] |
+/// sender_len u32 | sender | ciphertext; this much before the sender.
+const ENV_BODY_FIXED: usize = 8 + 8 + MESSAGE_ID_LEN + 4;
+
+/// An ENV value's `expires_at_ms`, read in place without checking the CRC (the value came
+/// from this process's overlay; a read checks it on the way out); `None` if it is too short.
+fn env_value_expires_at(v: &[u8]) -> Option<u64> {
+    let at = keys::VALUE_HEADER_LEN + 8;
+    if v.len() < keys::VALUE_HEADER_LEN + ENV_BODY_FIXED {
+        return None;
+    }
+    Some(u64::from_be_bytes(v[at..at + 8].try_into().ok()?))
+}
+
 fn encode_envelope(e: &NewEnvelope, committed_at_ms: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(36 + e.sender.len() + e.ciphertext.len());
+    let mut b = Vec::with_capacity(ENV_BODY_FIXED + e.sender.len() + e.ciphertext.len());
     b.extend_from_slice(&committed_at_ms.to_be_bytes());
     b.extend_from_slice(&e.expires_at_ms.to_be_bytes());
     b.extend_from_slice(&e.message_id);
@@ -667,7 +676,7 @@ fn encode_envelope(e: &NewEnvelope, committed_at_ms: u64) -> Vec<u8> {
 fn decode_envelope(key: &[u8], v: &[u8], conversation_id: &str, seq: u64) -> Result<StoredEnvelope, StoreError> {
     let bad = |r: &str| corrupt_key(key, keys::DecodeError(r.into()));
     let b = keys::decode_value(v).map_err(|e| corrupt_key(key, e))?;
-    if b.len() < 36 {
+    if b.len() < ENV_BODY_FIXED {
         return Err(bad("envelope value too short"));
     }
     let committed_at_ms = u64::from_be_bytes(b[0..8].try_into().map_err(|_| bad("committed_at"))?);
@@ -769,24 +778,18 @@ type AppliedState = (Option<LogId>, StoredMembership);
 /// seq), and how many erasures it applied.
 type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
 
-/// Crash-test hook: when the environment variable `HABAR_TEST_CRASH_IN_INSTALL` names this
-/// point of a snapshot install, the process flushes sled (so what was written so far is on
-/// disk, the worst case for atomicity) and aborts. Read once; unset in production.
-fn crash_point(point: &str, db: &sled::Db) {
+/// Crash-test hook: when the environment variable `HABAR_TEST_CRASH_AT` names this point
+/// (of a snapshot install or a checkpoint), the process aborts, after flushing `flush` if
+/// given (an install's points flush sled first, so what was written so far is on disk, the
+/// worst case for atomicity; a checkpoint's batch is not durable until sled flushes, so its
+/// points do not). Read once; unset in production.
+fn crash_point(point: &str, flush: Option<&sled::Db>) {
     static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_IN_INSTALL").ok());
+    let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_AT").ok());
     if wanted.as_deref() == Some(point) {
-        let _ = db.flush();
-        std::process::abort();
-    }
-}
-
-/// Crash-test hook of checkpoints, as [`crash_point`] with `HABAR_TEST_CRASH_IN_CHECKPOINT`,
-/// without flushing sled (a checkpoint's batch is not durable until sled flushes).
-fn checkpoint_crash_point(point: &str) {
-    static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_IN_CHECKPOINT").ok());
-    if wanted.as_deref() == Some(point) {
+        if let Some(db) = flush {
+            let _ = db.flush();
+        }
         std::process::abort();
     }
 }
@@ -2241,7 +2244,7 @@ impl StateStore {
                 bytes = 0;
                 batches += 1;
                 if batches == 1 {
-                    crash_point("mid_write", &self.inner.db);
+                    crash_point("mid_write", Some(&self.inner.db));
                 }
             }
         }
@@ -2252,10 +2255,10 @@ impl StateStore {
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
         self.inner.db.flush()?;
-        crash_point("before_switch", &self.inner.db);
+        crash_point("before_switch", Some(&self.inner.db));
         self.inner.heads.insert(group.to_be_bytes(), keys::encode_value(&u64::from(new).to_be_bytes()))?;
         self.inner.db.flush()?;
-        crash_point("after_switch", &self.inner.db);
+        crash_point("after_switch", Some(&self.inner.db));
         rt.generation.store(new, Ordering::Release);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
         self.remove_segments(group, |g| g != new)?;

@@ -305,9 +305,7 @@ fn crash_child(dst: &Path, point: &str) {
 /// left in the segments. The crash is a real `abort()` of a child process.
 #[test]
 fn a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes() {
-    if let (Ok(dst), Ok(point)) =
-        (std::env::var("HABAR_SM_RUNS_CRASH_DST"), std::env::var("HABAR_TEST_CRASH_IN_CHECKPOINT"))
-    {
+    if let (Ok(dst), Ok(point)) = (std::env::var("HABAR_SM_RUNS_CRASH_DST"), std::env::var("HABAR_TEST_CRASH_AT")) {
         crash_child(Path::new(&dst), &point);
         return;
     }
@@ -322,7 +320,7 @@ fn a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes() {
                 "--test-threads=1",
             ])
             .env("HABAR_SM_RUNS_CRASH_DST", &dst)
-            .env("HABAR_TEST_CRASH_IN_CHECKPOINT", point)
+            .env("HABAR_TEST_CRASH_AT", point)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()

@@ -263,7 +263,7 @@ fn crash_mid_install_leaves_old_or_new_state_never_mixed() {
             .args(["--exact", "crash_mid_install_leaves_old_or_new_state_never_mixed", "--test-threads=1"])
             .env("HABAR_SM_CRASH_SNAPSHOT", snap.snapshot.path())
             .env("HABAR_SM_CRASH_DST", &dst)
-            .env("HABAR_TEST_CRASH_IN_INSTALL", point)
+            .env("HABAR_TEST_CRASH_AT", point)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
