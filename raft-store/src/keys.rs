@@ -45,6 +45,9 @@ pub const KIND_CURSOR: u8 = 7;
 pub const KIND_RETENTION: u8 = 8;
 pub const KIND_RUN: u8 = 9;
 pub const KIND_SEGS: u8 = 10;
+/// A checkpoint's dedupe writes, kept in sled until the dedupe index holds them durably
+/// (`dedupe.rs`).
+pub const KIND_DEDUPE_LOG: u8 = 11;
 
 /// `[ver][group][gen]`.
 pub const GEN_PREFIX_LEN: usize = 9;
@@ -180,6 +183,13 @@ pub fn run_key(group: GroupId, generation: u32, conversation: &[u8], first_seq: 
     k
 }
 
+/// A checkpoint's dedupe log of one group: numbered in checkpoint order.
+pub fn dedupe_log_key(group: GroupId, generation: u32, number: u64) -> Vec<u8> {
+    let mut k = kind_prefix(group, generation, KIND_DEDUPE_LOG);
+    k.extend_from_slice(&number.to_be_bytes());
+    k
+}
+
 pub fn segs_key(group: GroupId, generation: u32) -> Vec<u8> {
     kind_prefix(group, generation, KIND_SEGS)
 }
@@ -233,6 +243,7 @@ pub enum Key {
     Retention { conversation: Vec<u8> },
     Run { conversation: Vec<u8>, first_seq: u64 },
     Segs,
+    DedupeLog { number: u64 },
 }
 
 pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
@@ -296,6 +307,11 @@ pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
         KIND_SEGS => {
             no_tail(rest, "segments")?;
             Ok(Key::Segs)
+        }
+        KIND_DEDUPE_LOG => {
+            let (number, tail) = take_u64(rest, "dedupe log number")?;
+            no_tail(tail, "dedupe log")?;
+            Ok(Key::DedupeLog { number })
         }
         other => Err(DecodeError(format!("unknown key kind {other}"))),
     }

@@ -8,10 +8,13 @@
 //! - [`overlay`]: the write-back layer over sled that [`sm`] writes into; its writes reach
 //!   sled only in checkpoints.
 //! - [`frame`]: the record frame both kinds of segment files use.
+//! - [`dedupe`]: the dedupe index (an LSM tree beside sled) that [`sm`] keeps its
+//!   `(conversation, message id)` pairs in.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
 //! This crate knows nothing of gRPC.
 
+pub mod dedupe;
 pub mod envseg;
 pub mod error;
 pub mod frame;

@@ -102,14 +102,19 @@ impl Overlay {
 
     /// The value of `key`: the overlay's if it has one (a delete is `None`), else sled's.
     pub fn get(&self, tree: &sled::Tree, key: &[u8]) -> sled::Result<Option<IVec>> {
-        {
-            let l = self.lock();
-            let hit = l.active.get(key).or_else(|| l.frozen.as_ref().and_then(|f| f.get(key)));
-            if let Some(v) = hit {
-                return Ok(v.as_deref().map(IVec::from));
-            }
+        match self.get_pending(key) {
+            Some(v) => Ok(v),
+            None => tree.get(key),
         }
-        tree.get(key)
+    }
+
+    /// The overlay's write of `key`, if it holds one (`Some(None)`: a delete). A key it does
+    /// not hold is wherever the checkpoints put it: checkpoints drop their frozen layer only
+    /// after everything in it is readable there.
+    pub fn get_pending(&self, key: &[u8]) -> Option<Option<IVec>> {
+        let l = self.lock();
+        let hit = l.active.get(key).or_else(|| l.frozen.as_ref().and_then(|f| f.get(key)));
+        hit.map(|v| v.as_deref().map(IVec::from))
     }
 
     /// The overlay's entries in `range` (`active` over `frozen`), in key order. An empty or
@@ -135,16 +140,34 @@ impl Overlay {
     /// Holds the read side of the gate until dropped: do not hold one while starting another
     /// on the same thread (a waiting checkpoint would block the second, and so both).
     pub fn range<R: RangeBounds<Vec<u8>> + Clone>(&self, tree: &sled::Tree, range: R, forward: bool) -> Merged<'_> {
+        self.range_over(range, forward, |range, forward| {
+            let base = tree.range(range);
+            if forward {
+                Box::new(base)
+            } else {
+                Box::new(base.rev())
+            }
+        })
+    }
+
+    /// [`Overlay::range`] over the base `base` builds (in the direction asked) instead of one
+    /// sled tree. `base` runs after the overlay's entries are copied, so what the copy
+    /// misses (a frozen layer dropped meanwhile) is already in the base.
+    pub fn range_over<R: RangeBounds<Vec<u8>> + Clone>(
+        &self,
+        range: R,
+        forward: bool,
+        base: impl FnOnce(R, bool) -> Box<dyn Iterator<Item = KvResult> + Send>,
+    ) -> Merged<'_> {
         let gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let mut pending = self.pending_in(range.clone());
         if !forward {
             pending.reverse();
         }
-        let base = tree.range(range);
         Merged {
             _gate: gate,
             pending: pending.into_iter().peekable(),
-            base: if forward { Box::new(base) } else { Box::new(base.rev()) },
+            base: base(range, forward),
             base_next: None,
             forward,
         }
@@ -152,12 +175,7 @@ impl Overlay {
 
     /// Every key that starts with `prefix`, in key order.
     pub fn scan_prefix(&self, tree: &sled::Tree, prefix: &[u8]) -> Merged<'_> {
-        let start = Bound::Included(prefix.to_vec());
-        let end = match prefix_end(prefix) {
-            Some(e) => Bound::Excluded(e),
-            None => Bound::Unbounded,
-        };
-        self.range(tree, (start, end), true)
+        self.range(tree, prefix_range(prefix), true)
     }
 
     /// Writes everything pending to sled in one atomic batch, with `extra` added last (the
@@ -193,7 +211,8 @@ impl Overlay {
     /// a put out of the batch must delete the key in it, or sled's older value would stay.
     ///
     /// `after` runs once the batch landed (and sled is flushed, if `flush`), still before
-    /// any other checkpoint can start, with what `build` handed it.
+    /// any other checkpoint can start and before the frozen layer is dropped, with what
+    /// `build` handed it. If it fails, the frozen layer stays (as after a failed batch).
     pub fn checkpoint_with<A, E: From<sled::Error>>(
         &self,
         tree: &sled::Tree,
@@ -228,12 +247,14 @@ impl Overlay {
         if flush {
             tree.flush()?;
         }
+        // `after` may move part of the batch elsewhere (the state machine's dedupe writes):
+        // reads keep finding the frozen layer until it returns.
+        after(then)?;
         {
             let mut l = self.lock();
             l.frozen = None;
             l.frozen_redone.clear();
         }
-        after(then)?;
         Ok(frozen.len())
     }
 
@@ -271,6 +292,16 @@ fn is_empty_range<R: RangeBounds<Vec<u8>>>(range: &R) -> bool {
         (Included(s), Excluded(e)) | (Excluded(s), Included(e)) | (Excluded(s), Excluded(e)) => s >= e,
         _ => false,
     }
+}
+
+/// The range of every key that starts with `prefix`.
+pub fn prefix_range(prefix: &[u8]) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let start = Bound::Included(prefix.to_vec());
+    let end = match prefix_end(prefix) {
+        Some(e) => Bound::Excluded(e),
+        None => Bound::Unbounded,
+    };
+    (start, end)
 }
 
 /// The first key after every key that starts with `prefix` (`None`: no such key).

@@ -36,6 +36,8 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::broadcast;
 use tokio::sync::watch;
 
+use crate::dedupe;
+use crate::dedupe::DedupeIndex;
 use crate::envseg::SegConfig;
 use crate::envseg::Segments;
 use crate::error::hex;
@@ -43,6 +45,7 @@ use crate::error::io_err;
 use crate::error::unix_nanos;
 use crate::error::StoreError;
 use crate::keys;
+use crate::overlay::KvResult;
 use crate::overlay::Merged;
 use crate::overlay::Overlay;
 use crate::overlay::Pending;
@@ -288,24 +291,59 @@ struct Inner {
     live: Mutex<HashMap<(GroupId, u32), BTreeMap<u64, u64>>>,
     /// Segments of RUN items that applies deleted since the last checkpoint froze.
     dropped: Mutex<HashMap<(GroupId, u32), Vec<u64>>>,
+    /// `<dir>/dedupe`: the DEDUPE items, out of sled (`dedupe.rs`).
+    dedupe: DedupeIndex,
+    /// The number of the next checkpoint's dedupe log items.
+    dedupe_log_next: AtomicU64,
+    /// Dedupe log items whose writes the index holds but has not persisted: the next
+    /// checkpoint persists the index and deletes them.
+    dedupe_logs_applied: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Inner {
     /// A key's value as the state machine sees it (the overlay over sled).
     fn get(&self, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
+        if dedupe::is_dedupe_key(key) {
+            // Never sled's: a lookup of a new message id must not wait for sled's batches.
+            return match self.overlay.get_pending(key) {
+                Some(v) => Ok(v),
+                None => self.dedupe.get(key),
+            };
+        }
         self.overlay.get(&self.data, key)
     }
 
     fn range<R: std::ops::RangeBounds<Vec<u8>> + Clone>(&self, range: R) -> Merged<'_> {
-        self.overlay.range(&self.data, range, true)
+        self.overlay.range_over(range, true, |r, forward| self.base(r, forward))
     }
 
     fn range_rev<R: std::ops::RangeBounds<Vec<u8>> + Clone>(&self, range: R) -> Merged<'_> {
-        self.overlay.range(&self.data, range, false)
+        self.overlay.range_over(range, false, |r, forward| self.base(r, forward))
     }
 
     fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Merged<'_> {
-        self.overlay.scan_prefix(&self.data, prefix.as_ref())
+        self.range(crate::overlay::prefix_range(prefix.as_ref()))
+    }
+
+    /// What checkpoints wrote in `range` (without the overlay): sled's items merged with
+    /// the dedupe index's where the range can hold DEDUPE keys.
+    fn base<R: std::ops::RangeBounds<Vec<u8>>>(
+        &self,
+        range: R,
+        forward: bool,
+    ) -> Box<dyn Iterator<Item = KvResult> + Send> {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        let share = dedupe::dedupe_share(&bounds);
+        if share == dedupe::Share::All {
+            return self.dedupe.range(bounds, forward);
+        }
+        let items = self.data.range(bounds.clone());
+        let items: Box<dyn Iterator<Item = KvResult> + Send> =
+            if forward { Box::new(items) } else { Box::new(items.rev()) };
+        match share {
+            dedupe::Share::None => items,
+            _ => Box::new(dedupe::MergeBase::new(items, self.dedupe.range(bounds, forward), forward)),
+        }
     }
 
     /// Writes everything in the overlay to sled in one batch (and flushes sled if `flush`).
@@ -382,10 +420,25 @@ impl Inner {
     /// segments, flushes sled (so no crash brings the items back), then zeroes the runs'
     /// records and deletes the empty segments.
     fn after_checkpoint(&self, after: After) -> Result<(), StoreError> {
-        if after.zero.is_empty() && after.delete.is_empty() {
+        if after.zero.is_empty() && after.delete.is_empty() && after.dedupe.is_empty() {
             return Ok(());
         }
         self.data.flush()?;
+        if !after.dedupe.is_empty() {
+            // sled holds the logs durably now: the index may have the writes (never before,
+            // or a crash could leave it ahead of sled's applied id).
+            crash_point("before_dedupe_apply", None);
+            self.dedupe
+                .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))?;
+            crash_point("after_dedupe_apply", None);
+            self.dedupe_logs_applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(after.dedupe.into_iter().map(|(k, _)| k));
+        }
+        if after.zero.is_empty() && after.delete.is_empty() {
+            return Ok(());
+        }
         crash_point("before_zeroing", None);
         for ((group, generation), stretches) in &after.zero {
             self.segments(*group, *generation)?.zero_all(stretches)?;
@@ -420,11 +473,26 @@ impl Inner {
     ) -> Result<(sled::Batch, After), StoreError> {
         let mut after = After::default();
         let mut batch = sled::Batch::default();
+        // The logs of earlier checkpoints whose writes the index holds: durable there now,
+        // so they go.
+        let applied = std::mem::take(&mut *self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()));
+        if !applied.is_empty() {
+            self.dedupe.persist()?;
+            for k in &applied {
+                batch.remove(k.as_slice());
+            }
+        }
+        // DEDUPE writes go to the index, through one log item per group and generation.
+        let mut dedupe_writes: BTreeMap<&[u8], Vec<(&[u8], Option<&[u8]>)>> = BTreeMap::new();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
         let mut added_runs: HashMap<(GroupId, u32), Vec<u64>> = HashMap::new();
         for (k, v) in frozen.iter() {
+            if dedupe::is_dedupe_key(k) {
+                dedupe_writes.entry(&k[..keys::GEN_PREFIX_LEN]).or_default().push((k, v.as_deref()));
+                continue;
+            }
             match v {
                 Some(v) => match moves_to_a_run(k, v) {
                     Some(seq) => {
@@ -439,6 +507,14 @@ impl Inner {
                 },
                 None => batch.remove(k.as_slice()),
             }
+        }
+        for (prefix, writes) in dedupe_writes {
+            let group = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+            let generation = u32::from_be_bytes([prefix[5], prefix[6], prefix[7], prefix[8]]);
+            let key = keys::dedupe_log_key(group, generation, self.dedupe_log_next.fetch_add(1, Ordering::Relaxed));
+            batch.insert(key.as_slice(), dedupe::encode_log(&writes)?);
+            let owned = writes.into_iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
+            after.dedupe.push((key, owned));
         }
         let mut i = 0;
         while i < moving.len() {
@@ -607,6 +683,9 @@ fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
 /// What a checkpoint does after its batch landed (`Inner::after_checkpoint`).
 #[derive(Default)]
 struct After {
+    /// Each group's dedupe log item (its key) and the writes it holds, to apply to the
+    /// dedupe index once the batch is flushed.
+    dedupe: Vec<(Vec<u8>, Vec<dedupe::Write>)>,
     /// Erased runs to zero.
     zero: Vec<ZeroList>,
     /// Segments no run points into any more, to delete.
@@ -858,9 +937,13 @@ impl StateStore {
                 to_zero: Mutex::new(HashMap::new()),
                 live: Mutex::new(HashMap::new()),
                 dropped: Mutex::new(HashMap::new()),
+                dedupe: DedupeIndex::open(&dir.join("dedupe"))?,
+                dedupe_log_next: AtomicU64::new(0),
+                dedupe_logs_applied: Mutex::new(Vec::new()),
             }),
         };
         store.remove_inactive_generations()?;
+        store.recover_dedupe()?;
         let weak = Arc::downgrade(&store.inner);
         std::thread::Builder::new()
             .name("habar-sm-checkpoint".into())
@@ -872,14 +955,7 @@ impl StateStore {
     /// Data of a generation other than a group's active one is what a crashed install (or
     /// a crash before the old generation was deleted) left: remove it.
     fn remove_inactive_generations(&self) -> Result<(), StoreError> {
-        for item in self.inner.heads.iter() {
-            let (k, v) = item?;
-            let group = u32::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| corrupt_key(&k, keys::DecodeError("head key is not a group id".into())))?,
-            );
-            let active = decode_u64(&k, &v)? as u32;
+        for (group, active) in self.heads()? {
             self.remove_segments(group, |g| g != active)?;
             let below = keys::gen_prefix(group, 0).to_vec()..keys::gen_prefix(group, active).to_vec();
             self.delete_range(below)?;
@@ -892,6 +968,70 @@ impl StateStore {
                 self.delete_range(from..end)?;
             }
         }
+        Ok(())
+    }
+
+    /// Every group with data and its active generation.
+    fn heads(&self) -> Result<Vec<(GroupId, u32)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.heads.iter() {
+            let (k, v) = item?;
+            let group = u32::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| corrupt_key(&k, keys::DecodeError("head key is not a group id".into())))?,
+            );
+            out.push((group, decode_u64(&k, &v)? as u32));
+        }
+        Ok(out)
+    }
+
+    /// At open: brings the dedupe index up to sled's state. Applies again every dedupe log
+    /// a checkpoint left in sled (its writes may not have reached the index, or not
+    /// durably), and moves DEDUPE items a store of the older layout kept in sled into the
+    /// index; persists the index, then deletes both from sled.
+    fn recover_dedupe(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let mut logs = Vec::new();
+        for (group, generation) in self.heads()? {
+            // Older layout: in chunks (index first, durably; then sled's copies go).
+            loop {
+                let chunk: Vec<(sled::IVec, sled::IVec)> = inner
+                    .data
+                    .scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE))
+                    .take(INSTALL_BATCH_RECORDS)
+                    .collect::<Result<_, _>>()?;
+                if chunk.is_empty() {
+                    break;
+                }
+                inner.dedupe.apply(chunk.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))?;
+                inner.dedupe.persist()?;
+                let mut batch = sled::Batch::default();
+                for (k, _) in &chunk {
+                    batch.remove(k);
+                }
+                inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
+                inner.data.flush()?;
+                tracing::info!(group, moved = chunk.len(), "moved dedupe items out of sled into the dedupe index");
+            }
+            for item in inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_LOG)) {
+                let (k, v) = item?;
+                let writes = dedupe::decode_log(&v).map_err(|e| corrupt_key(&k, e))?;
+                inner.dedupe.apply(writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))?;
+                logs.push(k);
+            }
+        }
+        if logs.is_empty() {
+            return Ok(());
+        }
+        inner.dedupe.persist()?;
+        crash_point("dedupe_recovered", None);
+        let mut batch = sled::Batch::default();
+        for k in &logs {
+            batch.remove(k);
+        }
+        inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
+        inner.data.flush()?;
         Ok(())
     }
 
@@ -931,7 +1071,8 @@ impl StateStore {
     }
 
     fn delete_range(&self, range: std::ops::Range<Vec<u8>>) -> Result<usize, StoreError> {
-        let mut n = 0;
+        // Only ever a generation no longer (or not yet) active: nothing replays into it.
+        let mut n = self.inner.dedupe.delete_range(range.clone())?;
         loop {
             // Under the overlay's gate: no merged read is in progress while sled changes.
             let k = self.inner.overlay.exclusive(|| -> Result<usize, StoreError> {
@@ -1542,7 +1683,7 @@ impl StateStore {
                     }
                     continue;
                 }
-                Some(keys::KIND_SEGS) => continue,
+                Some(keys::KIND_SEGS) | Some(keys::KIND_DEDUPE_LOG) => continue,
                 _ => {}
             }
             emit(&k[P..], &v)?;
@@ -1560,6 +1701,7 @@ impl StateStore {
     /// Keys of the group in every generation (active or garbage): for tests and checks.
     pub fn raw_key_count(&self, group: GroupId) -> usize {
         self.inner.data.scan_prefix(keys::group_prefix(group)).count()
+            + self.inner.dedupe.range(crate::overlay::prefix_range(&keys::group_prefix(group)), true).count()
     }
 
     /// Applies a batch of entries of one group. Appends and cursor commits go into one
@@ -2100,7 +2242,7 @@ impl StateStore {
         // sled directly, without the overlay's gate: after that checkpoint the overlay holds
         // nothing of this group and nothing of it is applied meanwhile, so no batch lands in
         // this range during the scan, and other groups' checkpoints need not wait for it.
-        let items = self.inner.data.scan_prefix(keys::gen_prefix(group, generation));
+        let items = self.inner.base(crate::overlay::prefix_range(&keys::gen_prefix(group, generation)), true);
         self.export(group, generation, items, |k, v| w.record(k, v))?;
         let data = w.finish()?;
         let path = tmp.with_extension("snap");
@@ -2217,20 +2359,35 @@ impl StateStore {
         let mut batch = sled::Batch::default();
         let (mut n, mut bytes) = (0usize, 0usize);
         let mut batches = 0usize;
+        // DEDUPE records go to the dedupe index (durable before the switch, like the rest).
+        let mut dedupe_batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut dedupe_bytes = 0usize;
         while let Some((k, v)) = reader.next_record()? {
             let mut key = Vec::with_capacity(keys::GEN_PREFIX_LEN + k.len());
             key.extend_from_slice(&new_prefix);
             key.extend_from_slice(&k);
             match keys::decode_key(&key).map_err(|e| corrupt_key(&key, e))? {
-                keys::Key::Run { .. } | keys::Key::Segs => {
+                keys::Key::Run { .. } | keys::Key::Segs | keys::Key::DedupeLog { .. } => {
                     return Err(StoreError::Corrupt {
                         what: data.path().display().to_string(),
                         offset: 0,
                         reason: format!(
-                            "snapshot carries a node's own item {} (runs and segment marks never travel)",
+                            "snapshot carries a node's own item {} (runs, segment marks and dedupe logs never travel)",
                             hex(&key)
                         ),
                     })
+                }
+                keys::Key::Dedupe { .. } => {
+                    dedupe_bytes += key.len() + v.len();
+                    dedupe_batch.push((key, v));
+                    if dedupe_batch.len() >= INSTALL_BATCH_RECORDS || dedupe_bytes >= INSTALL_BATCH_BYTES {
+                        self.inner
+                            .dedupe
+                            .apply(dedupe_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
+                        dedupe_batch.clear();
+                        dedupe_bytes = 0;
+                    }
+                    continue;
                 }
                 _ => {}
             }
@@ -2252,6 +2409,8 @@ impl StateStore {
             .map_err(|e| StoreError::Encode(e.to_string()))?;
         batch.insert(keys::meta_key(group, new), keys::encode_value(&state));
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
+        self.inner.dedupe.apply(dedupe_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
+        self.inner.dedupe.persist()?;
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
         self.inner.db.flush()?;

@@ -1,0 +1,392 @@
+//! The dedupe index: every `(conversation, message id) -> (seq, committed at)` pair of the
+//! dedupe window, in an LSM tree (fjall) beside sled, so that the per-envelope lookup and
+//! insert leave sled (ARCHITECTURE.md, "The dedupe index").
+//!
+//! Why not sled: every publish looks up an id that is almost never there, and every new id
+//! is one more item. In sled the lookup waits behind every checkpoint's batch (sled's
+//! batches take a process-wide lock that all reads share), and the item costs a leaf
+//! rewrite at the checkpoint. An LSM tree answers a miss from its memtable and bloom
+//! filters without waiting for writers, and takes an insert into a memtable.
+//!
+//! Crash consistency: the index never holds what sled's durable state does not. A
+//! checkpoint writes its dedupe writes into sled's batch as one DEDUPE_LOG item per group
+//! (`encode_log`), flushes sled, and only then applies them here (not fsynced); the log
+//! items are deleted by a later checkpoint after [`DedupeIndex::persist`]. At open, every
+//! log item still in sled is applied again (applying one twice is harmless: puts and
+//! deletes of whole values). So after any crash the index equals the state at sled's
+//! applied id, and replaying the Raft log from there gives the same dedupe answers.
+//!
+//! Keys and values are the state machine's DEDUPE keys and values (`keys.rs`), unchanged.
+
+use std::ops::Bound;
+use std::ops::RangeBounds;
+use std::path::Path;
+
+use sled::IVec;
+
+use crate::keys;
+use crate::keys::DecodeError;
+use crate::overlay::KvResult;
+use crate::StoreError;
+
+/// The memtable's size before fjall writes it out as a table.
+const MEMTABLE_BYTES: u64 = 8 << 20;
+/// fjall's block cache (data, index and filter blocks).
+const CACHE_BYTES: u64 = 8 << 20;
+/// fjall's flush and compaction threads.
+const WORKER_THREADS: usize = 1;
+
+/// Format of a dedupe log item's body.
+const LOG_FORMAT_V1: u8 = 1;
+/// At most this many writes in one dedupe log item (a checkpoint of one group holds far
+/// fewer: the overlay is bounded in bytes).
+pub const MAX_LOG_WRITES: usize = 1 << 24;
+
+/// One write: a put (`Some(value)`) or a delete.
+pub type Write = (Vec<u8>, Option<Vec<u8>>);
+
+pub struct DedupeIndex {
+    db: fjall::Database,
+    ks: fjall::Keyspace,
+}
+
+fn fj(e: fjall::Error) -> StoreError {
+    StoreError::Dedupe(e.to_string())
+}
+
+/// fjall's error where sled's is expected (merged range reads yield sled's results).
+fn fj_as_sled(e: fjall::Error) -> sled::Error {
+    sled::Error::Io(std::io::Error::other(format!("dedupe index: {e}")))
+}
+
+impl DedupeIndex {
+    /// Opens (or creates) the index in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = fjall::Database::builder(dir)
+            .manual_journal_persist(true)
+            .cache_size(CACHE_BYTES)
+            .worker_threads(WORKER_THREADS)
+            .open()
+            .map_err(fj)?;
+        let ks = db
+            .keyspace("dedupe.v1", || {
+                fjall::KeyspaceCreateOptions::default()
+                    .manual_journal_persist(true)
+                    .max_memtable_size(MEMTABLE_BYTES)
+                    // Lookups mostly miss (a new message id): keep the bloom filters.
+                    .expect_point_read_hits(false)
+            })
+            .map_err(fj)?;
+        Ok(DedupeIndex { db, ks })
+    }
+
+    /// The value stored under `key`, if any.
+    pub fn get(&self, key: &[u8]) -> sled::Result<Option<IVec>> {
+        Ok(self.ks.get(key).map_err(fj_as_sled)?.map(|v| IVec::from(&*v)))
+    }
+
+    /// Every pair in `range`, in key order or reverse (a consistent view as of the call).
+    pub fn range<R: RangeBounds<Vec<u8>>>(&self, range: R, forward: bool) -> Box<dyn Iterator<Item = KvResult> + Send> {
+        let iter = self.ks.range::<Vec<u8>, _>((range.start_bound().cloned(), range.end_bound().cloned()));
+        let conv = |g: fjall::Guard| -> KvResult {
+            let (k, v) = g.into_inner().map_err(fj_as_sled)?;
+            Ok((IVec::from(&*k), IVec::from(&*v)))
+        };
+        if forward {
+            Box::new(iter.map(conv))
+        } else {
+            Box::new(iter.rev().map(conv))
+        }
+    }
+
+    /// Applies `writes` atomically (in memory and fjall's journal buffer: not durable until
+    /// [`DedupeIndex::persist`]).
+    pub fn apply<'a>(&self, writes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<(), StoreError> {
+        let mut batch = self.db.batch();
+        for (k, v) in writes {
+            match v {
+                Some(v) => batch.insert(&self.ks, k, v),
+                None => batch.remove(&self.ks, k),
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        batch.commit().map_err(fj)
+    }
+
+    /// Makes everything applied so far durable (fdatasync of fjall's journal).
+    pub fn persist(&self) -> Result<(), StoreError> {
+        self.db.persist(fjall::PersistMode::SyncAll).map_err(fj)
+    }
+
+    /// Deletes every pair in `range` (of a generation no longer active); returns how many.
+    pub fn delete_range(&self, range: std::ops::Range<Vec<u8>>) -> Result<usize, StoreError> {
+        let mut n = 0;
+        loop {
+            let keys: Vec<Vec<u8>> = self
+                .range(range.clone(), true)
+                .take(4096)
+                .map(|kv| kv.map(|(k, _)| k.to_vec()))
+                .collect::<Result<_, _>>()?;
+            if keys.is_empty() {
+                return Ok(n);
+            }
+            n += keys.len();
+            self.apply(keys.iter().map(|k| (k.as_slice(), None)))?;
+        }
+    }
+}
+
+/// Whether `k` is a DEDUPE key (kept in the index, not in sled).
+pub fn is_dedupe_key(k: &[u8]) -> bool {
+    k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_DEDUPE)
+}
+
+/// How much of a key range is DEDUPE keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// None: sled alone holds the range.
+    None,
+    /// All (one kind prefix, the DEDUPE kind): the index alone holds it.
+    All,
+    /// Maybe some: the range spans several kinds or generations.
+    Some,
+}
+
+/// Which store holds a key range: the bounds' first `GEN_PREFIX_LEN + 1` bytes (format,
+/// group, generation, kind) say, unless the range spans several generations or kinds.
+pub fn dedupe_share<R: RangeBounds<Vec<u8>>>(range: &R) -> Share {
+    const K: usize = keys::GEN_PREFIX_LEN + 1;
+    let head = |b: Bound<&Vec<u8>>| match b {
+        Bound::Included(k) | Bound::Excluded(k) if k.len() >= K => Some(k[..K].to_vec()),
+        _ => None,
+    };
+    let kind = match (head(range.start_bound()), head(range.end_bound()), range.end_bound()) {
+        (Some(a), Some(b), _) if a == b => a[K - 1],
+        // A whole kind: the end bound is exactly the next kind's prefix.
+        (Some(a), _, Bound::Excluded(e))
+            if e.len() == K && e[..K - 1] == a[..K - 1] && a[K - 1].checked_add(1) == Some(e[K - 1]) =>
+        {
+            a[K - 1]
+        }
+        _ => return Share::Some,
+    };
+    if kind == keys::KIND_DEDUPE {
+        Share::All
+    } else {
+        Share::None
+    }
+}
+
+/// A dedupe log item's value: the writes of one group's checkpoint, framed with a format
+/// byte and the value CRC of every sled value.
+pub fn encode_log(writes: &[(&[u8], Option<&[u8]>)]) -> Result<Vec<u8>, StoreError> {
+    if writes.len() > MAX_LOG_WRITES {
+        return Err(StoreError::Encode(format!(
+            "{} dedupe writes in one checkpoint of a group, over the {MAX_LOG_WRITES} a log item holds",
+            writes.len()
+        )));
+    }
+    let mut body =
+        Vec::with_capacity(5 + writes.iter().map(|(k, v)| 7 + k.len() + v.map_or(0, <[u8]>::len)).sum::<usize>());
+    body.push(LOG_FORMAT_V1);
+    body.extend_from_slice(&(writes.len() as u32).to_le_bytes());
+    for (k, v) in writes {
+        let klen =
+            u16::try_from(k.len()).map_err(|_| StoreError::Encode(format!("dedupe key of {} bytes", k.len())))?;
+        body.extend_from_slice(&klen.to_le_bytes());
+        body.extend_from_slice(k);
+        match v {
+            Some(v) => {
+                let vlen = u32::try_from(v.len())
+                    .map_err(|_| StoreError::Encode(format!("dedupe value of {} bytes", v.len())))?;
+                body.push(1);
+                body.extend_from_slice(&vlen.to_le_bytes());
+                body.extend_from_slice(v);
+            }
+            None => body.push(0),
+        }
+    }
+    Ok(keys::encode_value(&body))
+}
+
+/// The writes of a dedupe log item's value (checked: CRC, format, every length, and that
+/// each key is a DEDUPE key).
+pub fn decode_log(value: &[u8]) -> Result<Vec<Write>, DecodeError> {
+    let body = keys::decode_value(value)?;
+    let (&format, mut rest) = body.split_first().ok_or_else(|| DecodeError("empty dedupe log".into()))?;
+    if format != LOG_FORMAT_V1 {
+        return Err(DecodeError(format!("unknown dedupe log format {format}")));
+    }
+    let mut take = |n: usize, what: &str| -> Result<&[u8], DecodeError> {
+        if rest.len() < n {
+            return Err(DecodeError(format!("dedupe log ends inside {what}")));
+        }
+        let (a, b) = rest.split_at(n);
+        rest = b;
+        Ok(a)
+    };
+    let count = u32::from_le_bytes(take(4, "the count")?.try_into().map_err(|_| DecodeError("count".into()))?) as usize;
+    if count > MAX_LOG_WRITES {
+        return Err(DecodeError(format!("dedupe log of {count} writes, over {MAX_LOG_WRITES}")));
+    }
+    let mut out = Vec::with_capacity(count.min(1 << 16));
+    for _ in 0..count {
+        let klen = u16::from_le_bytes(take(2, "a key length")?.try_into().map_err(|_| DecodeError("klen".into()))?);
+        let k = take(usize::from(klen), "a key")?.to_vec();
+        if !is_dedupe_key(&k) {
+            return Err(DecodeError("dedupe log holds a key that is not a dedupe key".into()));
+        }
+        let v = match take(1, "a write's tag")?[0] {
+            0 => None,
+            1 => {
+                let vlen =
+                    u32::from_le_bytes(take(4, "a value length")?.try_into().map_err(|_| DecodeError("vlen".into()))?);
+                Some(take(vlen as usize, "a value")?.to_vec())
+            }
+            t => return Err(DecodeError(format!("dedupe log write tag {t}"))),
+        };
+        out.push((k, v));
+    }
+    if !rest.is_empty() {
+        return Err(DecodeError(format!("{} bytes after the dedupe log's last write", rest.len())));
+    }
+    Ok(out)
+}
+
+/// Merges a sled range and the index's range over the same bounds into one key-ordered
+/// stream (`forward`) or reverse. A key in both (a store written before the index existed
+/// that was not migrated yet; never otherwise) comes once, the index's.
+pub struct MergeBase<'a> {
+    a: std::iter::Peekable<Box<dyn Iterator<Item = KvResult> + Send + 'a>>,
+    b: std::iter::Peekable<Box<dyn Iterator<Item = KvResult> + Send + 'a>>,
+    forward: bool,
+}
+
+impl<'a> MergeBase<'a> {
+    pub fn new(
+        sled: Box<dyn Iterator<Item = KvResult> + Send + 'a>,
+        index: Box<dyn Iterator<Item = KvResult> + Send + 'a>,
+        forward: bool,
+    ) -> Self {
+        MergeBase { a: sled.peekable(), b: index.peekable(), forward }
+    }
+}
+
+impl Iterator for MergeBase<'_> {
+    type Item = KvResult;
+
+    fn next(&mut self) -> Option<KvResult> {
+        let order = match (self.a.peek(), self.b.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            // An error comes out first.
+            (Some(Err(_)), _) => std::cmp::Ordering::Less,
+            (_, Some(Err(_))) => std::cmp::Ordering::Greater,
+            (Some(Ok((ka, _))), Some(Ok((kb, _)))) => {
+                let o = ka.cmp(kb);
+                if self.forward {
+                    o
+                } else {
+                    o.reverse()
+                }
+            }
+        };
+        match order {
+            std::cmp::Ordering::Less => self.a.next(),
+            std::cmp::Ordering::Greater => self.b.next(),
+            std::cmp::Ordering::Equal => {
+                self.a.next();
+                self.b.next()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dk(conv: &[u8], id: u8) -> Vec<u8> {
+        keys::dedupe_key(3, 1, conv, &[id; 16])
+    }
+
+    #[test]
+    fn a_log_round_trips_and_damage_is_named() {
+        let (a, b) = (dk(b"c1", 1), dk(b"c2", 2));
+        let writes: Vec<(&[u8], Option<&[u8]>)> = vec![(&a, Some(b"v1")), (&b, None)];
+        let enc = encode_log(&writes).unwrap();
+        let dec = decode_log(&enc).unwrap();
+        assert_eq!(dec, vec![(a.clone(), Some(b"v1".to_vec())), (b.clone(), None)]);
+        let mut bad = enc.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(decode_log(&bad).unwrap_err().0.contains("crc"));
+        let not_dedupe = keys::conv_key(3, 1, b"c1");
+        let enc = encode_log(&[(&not_dedupe, None)]).unwrap();
+        assert!(decode_log(&enc).unwrap_err().0.contains("not a dedupe key"));
+    }
+
+    #[test]
+    fn which_store_holds_a_range() {
+        let conv = keys::conv_prefix(3, 1, keys::KIND_ENV, b"c");
+        let mut end = conv.clone();
+        end.push(0xff);
+        assert_eq!(dedupe_share(&(conv.clone()..end)), Share::None);
+        let d = keys::conv_prefix(3, 1, keys::KIND_DEDUPE, b"c");
+        let mut dend = d.clone();
+        dend.push(0xff);
+        assert_eq!(dedupe_share(&(d..dend)), Share::All);
+        let all = keys::gen_prefix(3, 1).to_vec();
+        assert_eq!(dedupe_share(&(all..keys::gen_prefix(3, 2).to_vec())), Share::Some);
+        assert_eq!(dedupe_share(&(conv..)), Share::Some);
+        let kind = keys::kind_prefix(3, 1, keys::KIND_RETENTION);
+        let next = keys::kind_prefix(3, 1, keys::KIND_RETENTION + 1);
+        assert_eq!(dedupe_share(&(kind..next)), Share::None);
+        let kind = keys::kind_prefix(3, 1, keys::KIND_DEDUPE);
+        let next = keys::kind_prefix(3, 1, keys::KIND_DEDUPE + 1);
+        assert_eq!(dedupe_share(&(kind.clone()..next.clone())), Share::All);
+        assert_eq!(dedupe_share(&(kind..=next)), Share::Some);
+    }
+
+    #[test]
+    fn merge_orders_both_ways_and_prefers_the_index() {
+        let kv = |k: &[u8], v: &[u8]| -> KvResult { Ok((IVec::from(k), IVec::from(v))) };
+        let sled: Vec<KvResult> = vec![kv(b"a", b"s"), kv(b"c", b"s"), kv(b"d", b"s")];
+        let index: Vec<KvResult> = vec![kv(b"b", b"i"), kv(b"c", b"i")];
+        let got: Vec<(Vec<u8>, Vec<u8>)> =
+            MergeBase::new(Box::new(sled.into_iter()), Box::new(index.into_iter()), true)
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).unwrap())
+                .collect();
+        let want: Vec<(Vec<u8>, Vec<u8>)> = [("a", "s"), ("b", "i"), ("c", "i"), ("d", "s")]
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect();
+        assert_eq!(got, want);
+        let sled: Vec<KvResult> = vec![kv(b"d", b"s"), kv(b"a", b"s")];
+        let index: Vec<KvResult> = vec![kv(b"c", b"i"), kv(b"b", b"i")];
+        let got: Vec<Vec<u8>> = MergeBase::new(Box::new(sled.into_iter()), Box::new(index.into_iter()), false)
+            .map(|r| r.unwrap().0.to_vec())
+            .collect();
+        assert_eq!(got, vec![b"d".to_vec(), b"c".to_vec(), b"b".to_vec(), b"a".to_vec()]);
+    }
+
+    #[test]
+    fn the_index_reopens_with_what_was_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dk(b"c1", 1), dk(b"c1", 2));
+        {
+            let idx = DedupeIndex::open(dir.path()).unwrap();
+            idx.apply([(a.as_slice(), Some(b"x".as_slice())), (b.as_slice(), Some(b"y".as_slice()))]).unwrap();
+            idx.apply([(b.as_slice(), None)]).unwrap();
+            idx.persist().unwrap();
+        }
+        let idx = DedupeIndex::open(dir.path()).unwrap();
+        assert_eq!(idx.get(&a).unwrap().as_deref(), Some(b"x".as_slice()));
+        assert_eq!(idx.get(&b).unwrap(), None);
+        assert_eq!(idx.delete_range(keys::gen_prefix(3, 1).to_vec()..keys::gen_prefix(3, 2).to_vec()).unwrap(), 1);
+        assert_eq!(idx.get(&a).unwrap(), None);
+    }
+}
