@@ -427,10 +427,12 @@ impl Inner {
         if !after.dedupe.is_empty() {
             // sled holds the logs durably now: the index may have the writes (never before,
             // or a crash could leave it ahead of sled's applied id).
-            crash_point("before_dedupe_apply", None);
+            crash_point("before_dedupe_apply", || {});
             self.dedupe
                 .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))?;
-            crash_point("after_dedupe_apply", None);
+            crash_point("after_dedupe_apply", || {
+                let _ = self.dedupe.persist();
+            });
             self.dedupe_logs_applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -439,7 +441,7 @@ impl Inner {
         if after.zero.is_empty() && after.delete.is_empty() {
             return Ok(());
         }
-        crash_point("before_zeroing", None);
+        crash_point("before_zeroing", || {});
         for ((group, generation), stretches) in &after.zero {
             self.segments(*group, *generation)?.zero_all(stretches)?;
         }
@@ -570,7 +572,7 @@ impl Inner {
             }
             metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
             synced.push((group, generation, segs.sync()?));
-            crash_point("after_segments", None);
+            crash_point("after_segments", || {});
             i = end;
         }
         // Erasures and retention applied before this checkpoint froze (they hold off
@@ -858,18 +860,27 @@ type AppliedState = (Option<LogId>, StoredMembership);
 type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
 
 /// Crash-test hook: when the environment variable `HABAR_TEST_CRASH_AT` names this point
-/// (of a snapshot install or a checkpoint), the process aborts, after flushing `flush` if
-/// given (an install's points flush sled first, so what was written so far is on disk, the
-/// worst case for atomicity; a checkpoint's batch is not durable until sled flushes, so its
-/// points do not). Read once; unset in production.
-fn crash_point(point: &str, flush: Option<&sled::Db>) {
-    static WANTED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let wanted = WANTED.get_or_init(|| std::env::var("HABAR_TEST_CRASH_AT").ok());
-    if wanted.as_deref() == Some(point) {
-        if let Some(db) = flush {
-            let _ = db.flush();
+/// (of a snapshot install, a checkpoint or an open; `point#n`: its `n`th time, counting
+/// from 1), the process aborts, after running `first`: what the point's worst case has on
+/// disk beyond what the code made durable (an install's points flush sled, so what was
+/// written so far is on disk, the worst case for atomicity; the dedupe index's point
+/// persists the index, as if the OS had written out its buffers). Read once; unset in
+/// production.
+fn crash_point(point: &str, first: impl FnOnce()) {
+    static WANTED: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let wanted = WANTED.get_or_init(|| {
+        let v = std::env::var("HABAR_TEST_CRASH_AT").ok()?;
+        Some(match v.split_once('#') {
+            Some((p, n)) => (p.to_string(), n.parse().unwrap_or(1)),
+            None => (v, 1),
+        })
+    });
+    if let Some((p, n)) = wanted {
+        if p == point && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+            first();
+            std::process::abort();
         }
-        std::process::abort();
     }
 }
 
@@ -1025,7 +1036,7 @@ impl StateStore {
             return Ok(());
         }
         inner.dedupe.persist()?;
-        crash_point("dedupe_recovered", None);
+        crash_point("dedupe_recovered", || {});
         let mut batch = sled::Batch::default();
         for k in &logs {
             batch.remove(k);
@@ -2401,7 +2412,9 @@ impl StateStore {
                 bytes = 0;
                 batches += 1;
                 if batches == 1 {
-                    crash_point("mid_write", Some(&self.inner.db));
+                    crash_point("mid_write", || {
+                        let _ = self.inner.db.flush();
+                    });
                 }
             }
         }
@@ -2414,10 +2427,14 @@ impl StateStore {
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
         self.inner.db.flush()?;
-        crash_point("before_switch", Some(&self.inner.db));
+        crash_point("before_switch", || {
+            let _ = self.inner.db.flush();
+        });
         self.inner.heads.insert(group.to_be_bytes(), keys::encode_value(&u64::from(new).to_be_bytes()))?;
         self.inner.db.flush()?;
-        crash_point("after_switch", Some(&self.inner.db));
+        crash_point("after_switch", || {
+            let _ = self.inner.db.flush();
+        });
         rt.generation.store(new, Ordering::Release);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
         self.remove_segments(group, |g| g != new)?;

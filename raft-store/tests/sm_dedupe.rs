@@ -1,0 +1,198 @@
+//! The dedupe index (`dedupe.rs`): the `(conversation, message id)` pairs live in an LSM
+//! tree beside sled. What must hold whatever the crash: the index never holds what sled's
+//! durable state does not (a replay would then call a message a duplicate of itself), and
+//! never misses what sled's state says was published (a retry would be appended twice).
+
+use std::path::Path;
+
+use habar_raft_store::keys;
+use habar_raft_store::types::Command;
+use habar_raft_store::types::Entry;
+use habar_raft_store::types::EntryPayload;
+use habar_raft_store::types::LogId;
+use habar_raft_store::types::NewEnvelope;
+use habar_raft_store::GroupStateMachine;
+use habar_raft_store::StateStore;
+use openraft::storage::RaftStateMachine;
+use openraft::RaftSnapshotBuilder;
+
+const GROUP: u32 = 5;
+const CONVS: [&str; 4] = ["a", "b", "c", "d"];
+
+/// Message `id` of `conv` (the same id in another conversation is another message).
+fn env(conv: &str, id: u64) -> NewEnvelope {
+    let mut message_id = [0u8; 16];
+    message_id[..8].copy_from_slice(&id.to_be_bytes());
+    NewEnvelope {
+        conversation_id: conv.to_string(),
+        message_id,
+        sender: "s".into(),
+        ciphertext: id.to_be_bytes().to_vec().into(),
+        expires_at_ms: 0,
+    }
+}
+
+fn entry(index: u64, cmd: Command) -> Entry {
+    Entry { log_id: LogId::new_term_index(1, index), payload: EntryPayload::Normal(cmd) }
+}
+
+/// The log: entries 1..=20 publish ids 1..=60 over four conversations; 21..=30 publish ids
+/// 61..=90 and retry every third id published before (duplicates); 31 erases "c" (its ids
+/// may be published again as new messages); 32..=40 retry every id 1..=90 once more.
+fn log() -> Vec<Entry> {
+    let mut out = Vec::new();
+    let publish = |i: u64, ids: Vec<u64>| {
+        let envelopes = ids.into_iter().map(|id| env(CONVS[(id % 4) as usize], id)).collect();
+        entry(i, Command::Append { now_ms: 1_000 + i, envelopes })
+    };
+    for i in 1..=20 {
+        out.push(publish(i, (3 * i - 2..=3 * i).collect()));
+    }
+    for i in 21..=30 {
+        let new = 3 * i - 2..=3 * i;
+        let retries = (1..3 * i - 2).filter(|id| id % 3 == i % 3);
+        out.push(publish(i, new.chain(retries).collect()));
+    }
+    out.push(entry(31, Command::DeleteConversation { now_ms: 2_000, conversation_id: "c".into(), reset_seq: false }));
+    for i in 32..=40 {
+        out.push(publish(i, (1..=90).filter(|id| id % 9 == i % 9).collect()));
+    }
+    out
+}
+
+async fn apply(sm: &mut GroupStateMachine, es: Vec<Entry>) {
+    let stream = futures::stream::iter(es.into_iter().map(|e| Ok((e, None))));
+    sm.apply(stream).await.unwrap();
+}
+
+/// A store whose checkpoints happen only when the test asks.
+fn open(dir: &Path) -> StateStore {
+    let s = StateStore::open(dir, 8 << 20).unwrap();
+    s.set_checkpoint_interval(std::time::Duration::from_secs(3600));
+    s
+}
+
+/// Every conversation's `(seq, ciphertext)`s and last seq.
+type Reads = Vec<(Vec<(u64, Vec<u8>)>, u64)>;
+
+fn reads(store: &StateStore) -> Reads {
+    CONVS
+        .iter()
+        .map(|c| {
+            let envs = store.read(GROUP, c, 1, usize::MAX).unwrap();
+            (envs.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())).collect(), store.last_seq(GROUP, c).unwrap())
+        })
+        .collect()
+}
+
+/// What the child does before the crash: entries 1..=20, a checkpoint (its dedupe log
+/// reaches the index), entries 21..=31, a checkpoint that aborts at `point`.
+fn crash_child(dst: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = open(dst);
+        let mut sm = store.group(GROUP).unwrap();
+        let mut log = log();
+        let rest = log.split_off(20);
+        apply(&mut sm, log).await;
+        store.checkpoint().unwrap();
+        apply(&mut sm, rest.into_iter().take(11).collect()).await;
+        store.checkpoint().unwrap();
+    });
+}
+
+const CRASH_POINTS: [&str; 3] = ["before_dedupe_apply", "after_dedupe_apply", "dedupe_recovered"];
+
+fn run_child(dst: &Path, point: &str) {
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_crash_around_the_dedupe_index_keeps_every_answer", "--test-threads=1"])
+        .env("HABAR_SM_DEDUPE_CRASH_DST", dst)
+        // The second checkpoint's (the first one's log must have reached the index).
+        .env("HABAR_TEST_CRASH_AT", if point == "dedupe_recovered" { point.to_string() } else { format!("{point}#2") })
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "{point}: the child must have crashed");
+}
+
+/// Property: a crash inside a checkpoint around the dedupe index (before its writes reach
+/// the index, after they did and the index persisted them, and inside the open that
+/// replays the logs) loses no dedupe answer: after the reopen and the re-apply of the log
+/// from sled's durable applied id, every retry is a duplicate exactly when it is on a store
+/// that never crashed (reads, last seqs and the replica dump equal), including retries of
+/// ids of an erased conversation (new messages again). The crash is a real `abort()`.
+#[test]
+fn a_crash_around_the_dedupe_index_keeps_every_answer() {
+    if let (Ok(dst), Ok(point)) = (std::env::var("HABAR_SM_DEDUPE_CRASH_DST"), std::env::var("HABAR_TEST_CRASH_AT")) {
+        if point.starts_with("dedupe_recovered") {
+            // The open replays the logs a crash left, and aborts after persisting the index,
+            // before the logs leave sled.
+            drop(open(Path::new(&dst)));
+        } else {
+            crash_child(Path::new(&dst));
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reference = open(&dir.path().join("reference"));
+    rt.block_on(apply(&mut reference.group(GROUP).unwrap(), log()));
+    let want = reads(&reference);
+    // The log's retries were recognised: one envelope per message id, c's erased and each
+    // published again by entries 32..=40 (which retry every id 1..=90 once).
+    let total: usize = want.iter().map(|(e, _)| e.len()).sum();
+    assert_eq!(total, 90, "one envelope per message");
+    assert_eq!(want[2].1, 23 * 2, "c's seqs continue after the erasure: 23 ids, twice");
+    for point in CRASH_POINTS {
+        let dst = dir.path().join(point);
+        if point == "dedupe_recovered" {
+            run_child(&dst, "before_dedupe_apply");
+        }
+        run_child(&dst, point);
+        rt.block_on(async {
+            let store = open(&dst);
+            let durable = store.applied(GROUP).unwrap().map_or(0, |l| l.index);
+            assert_eq!(durable, 31, "{point}: the second checkpoint is durable");
+            let mut sm = store.group(GROUP).unwrap();
+            apply(&mut sm, log().into_iter().filter(|e| e.log_id.index > durable).collect()).await;
+            assert_eq!(reads(&store), want, "{point}: reads after recovery");
+            assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "{point}: dump");
+            store.checkpoint().unwrap();
+            drop(sm);
+            drop(store);
+            let store = open(&dst);
+            assert_eq!(reads(&store), want, "{point}: reads after another checkpoint and a reopen");
+            assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "{point}: dump");
+        });
+    }
+}
+
+/// Property: DEDUPE items never reach sled (the checkpoint sends them to the index through
+/// a log item that the next checkpoint deletes), snapshots carry them all the same, and a
+/// store that installs such a snapshot answers retries as duplicates.
+#[tokio::test]
+async fn dedupe_items_live_in_the_index_and_travel_in_snapshots() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (s1, s2) = (open(d1.path()), open(d2.path()));
+    let mut a = s1.group(GROUP).unwrap();
+    let mut log = log();
+    let tail = log.split_off(30);
+    apply(&mut a, log).await;
+    s1.checkpoint().unwrap();
+    s1.checkpoint().unwrap();
+    assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 0, "no DEDUPE item in sled");
+    assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_LOG).unwrap(), 0, "logs gone once the index holds them");
+    let dump = s1.dump_group(GROUP).unwrap();
+    let pairs = dump.iter().filter(|(k, _)| k.first() == Some(&keys::KIND_DEDUPE)).count();
+    assert_eq!(pairs, 90, "the dump has every message's pair");
+    let snap = a.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
+    let mut b = s2.group(GROUP).unwrap();
+    b.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+    assert_eq!(s2.dump_group(GROUP).unwrap(), dump, "the installed state is the same");
+    assert_eq!(s2.raw_key_count(GROUP), dump.len(), "nothing but the installed generation is left");
+    apply(&mut a, tail.clone()).await;
+    apply(&mut b, tail).await;
+    assert_eq!(reads(&s2), reads(&s1), "retries after the install are duplicates on both");
+    assert_eq!(s2.dump_group(GROUP).unwrap(), s1.dump_group(GROUP).unwrap());
+}
