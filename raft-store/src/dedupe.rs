@@ -33,8 +33,10 @@ use crate::StoreError;
 const MEMTABLE_BYTES: u64 = 8 << 20;
 /// fjall's block cache (data, index and filter blocks).
 const CACHE_BYTES: u64 = 8 << 20;
-/// fjall's flush and compaction threads.
-const WORKER_THREADS: usize = 1;
+/// fjall's flush and compaction threads: two, so a memtable flush need not wait behind a
+/// compaction (fjall halts writes while 4 memtables wait to be flushed; with one thread,
+/// 60 s runs saw 1.1-2.8 s stalls, with two the worst was 223 ms).
+const WORKER_THREADS: usize = 2;
 
 /// Format of a dedupe log item's body.
 const LOG_FORMAT_V1: u8 = 1;
@@ -44,6 +46,8 @@ pub const MAX_LOG_WRITES: usize = 1 << 24;
 
 /// One write: a put (`Some(value)`) or a delete.
 pub type Write = (Vec<u8>, Option<Vec<u8>>);
+/// One write, borrowed.
+pub type WriteRef<'a> = (&'a [u8], Option<&'a [u8]>);
 
 pub struct DedupeIndex {
     db: fjall::Database,
@@ -75,6 +79,13 @@ impl DedupeIndex {
                     .max_memtable_size(MEMTABLE_BYTES)
                     // Lookups mostly miss (a new message id): keep the bloom filters.
                     .expect_point_read_hits(false)
+                    // In small partitions at every level: a lookup reads (and checksums) one
+                    // partition, not a table's whole filter. Unpartitioned, a compacted
+                    // table's filter (~1.2 MiB per million ids) fell out of the cache and was
+                    // read whole for every publish: closed-loop throughput fell from ~25,000
+                    // to ~7,000 env/s after 30 s (docs/BENCHMARKS.md, "The dedupe index").
+                    .filter_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
+                    .index_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
             })
             .map_err(fj)?;
         Ok(DedupeIndex { db, ks })
@@ -181,7 +192,7 @@ pub fn dedupe_share<R: RangeBounds<Vec<u8>>>(range: &R) -> Share {
 
 /// A dedupe log item's value: the writes of one group's checkpoint, framed with a format
 /// byte and the value CRC of every sled value.
-pub fn encode_log(writes: &[(&[u8], Option<&[u8]>)]) -> Result<Vec<u8>, StoreError> {
+pub fn encode_log(writes: &[WriteRef<'_>]) -> Result<Vec<u8>, StoreError> {
     if writes.len() > MAX_LOG_WRITES {
         return Err(StoreError::Encode(format!(
             "{} dedupe writes in one checkpoint of a group, over the {MAX_LOG_WRITES} a log item holds",
@@ -316,7 +327,7 @@ mod tests {
     #[test]
     fn a_log_round_trips_and_damage_is_named() {
         let (a, b) = (dk(b"c1", 1), dk(b"c2", 2));
-        let writes: Vec<(&[u8], Option<&[u8]>)> = vec![(&a, Some(b"v1")), (&b, None)];
+        let writes: Vec<WriteRef<'_>> = vec![(&a, Some(b"v1")), (&b, None)];
         let enc = encode_log(&writes).unwrap();
         let dec = decode_log(&enc).unwrap();
         assert_eq!(dec, vec![(a.clone(), Some(b"v1".to_vec())), (b.clone(), None)]);

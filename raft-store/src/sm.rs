@@ -485,7 +485,7 @@ impl Inner {
             }
         }
         // DEDUPE writes go to the index, through one log item per group and generation.
-        let mut dedupe_writes: BTreeMap<&[u8], Vec<(&[u8], Option<&[u8]>)>> = BTreeMap::new();
+        let mut dedupe_writes: BTreeMap<&[u8], Vec<dedupe::WriteRef<'_>>> = BTreeMap::new();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
