@@ -64,14 +64,28 @@ fn fj_as_sled(e: fjall::Error) -> sled::Error {
 }
 
 impl DedupeIndex {
-    /// Opens (or creates) the index in `dir`.
+    /// Opens (or creates) the index in `dir`. fjall panics on some damage to its own
+    /// metadata; that comes back as an error naming the directory, not a panic.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        match std::panic::catch_unwind(|| Self::open_inner(dir)) {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Corrupt {
+                what: dir.display().to_string(),
+                offset: 0,
+                reason: "the dedupe index could not be opened (fjall panicked reading its files)".into(),
+            }),
+        }
+    }
+
+    fn open_inner(dir: &Path) -> Result<Self, StoreError> {
         let db = fjall::Database::builder(dir)
             .manual_journal_persist(true)
             .cache_size(CACHE_BYTES)
             .worker_threads(WORKER_THREADS)
             .open()
             .map_err(fj)?;
+        // The options below are stored with the keyspace when it is created and used on every
+        // later open: a change to them needs a new keyspace name (and a move of the pairs).
         let ks = db
             .keyspace("dedupe.v1", || {
                 fjall::KeyspaceCreateOptions::default()
@@ -96,7 +110,9 @@ impl DedupeIndex {
         Ok(self.ks.get(key).map_err(fj_as_sled)?.map(|v| IVec::from(&*v)))
     }
 
-    /// Every pair in `range`, in key order or reverse (a consistent view as of the call).
+    /// Every pair in `range`, in key order or reverse. Not a snapshot: writes that land
+    /// during the scan may show. The state machine applies checkpoints' writes under the
+    /// overlay's gate, which its merged range reads hold.
     pub fn range<R: RangeBounds<Vec<u8>>>(&self, range: R, forward: bool) -> Box<dyn Iterator<Item = KvResult> + Send> {
         let iter = self.ks.range::<Vec<u8>, _>((range.start_bound().cloned(), range.end_bound().cloned()));
         let conv = |g: fjall::Guard| -> KvResult {
@@ -132,17 +148,19 @@ impl DedupeIndex {
     }
 
     /// Deletes every pair in `range` (of a generation no longer active); returns how many.
+    /// Each chunk starts after the last key deleted: a scan from the range's start would step
+    /// over every tombstone written so far (quadratic in the generation's size).
     pub fn delete_range(&self, range: std::ops::Range<Vec<u8>>) -> Result<usize, StoreError> {
         let mut n = 0;
+        let mut from = Bound::Included(range.start.clone());
         loop {
             let keys: Vec<Vec<u8>> = self
-                .range(range.clone(), true)
+                .range((from.clone(), Bound::Excluded(range.end.clone())), true)
                 .take(4096)
                 .map(|kv| kv.map(|(k, _)| k.to_vec()))
                 .collect::<Result<_, _>>()?;
-            if keys.is_empty() {
-                return Ok(n);
-            }
+            let Some(last) = keys.last() else { return Ok(n) };
+            from = Bound::Excluded(last.clone());
             n += keys.len();
             self.apply(keys.iter().map(|k| (k.as_slice(), None)))?;
         }

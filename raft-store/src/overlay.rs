@@ -212,7 +212,10 @@ impl Overlay {
     ///
     /// `after` runs once the batch landed (and sled is flushed, if `flush`), still before
     /// any other checkpoint can start and before the frozen layer is dropped, with what
-    /// `build` handed it. If it fails, the frozen layer stays (as after a failed batch).
+    /// `build` handed it. If it fails, the frozen layer stays, but unlike after a failed
+    /// batch a retry is not safe for a `build` that moves writes elsewhere (the batch landed;
+    /// the state machine's would write its runs and logs twice): the state machine stops
+    /// checkpointing after any failure.
     pub fn checkpoint_with<A, E: From<sled::Error>>(
         &self,
         tree: &sled::Tree,

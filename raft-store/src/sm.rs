@@ -264,6 +264,10 @@ struct Inner {
     found_snapshots: Mutex<HashMap<GroupId, (SnapshotMeta, SnapshotData)>>,
     /// Warns of an apply call slower than `slow_warn_ms`.
     slow_apply: crate::slow::SlowLog,
+    /// Warns of a checkpoint slower than `slow_warn_ms`, with the time of each stage.
+    slow_checkpoint: crate::slow::SlowLog,
+    /// The stages of the last checkpoint that got past its batch (for that warning).
+    last_stages: Mutex<Stages>,
     /// Every state-machine write since the last checkpoint (ARCHITECTURE.md, "Checkpoints"):
     /// sled only ever holds what a checkpoint wrote, so it is always the state at the
     /// applied log id stored with it.
@@ -364,6 +368,20 @@ impl Inner {
         match done {
             Ok(writes) => {
                 *self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+                if let Some(left_out) = self.slow_checkpoint.check(took) {
+                    let st = *self.last_stages.lock().unwrap_or_else(|p| p.into_inner());
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    tracing::warn!(
+                        ms = ms(took),
+                        writes,
+                        index_persist_ms = ms(st.index_persist),
+                        segments_ms = ms(st.segments),
+                        sled_flush_ms = ms(st.flush),
+                        index_apply_ms = ms(st.index_apply),
+                        left_out,
+                        "slow state-machine checkpoint (applies wait for it once the overlay is full; the rest of `ms` is sled's batch)"
+                    );
+                }
                 metrics::counter!("habar_sm_checkpoints_total").increment(1);
                 metrics::histogram!("habar_sm_checkpoint_seconds").record(took.as_secs_f64());
                 metrics::histogram!("habar_sm_checkpoint_writes").record(writes as f64);
@@ -420,19 +438,42 @@ impl Inner {
     /// segments, flushes sled (so no crash brings the items back), then zeroes the runs'
     /// records and deletes the empty segments.
     fn after_checkpoint(&self, after: After) -> Result<(), StoreError> {
+        let mut stages = after.stages;
+        let result = self.after_checkpoint_stages(after, &mut stages);
+        *self.last_stages.lock().unwrap_or_else(|p| p.into_inner()) = stages;
+        result
+    }
+
+    fn after_checkpoint_stages(&self, after: After, stages: &mut Stages) -> Result<(), StoreError> {
+        if after.logs_deleted > 0 {
+            // The logs the batch deleted are gone now (only checkpoints touch the list, one
+            // at a time, so they are still its first entries).
+            let mut applied = self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner());
+            let n = after.logs_deleted.min(applied.len());
+            applied.drain(..n);
+        }
         if after.zero.is_empty() && after.delete.is_empty() && after.dedupe.is_empty() {
             return Ok(());
         }
+        let t = Instant::now();
         self.data.flush()?;
+        stages.flush = t.elapsed();
         if !after.dedupe.is_empty() {
             // sled holds the logs durably now: the index may have the writes (never before,
             // or a crash could leave it ahead of sled's applied id).
             crash_point("before_dedupe_apply", || {});
-            self.dedupe
-                .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))?;
+            let t = Instant::now();
+            // Under the gate, like sled's batch: a merged range read in progress must not see
+            // the index change under it (fjall's ranges are not snapshots).
+            self.overlay.exclusive(|| {
+                self.dedupe
+                    .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))
+            })?;
+            stages.index_apply = t.elapsed();
             crash_point("after_dedupe_apply", || {
                 let _ = self.dedupe.persist();
             });
+            // This checkpoint's logs wait for the next one to delete them.
             self.dedupe_logs_applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -477,9 +518,13 @@ impl Inner {
         let mut batch = sled::Batch::default();
         // The logs of earlier checkpoints whose writes the index holds: durable there now,
         // so they go.
-        let applied = std::mem::take(&mut *self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()));
+        // (Taken out of the list only once the batch landed: `after_checkpoint`.)
+        let applied = self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        after.logs_deleted = applied.len();
         if !applied.is_empty() {
+            let t = Instant::now();
             self.dedupe.persist()?;
+            after.stages.index_persist = t.elapsed();
             for k in &applied {
                 batch.remove(k.as_slice());
             }
@@ -518,6 +563,7 @@ impl Inner {
             let owned = writes.into_iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
             after.dedupe.push((key, owned));
         }
+        let segments_started = Instant::now();
         let mut i = 0;
         while i < moving.len() {
             // One group and generation: the 9-byte prefix of their keys.
@@ -575,6 +621,7 @@ impl Inner {
             crash_point("after_segments", || {});
             i = end;
         }
+        after.stages.segments = segments_started.elapsed();
         // Erasures and retention applied before this checkpoint froze (they hold off
         // checkpoints while they run, so their RUN deletes are in `frozen`): the segments of
         // the deleted runs count one less; erased runs are listed in SEGS now and zeroed once
@@ -682,9 +729,22 @@ fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
     }
 }
 
+/// How long the stages of a checkpoint took (besides sled's batch).
+#[derive(Debug, Default, Clone, Copy)]
+struct Stages {
+    index_persist: Duration,
+    segments: Duration,
+    flush: Duration,
+    index_apply: Duration,
+}
+
 /// What a checkpoint does after its batch landed (`Inner::after_checkpoint`).
 #[derive(Default)]
 struct After {
+    /// How many of `dedupe_logs_applied` (the first ones) the batch deleted.
+    logs_deleted: usize,
+    /// Stages timed so far (the batch's side).
+    stages: Stages,
     /// Each group's dedupe log item (its key) and the writes it holds, to apply to the
     /// dedupe index once the batch is flushed.
     dedupe: Vec<(Vec<u8>, Vec<dedupe::Write>)>,
@@ -937,6 +997,8 @@ impl StateStore {
                 erasures: watch::channel(0).0,
                 found_snapshots: Mutex::new(found),
                 slow_apply: crate::slow::SlowLog::default(),
+                slow_checkpoint: crate::slow::SlowLog::default(),
+                last_stages: Mutex::new(Stages::default()),
                 overlay: Overlay::default(),
                 last_checkpoint: Mutex::new(Instant::now()),
                 checkpoint_interval_ms: AtomicU64::new(CHECKPOINT_INTERVAL.as_millis() as u64),
@@ -1021,6 +1083,7 @@ impl StateStore {
                 for (k, _) in &chunk {
                     batch.remove(k);
                 }
+                crash_point("dedupe_moved", || {});
                 inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
                 inner.data.flush()?;
                 tracing::info!(group, moved = chunk.len(), "moved dedupe items out of sled into the dedupe index");
@@ -1028,6 +1091,9 @@ impl StateStore {
             for item in inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_LOG)) {
                 let (k, v) = item?;
                 let writes = dedupe::decode_log(&v).map_err(|e| corrupt_key(&k, e))?;
+                if writes.iter().any(|(w, _)| w[..keys::GEN_PREFIX_LEN] != k[..keys::GEN_PREFIX_LEN]) {
+                    return Err(corrupt_key(&k, keys::DecodeError("dedupe log holds another group's key".into())));
+                }
                 inner.dedupe.apply(writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))?;
                 logs.push(k);
             }
@@ -1594,6 +1660,7 @@ impl StateStore {
     /// never. Default `slow::DEFAULT_SLOW_WARN`.
     pub fn set_slow_warn(&self, threshold: Duration) {
         self.inner.slow_apply.set_threshold(threshold);
+        self.inner.slow_checkpoint.set_threshold(threshold);
     }
 
     /// How old the last checkpoint may get while anything is pending (default
@@ -1707,6 +1774,25 @@ impl StateStore {
     pub fn sled_items_of_kind(&self, group: GroupId, kind: u8) -> Result<usize, StoreError> {
         let generation = self.rt(group)?.generation.load(Ordering::Acquire);
         Ok(self.inner.data.scan_prefix(keys::kind_prefix(group, generation, kind)).count())
+    }
+
+    /// For upgrade tests: moves every pair of the dedupe index into sled as DEDUPE items,
+    /// the layout before the index existed (flushed). Not for production use.
+    #[doc(hidden)]
+    pub fn move_dedupe_into_sled_for_tests(&self) -> Result<usize, StoreError> {
+        self.flush()?;
+        let all = keys::KEY_FORMAT_V1;
+        let pairs: Vec<(sled::IVec, sled::IVec)> =
+            self.inner.dedupe.range(vec![all]..vec![all + 1], true).collect::<Result<_, _>>()?;
+        let mut batch = sled::Batch::default();
+        for (k, v) in &pairs {
+            batch.insert(k, v);
+        }
+        self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
+        self.inner.db.flush()?;
+        self.inner.dedupe.apply(pairs.iter().map(|(k, _)| (k.as_ref(), None)))?;
+        self.inner.dedupe.persist()?;
+        Ok(pairs.len())
     }
 
     /// Keys of the group in every generation (active or garbage): for tests and checks.

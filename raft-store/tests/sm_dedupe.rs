@@ -17,6 +17,8 @@ use openraft::storage::RaftStateMachine;
 use openraft::RaftSnapshotBuilder;
 
 const GROUP: u32 = 5;
+/// The crash test runs the log on two groups (their logs share one numbering).
+const GROUPS: [u32; 2] = [5, 6];
 const CONVS: [&str; 4] = ["a", "b", "c", "d"];
 
 /// Message `id` of `conv` (the same id in another conversation is another message).
@@ -38,7 +40,9 @@ fn entry(index: u64, cmd: Command) -> Entry {
 
 /// The log: entries 1..=20 publish ids 1..=60 over four conversations; 21..=30 publish ids
 /// 61..=90 and retry every third id published before (duplicates); 31 erases "c" (its ids
-/// may be published again as new messages); 32..=40 retry every id 1..=90 once more.
+/// may be published again as new messages); 32 erases "d" with `reset_seq` and 33
+/// publishes d's ids up to 30 again (new messages from seq 1: their keys were deleted and
+/// written again between two checkpoints); 34..=42 retry every id 1..=90 once more.
 fn log() -> Vec<Entry> {
     let mut out = Vec::new();
     let publish = |i: u64, ids: Vec<u64>| {
@@ -54,7 +58,9 @@ fn log() -> Vec<Entry> {
         out.push(publish(i, new.chain(retries).collect()));
     }
     out.push(entry(31, Command::DeleteConversation { now_ms: 2_000, conversation_id: "c".into(), reset_seq: false }));
-    for i in 32..=40 {
+    out.push(entry(32, Command::DeleteConversation { now_ms: 2_001, conversation_id: "d".into(), reset_seq: true }));
+    out.push(publish(33, (1..=30).filter(|id| id % 4 == 3).collect()));
+    for i in 34..=42 {
         out.push(publish(i, (1..=90).filter(|id| id % 9 == i % 9).collect()));
     }
     out
@@ -75,28 +81,33 @@ fn open(dir: &Path) -> StateStore {
 /// Every conversation's `(seq, ciphertext)`s and last seq.
 type Reads = Vec<(Vec<(u64, Vec<u8>)>, u64)>;
 
-fn reads(store: &StateStore) -> Reads {
+fn reads_of(store: &StateStore, group: u32) -> Reads {
     CONVS
         .iter()
         .map(|c| {
-            let envs = store.read(GROUP, c, 1, usize::MAX).unwrap();
-            (envs.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())).collect(), store.last_seq(GROUP, c).unwrap())
+            let envs = store.read(group, c, 1, usize::MAX).unwrap();
+            (envs.iter().map(|e| (e.seq, e.envelope.ciphertext.to_vec())).collect(), store.last_seq(group, c).unwrap())
         })
         .collect()
 }
 
-/// What the child does before the crash: entries 1..=20, a checkpoint (its dedupe log
-/// reaches the index), entries 21..=31, a checkpoint that aborts at `point`.
+fn reads(store: &StateStore) -> Reads {
+    reads_of(store, GROUP)
+}
+
+/// What the child does before the crash, on each group: entries 1..=20, a checkpoint (its
+/// dedupe logs reach the index), entries 21..=33, a checkpoint that aborts at `point`.
 fn crash_child(dst: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = open(dst);
-        let mut sm = store.group(GROUP).unwrap();
-        let mut log = log();
-        let rest = log.split_off(20);
-        apply(&mut sm, log).await;
+        for g in GROUPS {
+            apply(&mut store.group(g).unwrap(), log().into_iter().take(20).collect()).await;
+        }
         store.checkpoint().unwrap();
-        apply(&mut sm, rest.into_iter().take(11).collect()).await;
+        for g in GROUPS {
+            apply(&mut store.group(g).unwrap(), log().into_iter().skip(20).take(13).collect()).await;
+        }
         store.checkpoint().unwrap();
     });
 }
@@ -139,11 +150,12 @@ fn a_crash_around_the_dedupe_index_keeps_every_answer() {
     let reference = open(&dir.path().join("reference"));
     rt.block_on(apply(&mut reference.group(GROUP).unwrap(), log()));
     let want = reads(&reference);
-    // The log's retries were recognised: one envelope per message id, c's erased and each
-    // published again by entries 32..=40 (which retry every id 1..=90 once).
-    let total: usize = want.iter().map(|(e, _)| e.len()).sum();
-    assert_eq!(total, 90, "one envelope per message");
-    assert_eq!(want[2].1, 23 * 2, "c's seqs continue after the erasure: 23 ids, twice");
+    // The log's retries were recognised: one envelope per message id of a, b; c's 23 ids
+    // erased and published again (seqs continue); d reset, its 7 ids up to 30 published
+    // again from seq 1, then its 15 others as new.
+    assert_eq!((want[0].0.len(), want[1].0.len()), (22, 23), "a and b: one envelope per message");
+    assert_eq!((want[2].0.len(), want[2].1), (23, 46), "c's seqs continue after the erasure");
+    assert_eq!((want[3].0.len(), want[3].1), (22, 22), "d starts again at 1 after the reset");
     for point in CRASH_POINTS {
         let dst = dir.path().join(point);
         if point == "dedupe_recovered" {
@@ -152,18 +164,24 @@ fn a_crash_around_the_dedupe_index_keeps_every_answer() {
         run_child(&dst, point);
         rt.block_on(async {
             let store = open(&dst);
-            let durable = store.applied(GROUP).unwrap().map_or(0, |l| l.index);
-            assert_eq!(durable, 31, "{point}: the second checkpoint is durable");
-            let mut sm = store.group(GROUP).unwrap();
-            apply(&mut sm, log().into_iter().filter(|e| e.log_id.index > durable).collect()).await;
-            assert_eq!(reads(&store), want, "{point}: reads after recovery");
-            assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "{point}: dump");
+            for g in GROUPS {
+                let durable = store.applied(g).unwrap().map_or(0, |l| l.index);
+                assert_eq!(durable, 33, "{point}: the second checkpoint is durable");
+                let mut sm = store.group(g).unwrap();
+                apply(&mut sm, log().into_iter().filter(|e| e.log_id.index > durable).collect()).await;
+                assert_eq!(reads_of(&store, g), want, "{point}: reads of group {g} after recovery");
+            }
+            let want_dump = reference.dump_group(GROUP).unwrap();
+            for g in GROUPS {
+                assert_eq!(store.dump_group(g).unwrap(), want_dump, "{point}: dump of group {g}");
+            }
             store.checkpoint().unwrap();
-            drop(sm);
             drop(store);
             let store = open(&dst);
-            assert_eq!(reads(&store), want, "{point}: reads after another checkpoint and a reopen");
-            assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "{point}: dump");
+            for g in GROUPS {
+                assert_eq!(reads_of(&store, g), want, "{point}: group {g} after another checkpoint and a reopen");
+            }
+            assert_eq!(store.dump_group(GROUP).unwrap(), want_dump, "{point}: dump");
         });
     }
 }
@@ -178,6 +196,7 @@ async fn dedupe_items_live_in_the_index_and_travel_in_snapshots() {
     let mut a = s1.group(GROUP).unwrap();
     let mut log = log();
     let tail = log.split_off(30);
+    assert!(matches!(tail[0].payload, EntryPayload::Normal(Command::DeleteConversation { .. })));
     apply(&mut a, log).await;
     s1.checkpoint().unwrap();
     s1.checkpoint().unwrap();
@@ -195,4 +214,102 @@ async fn dedupe_items_live_in_the_index_and_travel_in_snapshots() {
     apply(&mut b, tail).await;
     assert_eq!(reads(&s2), reads(&s1), "retries after the install are duplicates on both");
     assert_eq!(s2.dump_group(GROUP).unwrap(), s1.dump_group(GROUP).unwrap());
+}
+
+/// Property: a store of the layout before the index (DEDUPE items in sled) opens with its
+/// pairs moved into the index, also when the move is cut by a crash between the index's
+/// persist and the deletion of sled's copies: retries stay duplicates, and the state is the
+/// same as a store that never had the older layout.
+#[test]
+fn a_store_with_dedupe_items_in_sled_moves_them_into_the_index() {
+    if let Ok(dst) = std::env::var("HABAR_SM_DEDUPE_UPGRADE_DST") {
+        // The open moves the items and aborts before sled's copies go.
+        drop(open(Path::new(&dst)));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reference = open(&dir.path().join("reference"));
+    rt.block_on(apply(&mut reference.group(GROUP).unwrap(), log()));
+    for crash in [false, true] {
+        let dst = dir.path().join(format!("crash-{crash}"));
+        {
+            let store = open(&dst);
+            rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().take(30).collect()));
+            assert_eq!(store.move_dedupe_into_sled_for_tests().unwrap(), 90);
+            assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 90, "the older layout");
+        }
+        if crash {
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "a_store_with_dedupe_items_in_sled_moves_them_into_the_index", "--test-threads=1"])
+                .env("HABAR_SM_DEDUPE_UPGRADE_DST", &dst)
+                .env("HABAR_TEST_CRASH_AT", "dedupe_moved")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(!status.success(), "the child must have crashed");
+        }
+        let store = open(&dst);
+        assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 0, "crash {crash}: moved out of sled");
+        rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().skip(30).collect()));
+        assert_eq!(reads(&store), reads(&reference), "crash {crash}: retries are duplicates");
+        assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "crash {crash}: dump");
+    }
+}
+
+/// Property: a replica dump (a merged range over the overlay, sled and the index) taken while
+/// applies and checkpoints run shows one state: each conversation's DEDUPE pairs number
+/// exactly its last seq (no pair missing while a checkpoint moves it into the index, none
+/// twice), in every one of many dumps.
+#[test]
+fn dumps_while_checkpoints_move_pairs_into_the_index_see_each_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dumper = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut dumps = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || dumps == 0 {
+                let dump = store.dump_group(GROUP).unwrap();
+                for c in CONVS {
+                    let conv = keys::conv_key(GROUP, 1, c.as_bytes());
+                    let conv_rest = &conv[keys::GEN_PREFIX_LEN..];
+                    let last = dump.iter().find(|(k, _)| k.as_slice() == conv_rest).map(|(_, v)| {
+                        let body = keys::decode_value(v).unwrap();
+                        u64::from_be_bytes(body[..8].try_into().unwrap())
+                    });
+                    let mut prefix = keys::conv_prefix(GROUP, 1, keys::KIND_DEDUPE, c.as_bytes());
+                    prefix.drain(..keys::GEN_PREFIX_LEN);
+                    let pairs = dump.iter().filter(|(k, _)| k.starts_with(&prefix)).count() as u64;
+                    assert_eq!(pairs, last.unwrap_or(0), "{c}: pairs against last seq in dump {dumps}");
+                }
+                dumps += 1;
+            }
+            dumps
+        })
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut sm = store.group(GROUP).unwrap();
+    for round in 0..40u64 {
+        let es: Vec<Entry> = (0..5)
+            .map(|k| {
+                let i = round * 5 + k + 1;
+                entry(
+                    i,
+                    Command::Append {
+                        now_ms: i,
+                        envelopes: (0..8).map(|n| env(CONVS[(n % 4) as usize], i * 8 + n)).collect(),
+                    },
+                )
+            })
+            .collect();
+        rt.block_on(apply(&mut sm, es));
+        store.checkpoint().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let dumps = dumper.join().unwrap();
+    assert!(dumps > 0);
+    assert_eq!(store.last_seq(GROUP, "a").unwrap(), 400);
 }
