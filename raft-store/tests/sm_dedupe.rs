@@ -3,6 +3,10 @@
 //! durable state does not (a replay would then call a message a duplicate of itself), and
 //! never misses what sled's state says was published (a retry would be appended twice).
 
+mod common;
+use common::apply;
+use common::open;
+
 use std::path::Path;
 
 use habar_raft_store::keys;
@@ -11,7 +15,6 @@ use habar_raft_store::types::Entry;
 use habar_raft_store::types::EntryPayload;
 use habar_raft_store::types::LogId;
 use habar_raft_store::types::NewEnvelope;
-use habar_raft_store::GroupStateMachine;
 use habar_raft_store::StateStore;
 use openraft::storage::RaftStateMachine;
 use openraft::RaftSnapshotBuilder;
@@ -64,18 +67,6 @@ fn log() -> Vec<Entry> {
         out.push(publish(i, (1..=90).filter(|id| id % 9 == i % 9).collect()));
     }
     out
-}
-
-async fn apply(sm: &mut GroupStateMachine, es: Vec<Entry>) {
-    let stream = futures::stream::iter(es.into_iter().map(|e| Ok((e, None))));
-    sm.apply(stream).await.unwrap();
-}
-
-/// A store whose checkpoints happen only when the test asks.
-fn open(dir: &Path) -> StateStore {
-    let s = StateStore::open(dir, 8 << 20).unwrap();
-    s.set_checkpoint_interval(std::time::Duration::from_secs(3600));
-    s
 }
 
 /// Every conversation's `(seq, ciphertext)`s and last seq.

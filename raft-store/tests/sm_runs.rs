@@ -2,6 +2,10 @@
 //! group's envelope segment. What every replica must still see the same, what erasure must
 //! leave behind (nothing), and what a crash inside a checkpoint must not lose.
 
+mod common;
+use common::apply;
+use common::open;
+
 use std::path::Path;
 use std::path::PathBuf;
 
@@ -12,7 +16,6 @@ use habar_raft_store::types::Entry;
 use habar_raft_store::types::EntryPayload;
 use habar_raft_store::types::LogId;
 use habar_raft_store::types::NewEnvelope;
-use habar_raft_store::GroupStateMachine;
 use habar_raft_store::SnapshotData;
 use habar_raft_store::StateStore;
 use openraft::storage::RaftStateMachine;
@@ -70,18 +73,6 @@ fn erase(index: u64, conv: &str) -> Entry {
             reset_seq: false,
         }),
     }
-}
-
-async fn apply(sm: &mut GroupStateMachine, es: Vec<Entry>) {
-    let stream = futures::stream::iter(es.into_iter().map(|e| Ok((e, None))));
-    sm.apply(stream).await.unwrap();
-}
-
-/// A store whose checkpoints happen only when the test asks.
-fn open(dir: &Path) -> StateStore {
-    let s = StateStore::open(dir, 8 << 20).unwrap();
-    s.set_checkpoint_interval(std::time::Duration::from_secs(3600));
-    s
 }
 
 /// `(seq, ciphertext)` of a conversation's envelopes.
