@@ -65,7 +65,9 @@ fn fj_as_sled(e: fjall::Error) -> sled::Error {
 
 impl DedupeIndex {
     /// Opens (or creates) the index in `dir`. fjall panics on some damage to its own
-    /// metadata; that comes back as an error naming the directory, not a panic.
+    /// metadata: one that unwinds comes back as an error naming the directory; one while
+    /// fjall holds its keyspace lock still aborts the process (fjall's drop then panics on
+    /// the poisoned lock). Either way the node does not start on a damaged index.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         match std::panic::catch_unwind(|| Self::open_inner(dir)) {
             Ok(r) => r,

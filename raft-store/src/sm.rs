@@ -264,6 +264,8 @@ struct Inner {
     found_snapshots: Mutex<HashMap<GroupId, (SnapshotMeta, SnapshotData)>>,
     /// Warns of an apply call slower than `slow_warn_ms`.
     slow_apply: crate::slow::SlowLog,
+    /// One `checkpoint` call at a time, from its failure check to its failure's record.
+    checkpoint_serial: Mutex<()>,
     /// Warns of a checkpoint slower than `slow_warn_ms`, with the time of each stage.
     slow_checkpoint: crate::slow::SlowLog,
     /// The stages of the last checkpoint that got past its batch (for that warning).
@@ -352,6 +354,10 @@ impl Inner {
 
     /// Writes everything in the overlay to sled in one batch (and flushes sled if `flush`).
     fn checkpoint(&self, flush: bool) -> Result<(), StoreError> {
+        // Held from the failure check to the failure's record: a caller that waited for a
+        // checkpoint that failed must not run another (its batch may have landed, and a
+        // second build would write its runs and dedupe logs again).
+        let _serial = self.checkpoint_serial.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = self.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Err(StoreError::Checkpoint(e));
         }
@@ -379,7 +385,7 @@ impl Inner {
                         sled_flush_ms = ms(st.flush),
                         index_apply_ms = ms(st.index_apply),
                         left_out,
-                        "slow state-machine checkpoint (applies wait for it once the overlay is full; the rest of `ms` is sled's batch)"
+                        "slow state-machine checkpoint (applies wait for it once the overlay is full; the rest of `ms` is building and writing sled's batch, and sled's flush when one was asked)"
                     );
                 }
                 metrics::counter!("habar_sm_checkpoints_total").increment(1);
@@ -434,8 +440,10 @@ impl Inner {
         Ok(s)
     }
 
-    /// After a checkpoint's batch landed: if it deleted erased runs' items or emptied
-    /// segments, flushes sled (so no crash brings the items back), then zeroes the runs'
+    /// After a checkpoint's batch landed (its frozen layer still readable): forgets the
+    /// dedupe logs the batch deleted; if it carried dedupe logs, deleted erased runs' items
+    /// or emptied segments, flushes sled (so no crash brings the items back or loses a log
+    /// the index then gets), applies the logs' writes to the dedupe index, zeroes the runs'
     /// records and deletes the empty segments.
     fn after_checkpoint(&self, after: After) -> Result<(), StoreError> {
         let mut stages = after.stages;
@@ -463,12 +471,13 @@ impl Inner {
             // or a crash could leave it ahead of sled's applied id).
             crash_point("before_dedupe_apply", || {});
             let t = Instant::now();
-            // Under the gate, like sled's batch: a merged range read in progress must not see
-            // the index change under it (fjall's ranges are not snapshots).
-            self.overlay.exclusive(|| {
-                self.dedupe
-                    .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))
-            })?;
+            // Not under the overlay's gate (as sled's batch is): a merged range read that sees
+            // the index change under it (fjall's ranges are not snapshots) copied the frozen
+            // layer, which holds exactly these writes and wins over the index; and a read that
+            // began before this checkpoint froze held the gate, so this batch (and this apply)
+            // waited for it. `dumps_while_checkpoints_move_pairs_into_the_index_see_each_once`.
+            self.dedupe
+                .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))?;
             stages.index_apply = t.elapsed();
             crash_point("after_dedupe_apply", || {
                 let _ = self.dedupe.persist();
@@ -998,6 +1007,7 @@ impl StateStore {
                 found_snapshots: Mutex::new(found),
                 slow_apply: crate::slow::SlowLog::default(),
                 slow_checkpoint: crate::slow::SlowLog::default(),
+                checkpoint_serial: Mutex::new(()),
                 last_stages: Mutex::new(Stages::default()),
                 overlay: Overlay::default(),
                 last_checkpoint: Mutex::new(Instant::now()),
@@ -1792,6 +1802,17 @@ impl StateStore {
         self.inner.db.flush()?;
         self.inner.dedupe.apply(pairs.iter().map(|(k, _)| (k.as_ref(), None)))?;
         self.inner.dedupe.persist()?;
+        // And no dedupe log is left (an older store had none): the open must find the pairs
+        // only where the older layout kept them.
+        let mut batch = sled::Batch::default();
+        for (group, generation) in self.heads()? {
+            for item in self.inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_LOG)) {
+                batch.remove(item?.0);
+            }
+        }
+        self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
+        self.inner.db.flush()?;
+        self.inner.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(pairs.len())
     }
 

@@ -229,6 +229,7 @@ fn a_store_with_dedupe_items_in_sled_moves_them_into_the_index() {
             rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().take(30).collect()));
             assert_eq!(store.move_dedupe_into_sled_for_tests().unwrap(), 90);
             assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 90, "the older layout");
+            assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_LOG).unwrap(), 0, "and no dedupe log");
         }
         if crash {
             let status = std::process::Command::new(std::env::current_exe().unwrap())
