@@ -61,6 +61,14 @@ pub struct Overlay {
     gate: RwLock<()>,
 }
 
+/// Held by every sled batch and every sled flush made through an overlay: sled 0.34
+/// deadlocks when they overlap (a flush holds the read side of sled's process-wide lock
+/// while it waits for its log flusher, which wants the read side too, queued behind the
+/// batch waiting for the write side). sled's lock is one per process, not per database, so
+/// this is one per process too (two stores in one test process deadlocked: one's install
+/// batch, the other's checkpoint flush, both log flushers parked for good).
+static SLED_IO: Mutex<()> = Mutex::new(());
+
 /// What one pending write costs in memory, roughly: its bytes, the map's share (two `Vec`
 /// headers and node slack) and the allocator's headers.
 fn entry_bytes(k: &[u8], v: &Option<Vec<u8>>) -> usize {
@@ -248,7 +256,7 @@ impl Overlay {
         let (batch, then) = build(&frozen, &redone)?;
         self.exclusive(|| tree.apply_batch(batch))?;
         if flush {
-            tree.flush()?;
+            self.flush(tree)?;
         }
         // `after` may move part of the batch elsewhere (the state machine's dedupe writes):
         // reads keep finding the frozen layer until it returns.
@@ -267,10 +275,19 @@ impl Overlay {
         self.checkpointing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `write` (a bulk write to the tree) while no range read is in progress.
+    /// Runs `write` (a bulk write to the tree) while no range read is in progress and no
+    /// sled flush runs.
     pub fn exclusive<T>(&self, write: impl FnOnce() -> T) -> T {
         let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _io = SLED_IO.lock().unwrap_or_else(|p| p.into_inner());
         write()
+    }
+
+    /// Flushes sled (fsync), never while a batch of [`Overlay::exclusive`] runs. Every
+    /// flush of the tree's database must come through here.
+    pub fn flush(&self, tree: &sled::Tree) -> sled::Result<()> {
+        let _io = SLED_IO.lock().unwrap_or_else(|p| p.into_inner());
+        tree.flush().map(|_| ())
     }
 }
 

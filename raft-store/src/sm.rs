@@ -252,7 +252,9 @@ fn push_range(out: &mut Vec<(u64, u64)>, from: u64, to: u64, forward: bool) {
 }
 
 struct Inner {
-    db: sled::Db,
+    /// The sled database (its trees below; flushes go through `overlay.flush`, which
+    /// keeps them apart from batches).
+    _db: sled::Db,
     data: sled::Tree,
     /// group (u32 BE) -> active generation (u64 BE holding a u32), as a framed value.
     heads: sled::Tree,
@@ -464,7 +466,7 @@ impl Inner {
             return Ok(());
         }
         let t = Instant::now();
-        self.data.flush()?;
+        self.overlay.flush(&self.data)?;
         stages.flush = t.elapsed();
         if !after.dedupe.is_empty() {
             // sled holds the logs durably now: the index may have the writes (never before,
@@ -724,9 +726,12 @@ const CHECKPOINT_TICK: Duration = Duration::from_millis(20);
 
 /// The store's checkpoint thread: writes the overlay to sled when a checkpoint is due, and
 /// ends when the store is dropped.
-fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
+fn checkpoint_loop(inner: std::sync::Weak<Inner>, stop: Arc<std::sync::atomic::AtomicBool>) {
     loop {
         std::thread::sleep(CHECKPOINT_TICK);
+        if stop.load(Ordering::Acquire) {
+            return;
+        }
         let Some(inner) = inner.upgrade() else { return };
         if inner.checkpoint_failed.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
             return;
@@ -735,6 +740,16 @@ fn checkpoint_loop(inner: std::sync::Weak<Inner>) {
             // A failure is recorded in `checkpoint_failed` and logged; applies report it.
             let _ = inner.checkpoint(false);
         }
+    }
+}
+
+impl Drop for Inner {
+    /// sled flushes each tree when its last handle drops, holding the read side of its
+    /// process-wide lock while it waits for the write: that flush deadlocked with another
+    /// store's batch in one test process (overlay.rs, `SLED_IO`). Flushing here, through the
+    /// overlay, first leaves the implicit flushes nothing to wait for.
+    fn drop(&mut self) {
+        let _ = self.overlay.flush(&self.data);
     }
 }
 
@@ -785,7 +800,26 @@ fn moves_to_a_run(key: &[u8], value: &[u8]) -> Option<u64> {
 /// The node's state-machine store. Cheap to clone.
 #[derive(Clone)]
 pub struct StateStore {
+    /// Declared first, so dropped first: the last handle's drop stops and joins the
+    /// checkpoint thread before `inner` goes, so the store is never dropped on that thread
+    /// (sled's flush on drop there hung in a test process beside another store's batch).
+    checkpointer: Arc<Checkpointer>,
     inner: Arc<Inner>,
+}
+
+/// The checkpoint thread of one store: stopped and joined when the last handle drops.
+struct Checkpointer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn corrupt_key(key: &[u8], e: keys::DecodeError) -> StoreError {
@@ -997,8 +1031,12 @@ impl StateStore {
         }
 
         let store = StateStore {
+            checkpointer: Arc::new(Checkpointer {
+                stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                thread: Mutex::new(None),
+            }),
             inner: Arc::new(Inner {
-                db,
+                _db: db,
                 data,
                 heads,
                 snap_dir,
@@ -1028,10 +1066,12 @@ impl StateStore {
         store.remove_inactive_generations()?;
         store.recover_dedupe()?;
         let weak = Arc::downgrade(&store.inner);
-        std::thread::Builder::new()
+        let stop = store.checkpointer.stop.clone();
+        let thread = std::thread::Builder::new()
             .name("habar-sm-checkpoint".into())
-            .spawn(move || checkpoint_loop(weak))
+            .spawn(move || checkpoint_loop(weak, stop))
             .map_err(io_err(dir))?;
+        *store.checkpointer.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
         Ok(store)
     }
 
@@ -1095,7 +1135,7 @@ impl StateStore {
                 }
                 crash_point("dedupe_moved", || {});
                 inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
-                inner.data.flush()?;
+                inner.overlay.flush(&inner.data)?;
                 tracing::info!(group, moved = chunk.len(), "moved dedupe items out of sled into the dedupe index");
             }
             for item in inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_LOG)) {
@@ -1118,7 +1158,7 @@ impl StateStore {
             batch.remove(k);
         }
         inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
-        inner.data.flush()?;
+        inner.overlay.flush(&inner.data)?;
         Ok(())
     }
 
@@ -1696,7 +1736,7 @@ impl StateStore {
     /// durable in the state machine when this returns.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.checkpoint(true)?;
-        self.inner.db.flush()?;
+        self.inner.overlay.flush(&self.inner.data)?;
         Ok(())
     }
 
@@ -1799,7 +1839,7 @@ impl StateStore {
             batch.insert(k, v);
         }
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
-        self.inner.db.flush()?;
+        self.inner.overlay.flush(&self.inner.data)?;
         self.inner.dedupe.apply(pairs.iter().map(|(k, _)| (k.as_ref(), None)))?;
         self.inner.dedupe.persist()?;
         // And no dedupe log is left (an older store had none): the open must find the pairs
@@ -1811,7 +1851,7 @@ impl StateStore {
             }
         }
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
-        self.inner.db.flush()?;
+        self.inner.overlay.flush(&self.inner.data)?;
         self.inner.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(pairs.len())
     }
@@ -2520,7 +2560,7 @@ impl StateStore {
                 batches += 1;
                 if batches == 1 {
                     crash_point("mid_write", || {
-                        let _ = self.inner.db.flush();
+                        let _ = self.inner.overlay.flush(&self.inner.data);
                     });
                 }
             }
@@ -2533,14 +2573,14 @@ impl StateStore {
         self.inner.dedupe.persist()?;
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
-        self.inner.db.flush()?;
+        self.inner.overlay.flush(&self.inner.data)?;
         crash_point("before_switch", || {
-            let _ = self.inner.db.flush();
+            let _ = self.inner.overlay.flush(&self.inner.data);
         });
         self.inner.heads.insert(group.to_be_bytes(), keys::encode_value(&u64::from(new).to_be_bytes()))?;
-        self.inner.db.flush()?;
+        self.inner.overlay.flush(&self.inner.data)?;
         crash_point("after_switch", || {
-            let _ = self.inner.db.flush();
+            let _ = self.inner.overlay.flush(&self.inner.data);
         });
         rt.generation.store(new, Ordering::Release);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
