@@ -207,6 +207,7 @@ impl Overlay {
             |()| Ok(()),
             flush,
         )
+        .map(|(writes, ())| writes)
     }
 
     /// [`Overlay::checkpoint`] with the batch built by `build` from the frozen writes (which
@@ -220,17 +221,17 @@ impl Overlay {
     ///
     /// `after` runs once the batch landed (and sled is flushed, if `flush`), still before
     /// any other checkpoint can start and before the frozen layer is dropped, with what
-    /// `build` handed it. If it fails, the frozen layer stays, but unlike after a failed
+    /// `build` handed it; what it returns comes back with the number of writes. If it fails, the frozen layer stays, but unlike after a failed
     /// batch a retry is not safe for a `build` that moves writes elsewhere (the batch landed;
     /// the state machine's would write its runs and logs twice): the state machine stops
     /// checkpointing after any failure.
-    pub fn checkpoint_with<A, E: From<sled::Error>>(
+    pub fn checkpoint_with<A, R, E: From<sled::Error>>(
         &self,
         tree: &sled::Tree,
         build: impl FnOnce(&Pending, &HashSet<Vec<u8>>) -> Result<(sled::Batch, A), E>,
-        after: impl FnOnce(A) -> Result<(), E>,
+        after: impl FnOnce(A) -> Result<R, E>,
         flush: bool,
-    ) -> Result<usize, E> {
+    ) -> Result<(usize, R), E> {
         let _one = self.checkpointing.lock().unwrap_or_else(|p| p.into_inner());
         let (frozen, redone) = {
             let mut l = self.lock();
@@ -260,13 +261,13 @@ impl Overlay {
         }
         // `after` may move part of the batch elsewhere (the state machine's dedupe writes):
         // reads keep finding the frozen layer until it returns.
-        after(then)?;
+        let done = after(then)?;
         {
             let mut l = self.lock();
             l.frozen = None;
             l.frozen_redone.clear();
         }
-        Ok(frozen.len())
+        Ok((frozen.len(), done))
     }
 
     /// No checkpoint starts while the guard lives (one in progress finishes first): for a

@@ -270,8 +270,6 @@ struct Inner {
     checkpoint_serial: Mutex<()>,
     /// Warns of a checkpoint slower than `slow_warn_ms`, with the time of each stage.
     slow_checkpoint: crate::slow::SlowLog,
-    /// The stages of the last checkpoint that got past its batch (for that warning).
-    last_stages: Mutex<Stages>,
     /// Every state-machine write since the last checkpoint (ARCHITECTURE.md, "Checkpoints"):
     /// sled only ever holds what a checkpoint wrote, so it is always the state at the
     /// applied log id stored with it.
@@ -374,10 +372,9 @@ impl Inner {
         );
         let took = started.elapsed();
         match done {
-            Ok(writes) => {
+            Ok((writes, st)) => {
                 *self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
                 if let Some(left_out) = self.slow_checkpoint.check(took) {
-                    let st = *self.last_stages.lock().unwrap_or_else(|p| p.into_inner());
                     let ms = |d: Duration| d.as_secs_f64() * 1e3;
                     tracing::warn!(
                         ms = ms(took),
@@ -446,24 +443,14 @@ impl Inner {
     /// dedupe logs the batch deleted; if it carried dedupe logs, deleted erased runs' items
     /// or emptied segments, flushes sled (so no crash brings the items back or loses a log
     /// the index then gets), applies the logs' writes to the dedupe index, zeroes the runs'
-    /// records and deletes the empty segments.
-    fn after_checkpoint(&self, after: After) -> Result<(), StoreError> {
+    /// records and deletes the empty segments. Returns the checkpoint's stage times.
+    fn after_checkpoint(&self, after: After) -> Result<Stages, StoreError> {
         let mut stages = after.stages;
-        let result = self.after_checkpoint_stages(after, &mut stages);
-        *self.last_stages.lock().unwrap_or_else(|p| p.into_inner()) = stages;
-        result
-    }
-
-    fn after_checkpoint_stages(&self, after: After, stages: &mut Stages) -> Result<(), StoreError> {
-        if after.logs_deleted > 0 {
-            // The logs the batch deleted are gone now (only checkpoints touch the list, one
-            // at a time, so they are still its first entries).
-            let mut applied = self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner());
-            let n = after.logs_deleted.min(applied.len());
-            applied.drain(..n);
-        }
+        // The batch deleted every log the list held (checkpoints run one at a time, and only
+        // they touch the list).
+        self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
         if after.zero.is_empty() && after.delete.is_empty() && after.dedupe.is_empty() {
-            return Ok(());
+            return Ok(stages);
         }
         let t = Instant::now();
         self.overlay.flush(&self.data)?;
@@ -491,7 +478,7 @@ impl Inner {
                 .extend(after.dedupe.into_iter().map(|(k, _)| k));
         }
         if after.zero.is_empty() && after.delete.is_empty() {
-            return Ok(());
+            return Ok(stages);
         }
         crash_point("before_zeroing", || {});
         for ((group, generation), stretches) in &after.zero {
@@ -513,7 +500,7 @@ impl Inner {
                 metrics::counter!("habar_sm_env_segments_deleted_total").increment(1);
             }
         }
-        Ok(())
+        Ok(stages)
     }
 
     /// The batch of a checkpoint: the frozen writes, except that the bodies of envelopes
@@ -531,7 +518,6 @@ impl Inner {
         // so they go.
         // (Taken out of the list only once the batch landed: `after_checkpoint`.)
         let applied = self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        after.logs_deleted = applied.len();
         if !applied.is_empty() {
             let t = Instant::now();
             self.dedupe.persist()?;
@@ -765,8 +751,6 @@ struct Stages {
 /// What a checkpoint does after its batch landed (`Inner::after_checkpoint`).
 #[derive(Default)]
 struct After {
-    /// How many of `dedupe_logs_applied` (the first ones) the batch deleted.
-    logs_deleted: usize,
     /// Stages timed so far (the batch's side).
     stages: Stages,
     /// Each group's dedupe log item (its key) and the writes it holds, to apply to the
@@ -1046,7 +1030,6 @@ impl StateStore {
                 slow_apply: crate::slow::SlowLog::default(),
                 slow_checkpoint: crate::slow::SlowLog::default(),
                 checkpoint_serial: Mutex::new(()),
-                last_stages: Mutex::new(Stages::default()),
                 overlay: Overlay::default(),
                 last_checkpoint: Mutex::new(Instant::now()),
                 checkpoint_interval_ms: AtomicU64::new(CHECKPOINT_INTERVAL.as_millis() as u64),
