@@ -6,6 +6,7 @@
 mod common;
 use common::apply;
 use common::open;
+use common::spawn_crashing_child;
 
 use std::path::Path;
 
@@ -106,16 +107,13 @@ fn crash_child(dst: &Path) {
 const CRASH_POINTS: [&str; 3] = ["before_dedupe_apply", "after_dedupe_apply", "dedupe_recovered"];
 
 fn run_child(dst: &Path, point: &str) {
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "a_crash_around_the_dedupe_index_keeps_every_answer", "--test-threads=1"])
-        .env("HABAR_SM_DEDUPE_CRASH_DST", dst)
-        // The second checkpoint's (the first one's log must have reached the index).
-        .env("HABAR_TEST_CRASH_AT", if point == "dedupe_recovered" { point.to_string() } else { format!("{point}#2") })
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success(), "{point}: the child must have crashed");
+    // The second checkpoint's (the first one's log must have reached the index).
+    let at = if point == "dedupe_recovered" { point.to_string() } else { format!("{point}#2") };
+    spawn_crashing_child(
+        "a_crash_around_the_dedupe_index_keeps_every_answer",
+        &[("HABAR_SM_DEDUPE_CRASH_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", at.as_ref())],
+        point,
+    );
 }
 
 /// Property: a crash inside a checkpoint around the dedupe index (before its writes reach
@@ -232,15 +230,11 @@ fn a_store_with_dedupe_items_in_sled_moves_them_into_the_index() {
             assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_LOG).unwrap(), 0, "and no dedupe log");
         }
         if crash {
-            let status = std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "a_store_with_dedupe_items_in_sled_moves_them_into_the_index", "--test-threads=1"])
-                .env("HABAR_SM_DEDUPE_UPGRADE_DST", &dst)
-                .env("HABAR_TEST_CRASH_AT", "dedupe_moved")
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .unwrap();
-            assert!(!status.success(), "the child must have crashed");
+            spawn_crashing_child(
+                "a_store_with_dedupe_items_in_sled_moves_them_into_the_index",
+                &[("HABAR_SM_DEDUPE_UPGRADE_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", "dedupe_moved".as_ref())],
+                "dedupe_moved",
+            );
         }
         let store = open(&dst);
         assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 0, "crash {crash}: moved out of sled");

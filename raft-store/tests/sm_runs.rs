@@ -5,6 +5,7 @@
 mod common;
 use common::apply;
 use common::open;
+use common::spawn_crashing_child;
 
 use std::path::Path;
 use std::path::PathBuf;
@@ -304,19 +305,11 @@ fn a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for point in CRASH_POINTS {
         let dst = dir.path().join(point);
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes",
-                "--test-threads=1",
-            ])
-            .env("HABAR_SM_RUNS_CRASH_DST", &dst)
-            .env("HABAR_TEST_CRASH_AT", point)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(!status.success(), "{point}: the child must have crashed");
+        spawn_crashing_child(
+            "a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes",
+            &[("HABAR_SM_RUNS_CRASH_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", point.as_ref())],
+            point,
+        );
 
         let mut log = appends(1, 40);
         if point == "before_zeroing" {

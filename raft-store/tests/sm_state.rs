@@ -1,6 +1,8 @@
 //! The sled state machine: deterministic apply, dense seqs, durable applied state,
 //! snapshots that round-trip, reject damage, and install atomically.
 
+mod common;
+
 use std::io::Read;
 use std::path::Path;
 
@@ -259,16 +261,15 @@ fn crash_mid_install_leaves_old_or_new_state_never_mixed() {
             store.flush().unwrap();
             store.dump_group(2).unwrap()
         });
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_mid_install_leaves_old_or_new_state_never_mixed", "--test-threads=1"])
-            .env("HABAR_SM_CRASH_SNAPSHOT", snap.snapshot.path())
-            .env("HABAR_SM_CRASH_DST", &dst)
-            .env("HABAR_TEST_CRASH_AT", point)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(!status.success(), "{point}: the child must have crashed mid-install");
+        common::spawn_crashing_child(
+            "crash_mid_install_leaves_old_or_new_state_never_mixed",
+            &[
+                ("HABAR_SM_CRASH_SNAPSHOT", snap.snapshot.path().as_os_str()),
+                ("HABAR_SM_CRASH_DST", dst.as_os_str()),
+                ("HABAR_TEST_CRASH_AT", point.as_ref()),
+            ],
+            &format!("{point} (mid-install)"),
+        );
 
         let store = open(&dst);
         let (state, applied) = (store.dump_group(2).unwrap(), store.applied(2).unwrap());
