@@ -15,9 +15,9 @@ pub enum StoreError {
     /// `what` is a file path or a key (hex); `offset` the byte offset in it.
     #[error("corruption in {what} at offset {offset}: {reason}")]
     Corrupt { what: String, offset: u64, reason: String },
-    /// The dedupe index (fjall) failed.
-    #[error("dedupe index: {0}")]
-    Dedupe(String),
+    /// The state index (fjall) failed.
+    #[error("state index: {0}")]
+    Index(String),
     #[error("encoding: {0}")]
     Encode(String),
     /// A read kept racing with snapshot installs; retrying later is fine.

@@ -1,6 +1,8 @@
-//! The byte layout of the state machine's sled keys and values: the only place that knows it.
+//! The byte layout of the state machine's keys and values: the only place that knows it.
 //!
-//! Keys (all in one sled tree, so one `apply_batch` is atomic for data and applied state):
+//! Keys (in one sled tree, so one `apply_batch` is atomic for data and applied state; the
+//! kinds CONV, DEDUPE, DEDUPE_TIME and RUN live in the state index instead, `index.rs`,
+//! reaching it through INDEX_LOG items of sled's batches):
 //! ```text
 //! [KEY_FORMAT_V1 u8][group u32 BE][generation u32 BE][kind u8][rest]
 //!   kind META (1): rest empty                      -> applied log id + membership
@@ -15,6 +17,7 @@
 //!   kind RUN (9): rest = escaped conversation id, first seq u64 BE
 //!                 -> where a run of the conversation's envelopes lies in an envelope segment
 //!   kind SEGS (10): rest empty -> the group's envelope segments as the checkpoint left them
+//!   kind INDEX_LOG (11): rest = number u64 BE -> a checkpoint's writes to the state index
 //! ```
 //! RUN and SEGS items are this node's own (they point into its files): only checkpoints write
 //! them, snapshots and replica comparisons never carry them (`sm.rs` turns runs back into
@@ -45,9 +48,9 @@ pub const KIND_CURSOR: u8 = 7;
 pub const KIND_RETENTION: u8 = 8;
 pub const KIND_RUN: u8 = 9;
 pub const KIND_SEGS: u8 = 10;
-/// A checkpoint's dedupe writes, kept in sled until the dedupe index holds them durably
-/// (`dedupe.rs`).
-pub const KIND_DEDUPE_LOG: u8 = 11;
+/// A checkpoint's writes of the state index's kinds (CONV, DEDUPE, DEDUPE_TIME, RUN), kept
+/// in sled until the state index holds them durably (`index.rs`).
+pub const KIND_INDEX_LOG: u8 = 11;
 
 /// `[ver][group][gen]`.
 pub const GEN_PREFIX_LEN: usize = 9;
@@ -183,9 +186,9 @@ pub fn run_key(group: GroupId, generation: u32, conversation: &[u8], first_seq: 
     k
 }
 
-/// A checkpoint's dedupe log of one group: numbered in checkpoint order.
-pub fn dedupe_log_key(group: GroupId, generation: u32, number: u64) -> Vec<u8> {
-    let mut k = kind_prefix(group, generation, KIND_DEDUPE_LOG);
+/// A checkpoint's index log of one group: numbered in checkpoint order.
+pub fn index_log_key(group: GroupId, generation: u32, number: u64) -> Vec<u8> {
+    let mut k = kind_prefix(group, generation, KIND_INDEX_LOG);
     k.extend_from_slice(&number.to_be_bytes());
     k
 }
@@ -243,7 +246,7 @@ pub enum Key {
     Retention { conversation: Vec<u8> },
     Run { conversation: Vec<u8>, first_seq: u64 },
     Segs,
-    DedupeLog { number: u64 },
+    IndexLog { number: u64 },
 }
 
 pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
@@ -308,10 +311,10 @@ pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
             no_tail(rest, "segments")?;
             Ok(Key::Segs)
         }
-        KIND_DEDUPE_LOG => {
-            let (number, tail) = take_u64(rest, "dedupe log number")?;
-            no_tail(tail, "dedupe log")?;
-            Ok(Key::DedupeLog { number })
+        KIND_INDEX_LOG => {
+            let (number, tail) = take_u64(rest, "index log number")?;
+            no_tail(tail, "index log")?;
+            Ok(Key::IndexLog { number })
         }
         other => Err(DecodeError(format!("unknown key kind {other}"))),
     }

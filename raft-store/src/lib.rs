@@ -8,16 +8,16 @@
 //! - [`overlay`]: the write-back layer over sled that [`sm`] writes into; its writes reach
 //!   sled only in checkpoints.
 //! - [`frame`]: the record frame both kinds of segment files use.
-//! - [`dedupe`]: the dedupe index (an LSM tree beside sled) that [`sm`] keeps its
-//!   `(conversation, message id)` pairs in.
+//! - [`index`]: the state index (an LSM tree beside sled) that [`sm`] keeps its
+//!   per-conversation and per-envelope items in (conversation records, runs, dedupe pairs).
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
 //! This crate knows nothing of gRPC.
 
-pub mod dedupe;
 pub mod envseg;
 pub mod error;
 pub mod frame;
+pub mod index;
 pub mod keys;
 pub mod log_store;
 pub mod overlay;

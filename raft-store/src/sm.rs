@@ -36,8 +36,8 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::broadcast;
 use tokio::sync::watch;
 
-use crate::dedupe;
-use crate::dedupe::DedupeIndex;
+use crate::index;
+use crate::index::StateIndex;
 use crate::envseg::SegConfig;
 use crate::envseg::Segments;
 use crate::error::hex;
@@ -297,23 +297,26 @@ struct Inner {
     live: Mutex<HashMap<(GroupId, u32), BTreeMap<u64, u64>>>,
     /// Segments of RUN items that applies deleted since the last checkpoint froze.
     dropped: Mutex<HashMap<(GroupId, u32), Vec<u64>>>,
-    /// `<dir>/dedupe`: the DEDUPE items, out of sled (`dedupe.rs`).
-    dedupe: DedupeIndex,
-    /// The number of the next checkpoint's dedupe log items.
-    dedupe_log_next: AtomicU64,
-    /// Dedupe log items whose writes the index holds but has not persisted: the next
+    /// `<dir>/dedupe`: the items of the index's kinds (conversations, runs, dedupe pairs),
+    /// out of sled (`index.rs`).
+    index: StateIndex,
+    /// The number of the next checkpoint's index log items.
+    index_log_next: AtomicU64,
+    /// Index log items whose writes the index holds but has not persisted: the next
     /// checkpoint persists the index and deletes them.
-    dedupe_logs_applied: Mutex<Vec<Vec<u8>>>,
+    index_logs_applied: Mutex<Vec<Vec<u8>>>,
 }
 
 impl Inner {
-    /// A key's value as the state machine sees it (the overlay over sled).
+    /// A key's value as the state machine sees it (the overlay over sled, or over the
+    /// state index for the index's kinds).
     fn get(&self, key: &[u8]) -> sled::Result<Option<sled::IVec>> {
-        if dedupe::is_dedupe_key(key) {
-            // Never sled's: a lookup of a new message id must not wait for sled's batches.
+        if index::in_index(key) {
+            // Never sled's: a lookup of a new conversation or message id must not wait for
+            // sled's batches.
             return match self.overlay.get_pending(key) {
                 Some(v) => Ok(v),
-                None => self.dedupe.get(key),
+                None => self.index.get(key),
             };
         }
         self.overlay.get(&self.data, key)
@@ -339,16 +342,16 @@ impl Inner {
         forward: bool,
     ) -> Box<dyn Iterator<Item = KvResult> + Send> {
         let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
-        let share = dedupe::dedupe_share(&bounds);
-        if share == dedupe::Share::All {
-            return self.dedupe.range(bounds, forward);
+        let share = index::index_share(&bounds);
+        if share == index::Share::All {
+            return self.index.range(bounds, forward);
         }
         let items = self.data.range(bounds.clone());
         let items: Box<dyn Iterator<Item = KvResult> + Send> =
             if forward { Box::new(items) } else { Box::new(items.rev()) };
         match share {
-            dedupe::Share::None => items,
-            _ => Box::new(dedupe::MergeBase::new(items, self.dedupe.range(bounds, forward), forward)),
+            index::Share::None => items,
+            _ => Box::new(index::MergeBase::new(items, self.index.range(bounds, forward), forward)),
         }
     }
 
@@ -440,42 +443,45 @@ impl Inner {
     }
 
     /// After a checkpoint's batch landed (its frozen layer still readable): forgets the
-    /// dedupe logs the batch deleted; if it carried dedupe logs, deleted erased runs' items
-    /// or emptied segments, flushes sled (so no crash brings the items back or loses a log
-    /// the index then gets), applies the logs' writes to the dedupe index, zeroes the runs'
-    /// records and deletes the empty segments. Returns the checkpoint's stage times.
+    /// index logs the batch deleted; if it carried index logs or emptied segments, flushes
+    /// sled (so no crash loses a log the index then gets, or a run's deletion), applies the
+    /// logs' writes to the state index, zeroes erased runs' records and deletes the empty
+    /// segments. Returns the checkpoint's stage times.
     fn after_checkpoint(&self, after: After) -> Result<Stages, StoreError> {
         let mut stages = after.stages;
         // The batch deleted every log the list held (checkpoints run one at a time, and only
         // they touch the list).
-        self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        if after.zero.is_empty() && after.delete.is_empty() && after.dedupe.is_empty() {
+        self.index_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if after.zero.is_empty() && after.delete.is_empty() && after.index.is_empty() {
             return Ok(stages);
         }
         let t = Instant::now();
         self.overlay.flush(&self.data)?;
         stages.flush = t.elapsed();
-        if !after.dedupe.is_empty() {
+        if !after.index.is_empty() {
             // sled holds the logs durably now: the index may have the writes (never before,
             // or a crash could leave it ahead of sled's applied id).
-            crash_point("before_dedupe_apply", || {});
+            crash_point("before_index_apply", || {});
             let t = Instant::now();
             // Not under the overlay's gate (as sled's batch is): a merged range read that sees
             // the index change under it (fjall's ranges are not snapshots) copied the frozen
-            // layer, which holds exactly these writes and wins over the index; and a read that
-            // began before this checkpoint froze held the gate, so this batch (and this apply)
-            // waited for it. `dumps_while_checkpoints_move_pairs_into_the_index_see_each_once`.
-            self.dedupe
-                .apply(after.dedupe.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))?;
+            // layer, which holds these writes and wins over the index, except the new runs'
+            // RUN items: for those it holds the ENV items whose bodies they point to, and a
+            // read that finds an envelope both ways merges it (`gather`, `dump_group`). A read
+            // that began before this checkpoint froze held the gate, so this batch (and this
+            // apply) waited for it.
+            // `dumps_while_checkpoints_move_items_into_the_index_see_each_once`.
+            self.index
+                .apply(after.index.iter().flat_map(|(_, w)| w.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))))?;
             stages.index_apply = t.elapsed();
-            crash_point("after_dedupe_apply", || {
-                let _ = self.dedupe.persist();
+            crash_point("after_index_apply", || {
+                let _ = self.index.persist();
             });
             // This checkpoint's logs wait for the next one to delete them.
-            self.dedupe_logs_applied
+            self.index_logs_applied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .extend(after.dedupe.into_iter().map(|(k, _)| k));
+                .extend(after.index.into_iter().map(|(k, _)| k));
         }
         if after.zero.is_empty() && after.delete.is_empty() {
             return Ok(stages);
@@ -517,24 +523,27 @@ impl Inner {
         // The logs of earlier checkpoints whose writes the index holds: durable there now,
         // so they go.
         // (Taken out of the list only once the batch landed: `after_checkpoint`.)
-        let applied = self.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let applied = self.index_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if !applied.is_empty() {
             let t = Instant::now();
-            self.dedupe.persist()?;
+            self.index.persist()?;
             after.stages.index_persist = t.elapsed();
             for k in &applied {
                 batch.remove(k.as_slice());
             }
         }
-        // DEDUPE writes go to the index, through one log item per group and generation.
-        let mut dedupe_writes: BTreeMap<&[u8], Vec<dedupe::WriteRef<'_>>> = BTreeMap::new();
+        // Writes of the index's kinds go to the index, through one log item per group and
+        // generation: the frozen ones first, then the RUN items of the runs written below
+        // (a run's item replaces a frozen delete of the same key: a conversation erased and
+        // published again from the same seq since the last checkpoint).
+        let mut index_writes: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Option<Vec<u8>>>> = BTreeMap::new();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
         let mut added_runs: HashMap<(GroupId, u32), Vec<u64>> = HashMap::new();
         for (k, v) in frozen.iter() {
-            if dedupe::is_dedupe_key(k) {
-                dedupe_writes.entry(&k[..keys::GEN_PREFIX_LEN]).or_default().push((k, v.as_deref()));
+            if index::in_index(k) {
+                index_writes.entry(k[..keys::GEN_PREFIX_LEN].to_vec()).or_default().insert(k.clone(), v.clone());
                 continue;
             }
             match v {
@@ -551,14 +560,6 @@ impl Inner {
                 },
                 None => batch.remove(k.as_slice()),
             }
-        }
-        for (prefix, writes) in dedupe_writes {
-            let group = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
-            let generation = u32::from_be_bytes([prefix[5], prefix[6], prefix[7], prefix[8]]);
-            let key = keys::dedupe_log_key(group, generation, self.dedupe_log_next.fetch_add(1, Ordering::Relaxed));
-            batch.insert(key.as_slice(), dedupe::encode_log(&writes)?);
-            let owned = writes.into_iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
-            after.dedupe.push((key, owned));
         }
         let segments_started = Instant::now();
         let mut i = 0;
@@ -608,17 +609,27 @@ impl Inner {
             let blobs: Vec<&[u8]> = planned.iter().map(|(_, r, _)| &buf[r.clone()]).collect();
             let at = segs.append_blobs(&blobs)?;
             let added = added_runs.entry((group, generation)).or_default();
-            for ((key, range, count), (segment, offset)) in planned.iter().zip(at) {
-                let r = RunRef { segment, offset, bytes: range.len() as u32, count: *count };
-                batch.insert(key.as_slice(), r.encode());
+            metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
+            let run_items = index_writes.entry(prefix.to_vec()).or_default();
+            for ((key, range, count), (segment, offset)) in planned.into_iter().zip(at) {
+                let r = RunRef { segment, offset, bytes: range.len() as u32, count };
+                run_items.insert(key, Some(r.encode()));
                 added.push(segment);
             }
-            metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
             synced.push((group, generation, segs.sync()?));
             crash_point("after_segments", || {});
             i = end;
         }
         after.stages.segments = segments_started.elapsed();
+        for (prefix, writes) in index_writes {
+            let group = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+            let generation = u32::from_be_bytes([prefix[5], prefix[6], prefix[7], prefix[8]]);
+            let key = keys::index_log_key(group, generation, self.index_log_next.fetch_add(1, Ordering::Relaxed));
+            let refs: Vec<index::WriteRef<'_>> = writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+            batch.insert(key.as_slice(), index::encode_log(&refs)?);
+            drop(refs);
+            after.index.push((key, writes.into_iter().collect()));
+        }
         // Erasures and retention applied before this checkpoint froze (they hold off
         // checkpoints while they run, so their RUN deletes are in `frozen`): the segments of
         // the deleted runs count one less; erased runs are listed in SEGS now and zeroed once
@@ -753,9 +764,9 @@ struct Stages {
 struct After {
     /// Stages timed so far (the batch's side).
     stages: Stages,
-    /// Each group's dedupe log item (its key) and the writes it holds, to apply to the
-    /// dedupe index once the batch is flushed.
-    dedupe: Vec<(Vec<u8>, Vec<dedupe::Write>)>,
+    /// Each group's index log item (its key) and the writes it holds, to apply to the
+    /// state index once the batch is flushed.
+    index: Vec<(Vec<u8>, Vec<index::Write>)>,
     /// Erased runs to zero.
     zero: Vec<ZeroList>,
     /// Segments no run points into any more, to delete.
@@ -1041,13 +1052,13 @@ impl StateStore {
                 to_zero: Mutex::new(HashMap::new()),
                 live: Mutex::new(HashMap::new()),
                 dropped: Mutex::new(HashMap::new()),
-                dedupe: DedupeIndex::open(&dir.join("dedupe"))?,
-                dedupe_log_next: AtomicU64::new(0),
-                dedupe_logs_applied: Mutex::new(Vec::new()),
+                index: StateIndex::open(&dir.join("dedupe"))?,
+                index_log_next: AtomicU64::new(0),
+                index_logs_applied: Mutex::new(Vec::new()),
             }),
         };
         store.remove_inactive_generations()?;
-        store.recover_dedupe()?;
+        store.recover_index()?;
         let weak = Arc::downgrade(&store.inner);
         let stop = store.checkpointer.stop.clone();
         let thread = std::thread::Builder::new()
@@ -1092,50 +1103,54 @@ impl StateStore {
         Ok(out)
     }
 
-    /// At open: brings the dedupe index up to sled's state. Applies again every dedupe log
-    /// a checkpoint left in sled (its writes may not have reached the index, or not
-    /// durably), and moves DEDUPE items a store of the older layout kept in sled into the
-    /// index; persists the index, then deletes both from sled.
-    fn recover_dedupe(&self) -> Result<(), StoreError> {
+    /// At open: brings the state index up to sled's state. Moves the items of the index's
+    /// kinds that a store of an older layout kept in sled into the index (all of them before
+    /// 2026-12-04; CONV, DEDUPE_TIME and RUN before 2026-12-05), then applies again every
+    /// index log a checkpoint left in sled (its writes may not have reached the index, or
+    /// not durably); persists the index, then deletes both from sled.
+    fn recover_index(&self) -> Result<(), StoreError> {
         let inner = &self.inner;
         let mut logs = Vec::new();
         for (group, generation) in self.heads()? {
-            // Older layout: in chunks (index first, durably; then sled's copies go).
-            loop {
-                let chunk: Vec<(sled::IVec, sled::IVec)> = inner
-                    .data
-                    .scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE))
-                    .take(INSTALL_BATCH_RECORDS)
-                    .collect::<Result<_, _>>()?;
-                if chunk.is_empty() {
-                    break;
+            // Older layouts: in chunks (index first, durably; then sled's copies go). Before
+            // the logs: a log is newer than any item an older layout left.
+            for kind in index::INDEX_KINDS {
+                loop {
+                    let chunk: Vec<(sled::IVec, sled::IVec)> = inner
+                        .data
+                        .scan_prefix(keys::kind_prefix(group, generation, kind))
+                        .take(INSTALL_BATCH_RECORDS)
+                        .collect::<Result<_, _>>()?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    inner.index.apply(chunk.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))?;
+                    inner.index.persist()?;
+                    let mut batch = sled::Batch::default();
+                    for (k, _) in &chunk {
+                        batch.remove(k);
+                    }
+                    crash_point("index_moved", || {});
+                    inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
+                    inner.overlay.flush(&inner.data)?;
+                    tracing::info!(group, kind, moved = chunk.len(), "moved items out of sled into the state index");
                 }
-                inner.dedupe.apply(chunk.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))?;
-                inner.dedupe.persist()?;
-                let mut batch = sled::Batch::default();
-                for (k, _) in &chunk {
-                    batch.remove(k);
-                }
-                crash_point("dedupe_moved", || {});
-                inner.overlay.exclusive(|| inner.data.apply_batch(batch))?;
-                inner.overlay.flush(&inner.data)?;
-                tracing::info!(group, moved = chunk.len(), "moved dedupe items out of sled into the dedupe index");
             }
-            for item in inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_LOG)) {
+            for item in inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_INDEX_LOG)) {
                 let (k, v) = item?;
-                let writes = dedupe::decode_log(&v).map_err(|e| corrupt_key(&k, e))?;
+                let writes = index::decode_log(&v).map_err(|e| corrupt_key(&k, e))?;
                 if writes.iter().any(|(w, _)| w[..keys::GEN_PREFIX_LEN] != k[..keys::GEN_PREFIX_LEN]) {
-                    return Err(corrupt_key(&k, keys::DecodeError("dedupe log holds another group's key".into())));
+                    return Err(corrupt_key(&k, keys::DecodeError("index log holds another group's key".into())));
                 }
-                inner.dedupe.apply(writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))?;
+                inner.index.apply(writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())))?;
                 logs.push(k);
             }
         }
         if logs.is_empty() {
             return Ok(());
         }
-        inner.dedupe.persist()?;
-        crash_point("dedupe_recovered", || {});
+        inner.index.persist()?;
+        crash_point("index_recovered", || {});
         let mut batch = sled::Batch::default();
         for k in &logs {
             batch.remove(k);
@@ -1182,7 +1197,7 @@ impl StateStore {
 
     fn delete_range(&self, range: std::ops::Range<Vec<u8>>) -> Result<usize, StoreError> {
         // Only ever a generation no longer (or not yet) active: nothing replays into it.
-        let mut n = self.inner.dedupe.delete_range(range.clone())?;
+        let mut n = self.inner.index.delete_range(range.clone())?;
         loop {
             // Under the overlay's gate: no merged read is in progress while sled changes.
             let k = self.inner.overlay.exclusive(|| -> Result<usize, StoreError> {
@@ -1740,6 +1755,10 @@ impl StateStore {
             // Runs come out where their items are; a replica that holds an envelope as an
             // item must compare equal.
             out.sort();
+            // A checkpoint that lands during the scan can show an envelope twice: as an item
+            // of its frozen layer and in the run it moved to (the same key and value; keys
+            // are otherwise unique).
+            out.dedup();
             Ok(out)
         })
     }
@@ -1794,7 +1813,7 @@ impl StateStore {
                     }
                     continue;
                 }
-                Some(keys::KIND_SEGS) | Some(keys::KIND_DEDUPE_LOG) => continue,
+                Some(keys::KIND_SEGS) | Some(keys::KIND_INDEX_LOG) => continue,
                 _ => {}
             }
             emit(&k[P..], &v)?;
@@ -1809,40 +1828,48 @@ impl StateStore {
         Ok(self.inner.data.scan_prefix(keys::kind_prefix(group, generation, kind)).count())
     }
 
-    /// For upgrade tests: moves every pair of the dedupe index into sled as DEDUPE items,
-    /// the layout before the index existed (flushed). Not for production use.
+    /// How many items of `kind` checkpoints wrote for the group's active generation, in sled
+    /// or the state index, whichever holds the kind (the overlay not included): for tests
+    /// and checks.
+    pub fn stored_items_of_kind(&self, group: GroupId, kind: u8) -> Result<usize, StoreError> {
+        let generation = self.rt(group)?.generation.load(Ordering::Acquire);
+        Ok(self.inner.base(crate::overlay::prefix_range(&keys::kind_prefix(group, generation, kind)), true).count())
+    }
+
+    /// For upgrade tests: moves every item of the state index into sled, the layout before
+    /// the index existed (flushed). Not for production use.
     #[doc(hidden)]
-    pub fn move_dedupe_into_sled_for_tests(&self) -> Result<usize, StoreError> {
+    pub fn move_index_into_sled_for_tests(&self) -> Result<usize, StoreError> {
         self.flush()?;
         let all = keys::KEY_FORMAT_V1;
         let pairs: Vec<(sled::IVec, sled::IVec)> =
-            self.inner.dedupe.range(vec![all]..vec![all + 1], true).collect::<Result<_, _>>()?;
+            self.inner.index.range(vec![all]..vec![all + 1], true).collect::<Result<_, _>>()?;
         let mut batch = sled::Batch::default();
         for (k, v) in &pairs {
             batch.insert(k, v);
         }
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
         self.inner.overlay.flush(&self.inner.data)?;
-        self.inner.dedupe.apply(pairs.iter().map(|(k, _)| (k.as_ref(), None)))?;
-        self.inner.dedupe.persist()?;
-        // And no dedupe log is left (an older store had none): the open must find the pairs
+        self.inner.index.apply(pairs.iter().map(|(k, _)| (k.as_ref(), None)))?;
+        self.inner.index.persist()?;
+        // And no index log is left (an older store had none): the open must find the items
         // only where the older layout kept them.
         let mut batch = sled::Batch::default();
         for (group, generation) in self.heads()? {
-            for item in self.inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_LOG)) {
+            for item in self.inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_INDEX_LOG)) {
                 batch.remove(item?.0);
             }
         }
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
         self.inner.overlay.flush(&self.inner.data)?;
-        self.inner.dedupe_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.inner.index_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(pairs.len())
     }
 
     /// Keys of the group in every generation (active or garbage): for tests and checks.
     pub fn raw_key_count(&self, group: GroupId) -> usize {
         self.inner.data.scan_prefix(keys::group_prefix(group)).count()
-            + self.inner.dedupe.range(crate::overlay::prefix_range(&keys::group_prefix(group)), true).count()
+            + self.inner.index.range(crate::overlay::prefix_range(&keys::group_prefix(group)), true).count()
     }
 
     /// Applies a batch of entries of one group. Appends and cursor commits go into one
@@ -2500,33 +2527,34 @@ impl StateStore {
         let mut batch = sled::Batch::default();
         let (mut n, mut bytes) = (0usize, 0usize);
         let mut batches = 0usize;
-        // DEDUPE records go to the dedupe index (durable before the switch, like the rest).
-        let mut dedupe_batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut dedupe_bytes = 0usize;
+        // Records of the index's kinds go to the state index (durable before the switch,
+        // like the rest).
+        let mut index_batch: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut index_bytes = 0usize;
         while let Some((k, v)) = reader.next_record()? {
             let mut key = Vec::with_capacity(keys::GEN_PREFIX_LEN + k.len());
             key.extend_from_slice(&new_prefix);
             key.extend_from_slice(&k);
             match keys::decode_key(&key).map_err(|e| corrupt_key(&key, e))? {
-                keys::Key::Run { .. } | keys::Key::Segs | keys::Key::DedupeLog { .. } => {
+                keys::Key::Run { .. } | keys::Key::Segs | keys::Key::IndexLog { .. } => {
                     return Err(StoreError::Corrupt {
                         what: data.path().display().to_string(),
                         offset: 0,
                         reason: format!(
-                            "snapshot carries a node's own item {} (runs, segment marks and dedupe logs never travel)",
+                            "snapshot carries a node's own item {} (runs, segment marks and index logs never travel)",
                             hex(&key)
                         ),
                     })
                 }
-                keys::Key::Dedupe { .. } => {
-                    dedupe_bytes += key.len() + v.len();
-                    dedupe_batch.push((key, v));
-                    if dedupe_batch.len() >= INSTALL_BATCH_RECORDS || dedupe_bytes >= INSTALL_BATCH_BYTES {
+                _ if index::in_index(&key) => {
+                    index_bytes += key.len() + v.len();
+                    index_batch.push((key, v));
+                    if index_batch.len() >= INSTALL_BATCH_RECORDS || index_bytes >= INSTALL_BATCH_BYTES {
                         self.inner
-                            .dedupe
-                            .apply(dedupe_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
-                        dedupe_batch.clear();
-                        dedupe_bytes = 0;
+                            .index
+                            .apply(index_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
+                        index_batch.clear();
+                        index_bytes = 0;
                     }
                     continue;
                 }
@@ -2552,8 +2580,8 @@ impl StateStore {
             .map_err(|e| StoreError::Encode(e.to_string()))?;
         batch.insert(keys::meta_key(group, new), keys::encode_value(&state));
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
-        self.inner.dedupe.apply(dedupe_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
-        self.inner.dedupe.persist()?;
+        self.inner.index.apply(index_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
+        self.inner.index.persist()?;
         // The new generation is durable before the switch; the switch is durable before
         // the old data goes.
         self.inner.overlay.flush(&self.inner.data)?;

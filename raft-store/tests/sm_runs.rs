@@ -156,9 +156,10 @@ async fn runs_read_and_travel_like_items() {
         expiring,
         "only expiring envelopes stay items"
     );
-    let runs = with_runs.sled_items_of_kind(GROUP, keys::KIND_RUN).unwrap();
+    let runs = with_runs.stored_items_of_kind(GROUP, keys::KIND_RUN).unwrap();
     assert!(runs > 0 && runs < 720 / 4, "{runs} runs for 720 envelopes");
-    assert_eq!(without.sled_items_of_kind(GROUP, keys::KIND_RUN).unwrap(), 0);
+    assert_eq!(with_runs.sled_items_of_kind(GROUP, keys::KIND_RUN).unwrap(), 0, "runs live in the state index");
+    assert_eq!(without.stored_items_of_kind(GROUP, keys::KIND_RUN).unwrap(), 0);
 
     let reads = read_all(&with_runs);
     assert_eq!(reads, read_all(&without), "reads from runs equal reads from items");

@@ -1,22 +1,29 @@
-//! The dedupe index: every `(conversation, message id) -> (seq, committed at)` pair of the
-//! dedupe window, in an LSM tree (fjall) beside sled, so that the per-envelope lookup and
-//! insert leave sled (ARCHITECTURE.md, "The dedupe index").
+//! The state index: the state machine's per-conversation and per-envelope items, in an LSM
+//! tree (fjall) beside sled, so that the per-envelope lookups and inserts leave sled
+//! (ARCHITECTURE.md, "The state index"). It holds the kinds [`INDEX_KINDS`] names:
+//! - DEDUPE: every `(conversation, message id) -> (seq, committed at)` pair of the dedupe
+//!   window, and DEDUPE_TIME: which pairs each entry added (one per entry);
+//! - CONV: each conversation's last seq and limits (one per conversation);
+//! - RUN: where each run of a conversation's envelopes lies in an envelope segment.
 //!
-//! Why not sled: every publish looks up an id that is almost never there, and every new id
-//! is one more item. In sled the lookup waits behind every checkpoint's batch (sled's
-//! batches take a process-wide lock that all reads share), and the item costs a leaf
-//! rewrite at the checkpoint. An LSM tree answers a miss from its memtable and bloom
-//! filters without waiting for writers, and takes an insert into a memtable.
+//! Why not sled: every publish looks up a conversation and a message id (with a million
+//! conversations, both almost never in memory), and writes a conversation record, a run and
+//! a dedupe pair. In sled a lookup waits behind every checkpoint's batch (sled's batches
+//! take a process-wide lock that all reads share), and each item costs a leaf rewrite (a
+//! copy of the leaf) at the checkpoint. An LSM tree answers a miss from its memtable and
+//! bloom filters without waiting for writers, and takes an insert into a memtable.
 //!
 //! Crash consistency: the index never holds what sled's durable state does not. A
-//! checkpoint writes its dedupe writes into sled's batch as one DEDUPE_LOG item per group
+//! checkpoint writes its index writes into sled's batch as one INDEX_LOG item per group
 //! (`encode_log`), flushes sled, and only then applies them here (not fsynced); the log
-//! items are deleted by a later checkpoint after [`DedupeIndex::persist`]. At open, every
+//! items are deleted by a later checkpoint after [`StateIndex::persist`]. At open, every
 //! log item still in sled is applied again (applying one twice is harmless: puts and
 //! deletes of whole values). So after any crash the index equals the state at sled's
-//! applied id, and replaying the Raft log from there gives the same dedupe answers.
+//! applied id, and replaying the Raft log from there gives the same state.
 //!
-//! Keys and values are the state machine's DEDUPE keys and values (`keys.rs`), unchanged.
+//! Keys and values are the state machine's keys and values (`keys.rs`), unchanged. The
+//! directory (`<sm>/dedupe`) and the keyspace (`dedupe.v1`) keep the names of the index's
+//! first layout, which held DEDUPE items only: a rename would need a move of every item.
 
 use std::ops::Bound;
 use std::ops::RangeBounds;
@@ -38,9 +45,9 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// 60 s runs saw 1.1-2.8 s stalls, with two the worst was 223 ms).
 const WORKER_THREADS: usize = 2;
 
-/// Format of a dedupe log item's body.
+/// Format of an index log item's body.
 const LOG_FORMAT_V1: u8 = 1;
-/// At most this many writes in one dedupe log item (a checkpoint of one group holds far
+/// At most this many writes in one index log item (a checkpoint of one group holds far
 /// fewer: the overlay is bounded in bytes).
 pub const MAX_LOG_WRITES: usize = 1 << 24;
 
@@ -49,21 +56,21 @@ pub type Write = (Vec<u8>, Option<Vec<u8>>);
 /// One write, borrowed.
 pub type WriteRef<'a> = (&'a [u8], Option<&'a [u8]>);
 
-pub struct DedupeIndex {
+pub struct StateIndex {
     db: fjall::Database,
     ks: fjall::Keyspace,
 }
 
 fn fj(e: fjall::Error) -> StoreError {
-    StoreError::Dedupe(e.to_string())
+    StoreError::Index(e.to_string())
 }
 
 /// fjall's error where sled's is expected (merged range reads yield sled's results).
 fn fj_as_sled(e: fjall::Error) -> sled::Error {
-    sled::Error::Io(std::io::Error::other(format!("dedupe index: {e}")))
+    sled::Error::Io(std::io::Error::other(format!("state index: {e}")))
 }
 
-impl DedupeIndex {
+impl StateIndex {
     /// Opens (or creates) the index in `dir`. fjall panics on some damage to its own
     /// metadata: one that unwinds comes back as an error naming the directory; one while
     /// fjall holds its keyspace lock still aborts the process (fjall's drop then panics on
@@ -74,7 +81,7 @@ impl DedupeIndex {
             Err(_) => Err(StoreError::Corrupt {
                 what: dir.display().to_string(),
                 offset: 0,
-                reason: "the dedupe index could not be opened (fjall panicked reading its files)".into(),
+                reason: "the state index could not be opened (fjall panicked reading its files)".into(),
             }),
         }
     }
@@ -93,7 +100,8 @@ impl DedupeIndex {
                 fjall::KeyspaceCreateOptions::default()
                     .manual_journal_persist(true)
                     .max_memtable_size(MEMTABLE_BYTES)
-                    // Lookups mostly miss (a new message id): keep the bloom filters.
+                    // Lookups often miss (a new message id, a new conversation): keep the
+                    // bloom filters.
                     .expect_point_read_hits(false)
                     // In small partitions at every level: a lookup reads (and checksums) one
                     // partition, not a table's whole filter. Unpartitioned, a compacted
@@ -104,7 +112,7 @@ impl DedupeIndex {
                     .index_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
             })
             .map_err(fj)?;
-        Ok(DedupeIndex { db, ks })
+        Ok(StateIndex { db, ks })
     }
 
     /// The value stored under `key`, if any.
@@ -129,7 +137,7 @@ impl DedupeIndex {
     }
 
     /// Applies `writes` atomically (in memory and fjall's journal buffer: not durable until
-    /// [`DedupeIndex::persist`]).
+    /// [`StateIndex::persist`]).
     pub fn apply<'a>(&self, writes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         for (k, v) in writes {
@@ -169,17 +177,24 @@ impl DedupeIndex {
     }
 }
 
-/// Whether `k` is a DEDUPE key (kept in the index, not in sled).
-pub fn is_dedupe_key(k: &[u8]) -> bool {
-    k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_DEDUPE)
+/// The kinds of items the index holds (all others are sled's).
+pub const INDEX_KINDS: [u8; 4] = [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN];
+
+fn is_index_kind(kind: u8) -> bool {
+    INDEX_KINDS.contains(&kind)
 }
 
-/// How much of a key range is DEDUPE keys.
+/// Whether `k` is a key of one of [`INDEX_KINDS`] (kept in the index, not in sled).
+pub fn in_index(k: &[u8]) -> bool {
+    k.get(keys::GEN_PREFIX_LEN).is_some_and(|kind| is_index_kind(*kind))
+}
+
+/// How much of a key range the index holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Share {
     /// None: sled alone holds the range.
     None,
-    /// All (one kind prefix, the DEDUPE kind): the index alone holds it.
+    /// All (one kind prefix, a kind of [`INDEX_KINDS`]): the index alone holds it.
     All,
     /// Maybe some: the range spans several kinds or generations.
     Some,
@@ -187,7 +202,7 @@ pub enum Share {
 
 /// Which store holds a key range: the bounds' first `GEN_PREFIX_LEN + 1` bytes (format,
 /// group, generation, kind) say, unless the range spans several generations or kinds.
-pub fn dedupe_share<R: RangeBounds<Vec<u8>>>(range: &R) -> Share {
+pub fn index_share<R: RangeBounds<Vec<u8>>>(range: &R) -> Share {
     const K: usize = keys::GEN_PREFIX_LEN + 1;
     let head = |b: Bound<&Vec<u8>>| match b {
         Bound::Included(k) | Bound::Excluded(k) if k.len() >= K => Some(k[..K].to_vec()),
@@ -203,19 +218,19 @@ pub fn dedupe_share<R: RangeBounds<Vec<u8>>>(range: &R) -> Share {
         }
         _ => return Share::Some,
     };
-    if kind == keys::KIND_DEDUPE {
+    if is_index_kind(kind) {
         Share::All
     } else {
         Share::None
     }
 }
 
-/// A dedupe log item's value: the writes of one group's checkpoint, framed with a format
+/// An index log item's value: the writes of one group's checkpoint, framed with a format
 /// byte and the value CRC of every sled value.
 pub fn encode_log(writes: &[WriteRef<'_>]) -> Result<Vec<u8>, StoreError> {
     if writes.len() > MAX_LOG_WRITES {
         return Err(StoreError::Encode(format!(
-            "{} dedupe writes in one checkpoint of a group, over the {MAX_LOG_WRITES} a log item holds",
+            "{} index writes in one checkpoint of a group, over the {MAX_LOG_WRITES} a log item holds",
             writes.len()
         )));
     }
@@ -225,13 +240,13 @@ pub fn encode_log(writes: &[WriteRef<'_>]) -> Result<Vec<u8>, StoreError> {
     body.extend_from_slice(&(writes.len() as u32).to_le_bytes());
     for (k, v) in writes {
         let klen =
-            u16::try_from(k.len()).map_err(|_| StoreError::Encode(format!("dedupe key of {} bytes", k.len())))?;
+            u16::try_from(k.len()).map_err(|_| StoreError::Encode(format!("index key of {} bytes", k.len())))?;
         body.extend_from_slice(&klen.to_le_bytes());
         body.extend_from_slice(k);
         match v {
             Some(v) => {
                 let vlen = u32::try_from(v.len())
-                    .map_err(|_| StoreError::Encode(format!("dedupe value of {} bytes", v.len())))?;
+                    .map_err(|_| StoreError::Encode(format!("index value of {} bytes", v.len())))?;
                 body.push(1);
                 body.extend_from_slice(&vlen.to_le_bytes());
                 body.extend_from_slice(v);
@@ -242,17 +257,17 @@ pub fn encode_log(writes: &[WriteRef<'_>]) -> Result<Vec<u8>, StoreError> {
     Ok(keys::encode_value(&body))
 }
 
-/// The writes of a dedupe log item's value (checked: CRC, format, every length, and that
-/// each key is a DEDUPE key).
+/// The writes of an index log item's value (checked: CRC, format, every length, and that
+/// each key is a key of the index's kinds).
 pub fn decode_log(value: &[u8]) -> Result<Vec<Write>, DecodeError> {
     let body = keys::decode_value(value)?;
-    let (&format, mut rest) = body.split_first().ok_or_else(|| DecodeError("empty dedupe log".into()))?;
+    let (&format, mut rest) = body.split_first().ok_or_else(|| DecodeError("empty index log".into()))?;
     if format != LOG_FORMAT_V1 {
-        return Err(DecodeError(format!("unknown dedupe log format {format}")));
+        return Err(DecodeError(format!("unknown index log format {format}")));
     }
     let mut take = |n: usize, what: &str| -> Result<&[u8], DecodeError> {
         if rest.len() < n {
-            return Err(DecodeError(format!("dedupe log ends inside {what}")));
+            return Err(DecodeError(format!("index log ends inside {what}")));
         }
         let (a, b) = rest.split_at(n);
         rest = b;
@@ -260,14 +275,14 @@ pub fn decode_log(value: &[u8]) -> Result<Vec<Write>, DecodeError> {
     };
     let count = u32::from_le_bytes(take(4, "the count")?.try_into().map_err(|_| DecodeError("count".into()))?) as usize;
     if count > MAX_LOG_WRITES {
-        return Err(DecodeError(format!("dedupe log of {count} writes, over {MAX_LOG_WRITES}")));
+        return Err(DecodeError(format!("index log of {count} writes, over {MAX_LOG_WRITES}")));
     }
     let mut out = Vec::with_capacity(count.min(1 << 16));
     for _ in 0..count {
         let klen = u16::from_le_bytes(take(2, "a key length")?.try_into().map_err(|_| DecodeError("klen".into()))?);
         let k = take(usize::from(klen), "a key")?.to_vec();
-        if !is_dedupe_key(&k) {
-            return Err(DecodeError("dedupe log holds a key that is not a dedupe key".into()));
+        if !in_index(&k) {
+            return Err(DecodeError("index log holds a key of a kind the index does not hold".into()));
         }
         let v = match take(1, "a write's tag")?[0] {
             0 => None,
@@ -276,12 +291,12 @@ pub fn decode_log(value: &[u8]) -> Result<Vec<Write>, DecodeError> {
                     u32::from_le_bytes(take(4, "a value length")?.try_into().map_err(|_| DecodeError("vlen".into()))?);
                 Some(take(vlen as usize, "a value")?.to_vec())
             }
-            t => return Err(DecodeError(format!("dedupe log write tag {t}"))),
+            t => return Err(DecodeError(format!("index log write tag {t}"))),
         };
         out.push((k, v));
     }
     if !rest.is_empty() {
-        return Err(DecodeError(format!("{} bytes after the dedupe log's last write", rest.len())));
+        return Err(DecodeError(format!("{} bytes after the index log's last write", rest.len())));
     }
     Ok(out)
 }
@@ -355,9 +370,13 @@ mod tests {
         let last = bad.len() - 1;
         bad[last] ^= 1;
         assert!(decode_log(&bad).unwrap_err().0.contains("crc"));
-        let not_dedupe = keys::conv_key(3, 1, b"c1");
-        let enc = encode_log(&[(&not_dedupe, None)]).unwrap();
-        assert!(decode_log(&enc).unwrap_err().0.contains("not a dedupe key"));
+        let conv = keys::conv_key(3, 1, b"c1");
+        let run = keys::run_key(3, 1, b"c1", 7);
+        let enc = encode_log(&[(&conv, Some(b"m")), (&run, None)]).unwrap();
+        assert_eq!(decode_log(&enc).unwrap().len(), 2, "CONV and RUN keys are the index's too");
+        let env = keys::env_key(3, 1, b"c1", 7);
+        let enc = encode_log(&[(&env, None)]).unwrap();
+        assert!(decode_log(&enc).unwrap_err().0.contains("does not hold"));
     }
 
     #[test]
@@ -365,21 +384,31 @@ mod tests {
         let conv = keys::conv_prefix(3, 1, keys::KIND_ENV, b"c");
         let mut end = conv.clone();
         end.push(0xff);
-        assert_eq!(dedupe_share(&(conv.clone()..end)), Share::None);
+        assert_eq!(index_share(&(conv.clone()..end)), Share::None);
         let d = keys::conv_prefix(3, 1, keys::KIND_DEDUPE, b"c");
         let mut dend = d.clone();
         dend.push(0xff);
-        assert_eq!(dedupe_share(&(d..dend)), Share::All);
+        assert_eq!(index_share(&(d..dend)), Share::All);
         let all = keys::gen_prefix(3, 1).to_vec();
-        assert_eq!(dedupe_share(&(all..keys::gen_prefix(3, 2).to_vec())), Share::Some);
-        assert_eq!(dedupe_share(&(conv..)), Share::Some);
+        assert_eq!(index_share(&(all..keys::gen_prefix(3, 2).to_vec())), Share::Some);
+        assert_eq!(index_share(&(conv..)), Share::Some);
         let kind = keys::kind_prefix(3, 1, keys::KIND_RETENTION);
         let next = keys::kind_prefix(3, 1, keys::KIND_RETENTION + 1);
-        assert_eq!(dedupe_share(&(kind..next)), Share::None);
+        assert_eq!(index_share(&(kind..next)), Share::None);
         let kind = keys::kind_prefix(3, 1, keys::KIND_DEDUPE);
         let next = keys::kind_prefix(3, 1, keys::KIND_DEDUPE + 1);
-        assert_eq!(dedupe_share(&(kind.clone()..next.clone())), Share::All);
-        assert_eq!(dedupe_share(&(kind..=next)), Share::Some);
+        assert_eq!(index_share(&(kind.clone()..next.clone())), Share::All);
+        assert_eq!(index_share(&(kind..=next)), Share::Some);
+        // A conversation's runs, and one conversation record.
+        let runs = keys::conv_prefix(3, 1, keys::KIND_RUN, b"c");
+        assert_eq!(index_share(&(keys::run_key(3, 1, b"c", 0)..=keys::run_key(3, 1, b"c", 9))), Share::All);
+        assert_eq!(index_share(&crate::overlay::prefix_range(&runs)), Share::All);
+        let c = keys::conv_key(3, 1, b"c");
+        assert_eq!(index_share(&(c.clone()..=c)), Share::All);
+        for kind in [keys::KIND_META, keys::KIND_ENV, keys::KIND_EXPIRY, keys::KIND_CURSOR, keys::KIND_SEGS] {
+            let p = keys::kind_prefix(3, 1, kind);
+            assert_eq!(index_share(&crate::overlay::prefix_range(&p)), Share::None, "kind {kind} is sled's");
+        }
     }
 
     #[test]
@@ -409,12 +438,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dk(b"c1", 1), dk(b"c1", 2));
         {
-            let idx = DedupeIndex::open(dir.path()).unwrap();
+            let idx = StateIndex::open(dir.path()).unwrap();
             idx.apply([(a.as_slice(), Some(b"x".as_slice())), (b.as_slice(), Some(b"y".as_slice()))]).unwrap();
             idx.apply([(b.as_slice(), None)]).unwrap();
             idx.persist().unwrap();
         }
-        let idx = DedupeIndex::open(dir.path()).unwrap();
+        let idx = StateIndex::open(dir.path()).unwrap();
         assert_eq!(idx.get(&a).unwrap().as_deref(), Some(b"x".as_slice()));
         assert_eq!(idx.get(&b).unwrap(), None);
         assert_eq!(idx.delete_range(keys::gen_prefix(3, 1).to_vec()..keys::gen_prefix(3, 2).to_vec()).unwrap(), 1);

@@ -1,7 +1,8 @@
-//! The dedupe index (`dedupe.rs`): the `(conversation, message id)` pairs live in an LSM
-//! tree beside sled. What must hold whatever the crash: the index never holds what sled's
-//! durable state does not (a replay would then call a message a duplicate of itself), and
-//! never misses what sled's state says was published (a retry would be appended twice).
+//! The state index (`index.rs`): conversation records, runs and the `(conversation, message
+//! id)` pairs live in an LSM tree beside sled. What must hold whatever the crash: the index
+//! never holds what sled's durable state does not (a replay would then call a message a
+//! duplicate of itself, or give it a seq already used), and never misses what sled's state
+//! says was published (a retry would be appended twice, a run's envelopes could not be read).
 
 mod common;
 use common::apply;
@@ -88,7 +89,7 @@ fn reads(store: &StateStore) -> Reads {
 }
 
 /// What the child does before the crash, on each group: entries 1..=20, a checkpoint (its
-/// dedupe logs reach the index), entries 21..=33, a checkpoint that aborts at `point`.
+/// index logs reach the index), entries 21..=33, a checkpoint that aborts at `point`.
 fn crash_child(dst: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -104,28 +105,29 @@ fn crash_child(dst: &Path) {
     });
 }
 
-const CRASH_POINTS: [&str; 3] = ["before_dedupe_apply", "after_dedupe_apply", "dedupe_recovered"];
+const CRASH_POINTS: [&str; 3] = ["before_index_apply", "after_index_apply", "index_recovered"];
 
 fn run_child(dst: &Path, point: &str) {
     // The second checkpoint's (the first one's log must have reached the index).
-    let at = if point == "dedupe_recovered" { point.to_string() } else { format!("{point}#2") };
+    let at = if point == "index_recovered" { point.to_string() } else { format!("{point}#2") };
     spawn_crashing_child(
-        "a_crash_around_the_dedupe_index_keeps_every_answer",
-        &[("HABAR_SM_DEDUPE_CRASH_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", at.as_ref())],
+        "a_crash_around_the_state_index_keeps_every_answer",
+        &[("HABAR_SM_INDEX_CRASH_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", at.as_ref())],
         point,
     );
 }
 
-/// Property: a crash inside a checkpoint around the dedupe index (before its writes reach
+/// Property: a crash inside a checkpoint around the state index (before its writes reach
 /// the index, after they did and the index persisted them, and inside the open that
-/// replays the logs) loses no dedupe answer: after the reopen and the re-apply of the log
-/// from sled's durable applied id, every retry is a duplicate exactly when it is on a store
-/// that never crashed (reads, last seqs and the replica dump equal), including retries of
-/// ids of an erased conversation (new messages again). The crash is a real `abort()`.
+/// replays the logs) loses no answer: after the reopen and the re-apply of the log from
+/// sled's durable applied id, every retry is a duplicate exactly when it is on a store that
+/// never crashed, every envelope reads back from its run at its seq, and last seqs and the
+/// replica dump (conversation records included) are equal, including retries of ids of an
+/// erased conversation (new messages again). The crash is a real `abort()`.
 #[test]
-fn a_crash_around_the_dedupe_index_keeps_every_answer() {
-    if let (Ok(dst), Ok(point)) = (std::env::var("HABAR_SM_DEDUPE_CRASH_DST"), std::env::var("HABAR_TEST_CRASH_AT")) {
-        if point.starts_with("dedupe_recovered") {
+fn a_crash_around_the_state_index_keeps_every_answer() {
+    if let (Ok(dst), Ok(point)) = (std::env::var("HABAR_SM_INDEX_CRASH_DST"), std::env::var("HABAR_TEST_CRASH_AT")) {
+        if point.starts_with("index_recovered") {
             // The open replays the logs a crash left, and aborts after persisting the index,
             // before the logs leave sled.
             drop(open(Path::new(&dst)));
@@ -147,8 +149,8 @@ fn a_crash_around_the_dedupe_index_keeps_every_answer() {
     assert_eq!((want[3].0.len(), want[3].1), (22, 22), "d starts again at 1 after the reset");
     for point in CRASH_POINTS {
         let dst = dir.path().join(point);
-        if point == "dedupe_recovered" {
-            run_child(&dst, "before_dedupe_apply");
+        if point == "index_recovered" {
+            run_child(&dst, "before_index_apply");
         }
         run_child(&dst, point);
         rt.block_on(async {
@@ -175,11 +177,12 @@ fn a_crash_around_the_dedupe_index_keeps_every_answer() {
     }
 }
 
-/// Property: DEDUPE items never reach sled (the checkpoint sends them to the index through
-/// a log item that the next checkpoint deletes), snapshots carry them all the same, and a
-/// store that installs such a snapshot answers retries as duplicates.
+/// Property: items of the index's kinds (CONV, DEDUPE, DEDUPE_TIME, RUN) never reach sled
+/// (the checkpoint sends them to the index through a log item that the next checkpoint
+/// deletes), snapshots carry them all the same (runs as envelopes), and a store that
+/// installs such a snapshot answers retries as duplicates.
 #[tokio::test]
-async fn dedupe_items_live_in_the_index_and_travel_in_snapshots() {
+async fn index_items_live_in_the_index_and_travel_in_snapshots() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (s1, s2) = (open(d1.path()), open(d2.path()));
     let mut a = s1.group(GROUP).unwrap();
@@ -189,8 +192,13 @@ async fn dedupe_items_live_in_the_index_and_travel_in_snapshots() {
     apply(&mut a, log).await;
     s1.checkpoint().unwrap();
     s1.checkpoint().unwrap();
-    assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 0, "no DEDUPE item in sled");
-    assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_LOG).unwrap(), 0, "logs gone once the index holds them");
+    for kind in [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN] {
+        assert_eq!(s1.sled_items_of_kind(GROUP, kind).unwrap(), 0, "no item of kind {kind} in sled");
+    }
+    assert_eq!(s1.stored_items_of_kind(GROUP, keys::KIND_CONV).unwrap(), 4, "the index has the conversations");
+    assert_eq!(s1.stored_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 30, "and an entry time per entry");
+    assert!(s1.stored_items_of_kind(GROUP, keys::KIND_RUN).unwrap() > 0, "and the runs");
+    assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_INDEX_LOG).unwrap(), 0, "logs gone once the index holds them");
     let dump = s1.dump_group(GROUP).unwrap();
     let pairs = dump.iter().filter(|(k, _)| k.first() == Some(&keys::KIND_DEDUPE)).count();
     assert_eq!(pairs, 90, "the dump has every message's pair");
@@ -205,13 +213,14 @@ async fn dedupe_items_live_in_the_index_and_travel_in_snapshots() {
     assert_eq!(s2.dump_group(GROUP).unwrap(), s1.dump_group(GROUP).unwrap());
 }
 
-/// Property: a store of the layout before the index (DEDUPE items in sled) opens with its
-/// pairs moved into the index, also when the move is cut by a crash between the index's
-/// persist and the deletion of sled's copies: retries stay duplicates, and the state is the
-/// same as a store that never had the older layout.
+/// Property: a store of the layout before the index (every item in sled) opens with its
+/// conversation records, runs and dedupe pairs moved into the index, also when the move is
+/// cut by a crash between the index's persist and the deletion of sled's copies: retries
+/// stay duplicates, envelopes read back from their runs, and the state is the same as a
+/// store that never had the older layout.
 #[test]
-fn a_store_with_dedupe_items_in_sled_moves_them_into_the_index() {
-    if let Ok(dst) = std::env::var("HABAR_SM_DEDUPE_UPGRADE_DST") {
+fn a_store_with_index_items_in_sled_moves_them_into_the_index() {
+    if let Ok(dst) = std::env::var("HABAR_SM_INDEX_UPGRADE_DST") {
         // The open moves the items and aborts before sled's copies go.
         drop(open(Path::new(&dst)));
         return;
@@ -225,19 +234,29 @@ fn a_store_with_dedupe_items_in_sled_moves_them_into_the_index() {
         {
             let store = open(&dst);
             rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().take(30).collect()));
-            assert_eq!(store.move_dedupe_into_sled_for_tests().unwrap(), 90);
-            assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 90, "the older layout");
-            assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_LOG).unwrap(), 0, "and no dedupe log");
+            let moved = store.move_index_into_sled_for_tests().unwrap();
+            let in_sled = |kind| store.sled_items_of_kind(GROUP, kind).unwrap();
+            assert_eq!(in_sled(keys::KIND_DEDUPE), 90, "the older layout");
+            assert_eq!(in_sled(keys::KIND_CONV), 4, "the older layout");
+            assert!(in_sled(keys::KIND_RUN) > 0, "the older layout");
+            assert_eq!(
+                moved,
+                [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN].map(in_sled).iter().sum(),
+                "every item moved"
+            );
+            assert_eq!(in_sled(keys::KIND_INDEX_LOG), 0, "and no index log");
         }
         if crash {
             spawn_crashing_child(
-                "a_store_with_dedupe_items_in_sled_moves_them_into_the_index",
-                &[("HABAR_SM_DEDUPE_UPGRADE_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", "dedupe_moved".as_ref())],
-                "dedupe_moved",
+                "a_store_with_index_items_in_sled_moves_them_into_the_index",
+                &[("HABAR_SM_INDEX_UPGRADE_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", "index_moved".as_ref())],
+                "index_moved",
             );
         }
         let store = open(&dst);
-        assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE).unwrap(), 0, "crash {crash}: moved out of sled");
+        for kind in [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN] {
+            assert_eq!(store.sled_items_of_kind(GROUP, kind).unwrap(), 0, "crash {crash}: kind {kind} moved out of sled");
+        }
         rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().skip(30).collect()));
         assert_eq!(reads(&store), reads(&reference), "crash {crash}: retries are duplicates");
         assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "crash {crash}: dump");
@@ -245,11 +264,11 @@ fn a_store_with_dedupe_items_in_sled_moves_them_into_the_index() {
 }
 
 /// Property: a replica dump (a merged range over the overlay, sled and the index) taken while
-/// applies and checkpoints run shows one state: each conversation's DEDUPE pairs number
-/// exactly its last seq (no pair missing while a checkpoint moves it into the index, none
-/// twice), in every one of many dumps.
+/// applies and checkpoints run shows one state: each conversation's DEDUPE pairs and its
+/// envelopes number exactly its last seq (none missing while a checkpoint moves them into
+/// the index and a run, none twice), in every one of many dumps.
 #[test]
-fn dumps_while_checkpoints_move_pairs_into_the_index_see_each_once() {
+fn dumps_while_checkpoints_move_items_into_the_index_see_each_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(open(dir.path()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -270,6 +289,10 @@ fn dumps_while_checkpoints_move_pairs_into_the_index_see_each_once() {
                     prefix.drain(..keys::GEN_PREFIX_LEN);
                     let pairs = dump.iter().filter(|(k, _)| k.starts_with(&prefix)).count() as u64;
                     assert_eq!(pairs, last.unwrap_or(0), "{c}: pairs against last seq in dump {dumps}");
+                    let mut prefix = keys::conv_prefix(GROUP, 1, keys::KIND_ENV, c.as_bytes());
+                    prefix.drain(..keys::GEN_PREFIX_LEN);
+                    let envs = dump.iter().filter(|(k, _)| k.starts_with(&prefix)).count() as u64;
+                    assert_eq!(envs, last.unwrap_or(0), "{c}: envelopes against last seq in dump {dumps}");
                 }
                 dumps += 1;
             }
