@@ -36,14 +36,21 @@ use crate::keys::DecodeError;
 use crate::overlay::KvResult;
 use crate::StoreError;
 
-/// The memtable's size before fjall writes it out as a table.
-const MEMTABLE_BYTES: u64 = 8 << 20;
+/// The memtable's size before fjall writes it out as a table: big enough that the four
+/// sealed memtables at which fjall halts writes (64 MiB, over 10 s of writes at full load)
+/// take longer to fill than a compaction takes, since one worker flushes and compacts.
+const MEMTABLE_BYTES: u64 = 16 << 20;
 /// fjall's block cache (data, index and filter blocks).
 const CACHE_BYTES: u64 = 8 << 20;
-/// fjall's flush and compaction threads: two, so a memtable flush need not wait behind a
-/// compaction (fjall halts writes while 4 memtables wait to be flushed; with one thread,
-/// 60 s runs saw 1.1-2.8 s stalls, with two the worst was 223 ms).
-const WORKER_THREADS: usize = 2;
+/// fjall's flush and compaction threads: one. With more, fjall 3.1.13's worker 0 sends
+/// every compaction request it receives back to the queue (to stay free for flushes) and,
+/// while the other worker compacts, receives it again at once: a busy loop for as long as
+/// the compaction runs (`perf`: 19% of a node's CPU in fjall's `worker_tick` and flume's
+/// `send`). One worker and 16 MiB memtables against two and 8 MiB: +27% closed-loop
+/// throughput with a million conversations, +11% with a thousand, no stall over 250 ms in
+/// 60 s (docs/BENCHMARKS.md, "The state index"). (With 8 MiB memtables and one worker the
+/// sixth session saw 1.1-2.8 s write halts, when the index held dedupe pairs only.)
+const WORKER_THREADS: usize = 1;
 
 /// Format of an index log item's body.
 const LOG_FORMAT_V1: u8 = 1;
