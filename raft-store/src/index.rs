@@ -246,8 +246,7 @@ pub fn encode_log(writes: &[WriteRef<'_>]) -> Result<Vec<u8>, StoreError> {
     body.push(LOG_FORMAT_V1);
     body.extend_from_slice(&(writes.len() as u32).to_le_bytes());
     for (k, v) in writes {
-        let klen =
-            u16::try_from(k.len()).map_err(|_| StoreError::Encode(format!("index key of {} bytes", k.len())))?;
+        let klen = u16::try_from(k.len()).map_err(|_| StoreError::Encode(format!("index key of {} bytes", k.len())))?;
         body.extend_from_slice(&klen.to_le_bytes());
         body.extend_from_slice(k);
         match v {

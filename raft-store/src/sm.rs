@@ -36,14 +36,14 @@ use openraft::RaftSnapshotBuilder;
 use tokio::sync::broadcast;
 use tokio::sync::watch;
 
-use crate::index;
-use crate::index::StateIndex;
 use crate::envseg::SegConfig;
 use crate::envseg::Segments;
 use crate::error::hex;
 use crate::error::io_err;
 use crate::error::unix_nanos;
 use crate::error::StoreError;
+use crate::index;
+use crate::index::StateIndex;
 use crate::keys;
 use crate::overlay::KvResult;
 use crate::overlay::Merged;
@@ -536,7 +536,7 @@ impl Inner {
         // generation: the frozen ones first, then the RUN items of the runs written below
         // (a run's item replaces a frozen delete of the same key: a conversation erased and
         // published again from the same seq since the last checkpoint).
-        let mut index_writes: BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Option<Vec<u8>>>> = BTreeMap::new();
+        let mut index_writes: BTreeMap<Vec<u8>, IndexWrites> = BTreeMap::new();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
@@ -758,6 +758,11 @@ struct Stages {
     flush: Duration,
     index_apply: Duration,
 }
+
+/// One group's writes to the state index in a checkpoint, by key: a later write of a key
+/// replaces an earlier one, so the log and the index's batch carry each key once (fjall gives
+/// a batch's writes one seqno; which of two writes of one key would win is not specified).
+type IndexWrites = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// What a checkpoint does after its batch landed (`Inner::after_checkpoint`).
 #[derive(Default)]
@@ -2550,9 +2555,7 @@ impl StateStore {
                     index_bytes += key.len() + v.len();
                     index_batch.push((key, v));
                     if index_batch.len() >= INSTALL_BATCH_RECORDS || index_bytes >= INSTALL_BATCH_BYTES {
-                        self.inner
-                            .index
-                            .apply(index_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
+                        self.inner.index.apply(index_batch.iter().map(|(k, v)| (k.as_slice(), Some(v.as_slice()))))?;
                         index_batch.clear();
                         index_bytes = 0;
                     }

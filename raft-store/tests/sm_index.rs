@@ -255,7 +255,11 @@ fn a_store_with_index_items_in_sled_moves_them_into_the_index() {
         }
         let store = open(&dst);
         for kind in [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN] {
-            assert_eq!(store.sled_items_of_kind(GROUP, kind).unwrap(), 0, "crash {crash}: kind {kind} moved out of sled");
+            assert_eq!(
+                store.sled_items_of_kind(GROUP, kind).unwrap(),
+                0,
+                "crash {crash}: kind {kind} moved out of sled"
+            );
         }
         rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().skip(30).collect()));
         assert_eq!(reads(&store), reads(&reference), "crash {crash}: retries are duplicates");
