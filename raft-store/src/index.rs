@@ -2,7 +2,7 @@
 //! tree (fjall) beside sled, so that the per-envelope lookups and inserts leave sled
 //! (ARCHITECTURE.md, "The state index"). It holds the kinds [`INDEX_KINDS`] names:
 //! - DEDUPE: every `(conversation, message id) -> (seq, committed at)` pair of the dedupe
-//!   window, and DEDUPE_TIME: which pairs each entry added (one per entry);
+//!   window;
 //! - CONV: each conversation's last seq and limits (one per conversation);
 //! - RUN: where each run of a conversation's envelopes lies in an envelope segment.
 //!
@@ -21,9 +21,11 @@
 //! deletes of whole values). So after any crash the index equals the state at sled's
 //! applied id, and replaying the Raft log from there gives the same state.
 //!
-//! Keys and values are the state machine's keys and values (`keys.rs`), unchanged. The
-//! directory (`<sm>/dedupe`) and the keyspace (`dedupe.v1`) keep the names of the index's
-//! first layout, which held DEDUPE items only: a rename would need a move of every item.
+//! Keys and values are the state machine's keys and values (`keys.rs`), unchanged, in
+//! `<sm>/index`, keyspace `state.v1`. The first layout (2026-12-04, DEDUPE items only) was
+//! `<sm>/dedupe`, keyspace `dedupe.v1`, created with options this one no longer uses (fjall
+//! keeps a keyspace's options from its creation): the open moves its items here
+//! ([`StateIndex::copy_from`]) and deletes it.
 
 use std::ops::Bound;
 use std::ops::RangeBounds;
@@ -51,6 +53,15 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// 60 s (docs/BENCHMARKS.md, "The state index"). (With 8 MiB memtables and one worker the
 /// sixth session saw 1.1-2.8 s write halts, when the index held dedupe pairs only.)
 const WORKER_THREADS: usize = 1;
+
+/// The index's directory in the state machine's, and its keyspace.
+pub const DIR: &str = "index";
+const KEYSPACE: &str = "state.v1";
+/// The first layout's directory and keyspace (moved at open).
+pub const LEGACY_DIR: &str = "dedupe";
+const LEGACY_KEYSPACE: &str = "dedupe.v1";
+/// Items per fjall batch when the open moves the first layout's items.
+const MOVE_CHUNK: usize = 4096;
 
 /// Format of an index log item's body.
 const LOG_FORMAT_V1: u8 = 1;
@@ -83,7 +94,18 @@ impl StateIndex {
     /// fjall holds its keyspace lock still aborts the process (fjall's drop then panics on
     /// the poisoned lock). Either way the node does not start on a damaged index.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        match std::panic::catch_unwind(|| Self::open_inner(dir)) {
+        Self::open_named(dir, KEYSPACE)
+    }
+
+    /// Opens (or creates) an index of the first layout (keyspace `dedupe.v1`): to move its
+    /// items, and for upgrade tests.
+    #[doc(hidden)]
+    pub fn open_legacy(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_named(dir, LEGACY_KEYSPACE)
+    }
+
+    fn open_named(dir: &Path, keyspace: &str) -> Result<Self, StoreError> {
+        match std::panic::catch_unwind(|| Self::open_inner(dir, keyspace)) {
             Ok(r) => r,
             Err(_) => Err(StoreError::Corrupt {
                 what: dir.display().to_string(),
@@ -93,7 +115,7 @@ impl StateIndex {
         }
     }
 
-    fn open_inner(dir: &Path) -> Result<Self, StoreError> {
+    fn open_inner(dir: &Path, keyspace: &str) -> Result<Self, StoreError> {
         let db = fjall::Database::builder(dir)
             .manual_journal_persist(true)
             .cache_size(CACHE_BYTES)
@@ -103,7 +125,7 @@ impl StateIndex {
         // The options below are stored with the keyspace when it is created and used on every
         // later open: a change to them needs a new keyspace name (and a move of the pairs).
         let ks = db
-            .keyspace("dedupe.v1", || {
+            .keyspace(keyspace, || {
                 fjall::KeyspaceCreateOptions::default()
                     .manual_journal_persist(true)
                     .max_memtable_size(MEMTABLE_BYTES)
@@ -128,8 +150,8 @@ impl StateIndex {
     }
 
     /// Every pair in `range`, in key order or reverse. Not a snapshot: writes that land
-    /// during the scan may show. The state machine applies checkpoints' writes under the
-    /// overlay's gate, which its merged range reads hold.
+    /// during the scan may show (the state machine's merged reads allow for it:
+    /// `Inner::after_checkpoint`).
     pub fn range<R: RangeBounds<Vec<u8>>>(&self, range: R, forward: bool) -> Box<dyn Iterator<Item = KvResult> + Send> {
         let iter = self.ks.range::<Vec<u8>, _>((range.start_bound().cloned(), range.end_bound().cloned()));
         let conv = |g: fjall::Guard| -> KvResult {
@@ -164,6 +186,23 @@ impl StateIndex {
         self.db.persist(fjall::PersistMode::SyncAll).map_err(fj)
     }
 
+    /// Copies every item of `from` into this index (in chunks) and persists it; returns how
+    /// many. Copying twice is harmless (puts of the same values).
+    pub fn copy_from(&self, from: &StateIndex) -> Result<usize, StoreError> {
+        let mut n = 0;
+        let mut after = Bound::Unbounded;
+        loop {
+            let chunk: Vec<(IVec, IVec)> =
+                from.range((after.clone(), Bound::Unbounded), true).take(MOVE_CHUNK).collect::<Result<_, _>>()?;
+            let Some((last, _)) = chunk.last() else { break };
+            after = Bound::Excluded(last.to_vec());
+            n += chunk.len();
+            self.apply(chunk.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))?;
+        }
+        self.persist()?;
+        Ok(n)
+    }
+
     /// Deletes every pair in `range` (of a generation no longer active); returns how many.
     /// Each chunk starts after the last key deleted: a scan from the range's start would step
     /// over every tombstone written so far (quadratic in the generation's size).
@@ -185,7 +224,10 @@ impl StateIndex {
 }
 
 /// The kinds of items the index holds (all others are sled's).
-pub const INDEX_KINDS: [u8; 4] = [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN];
+/// Not DEDUPE_TIME (one per entry, not per envelope): the dedupe window's trim reads it as
+/// a queue from its oldest end, which in an LSM tree would step over the tombstones of every
+/// entry trimmed since the last compaction.
+pub const INDEX_KINDS: [u8; 3] = [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_RUN];
 
 fn is_index_kind(kind: u8) -> bool {
     INDEX_KINDS.contains(&kind)

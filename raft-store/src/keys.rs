@@ -1,7 +1,7 @@
 //! The byte layout of the state machine's keys and values: the only place that knows it.
 //!
 //! Keys (in one sled tree, so one `apply_batch` is atomic for data and applied state; the
-//! kinds CONV, DEDUPE, DEDUPE_TIME and RUN live in the state index instead, `index.rs`,
+//! kinds CONV, DEDUPE and RUN live in the state index instead, `index.rs`,
 //! reaching it through INDEX_LOG items of sled's batches):
 //! ```text
 //! [KEY_FORMAT_V1 u8][group u32 BE][generation u32 BE][kind u8][rest]
@@ -48,7 +48,7 @@ pub const KIND_CURSOR: u8 = 7;
 pub const KIND_RETENTION: u8 = 8;
 pub const KIND_RUN: u8 = 9;
 pub const KIND_SEGS: u8 = 10;
-/// A checkpoint's writes of the state index's kinds (CONV, DEDUPE, DEDUPE_TIME, RUN), kept
+/// A checkpoint's writes of the state index's kinds (CONV, DEDUPE, RUN), kept
 /// in sled until the state index holds them durably (`index.rs`).
 pub const KIND_INDEX_LOG: u8 = 11;
 

@@ -297,7 +297,7 @@ struct Inner {
     live: Mutex<HashMap<(GroupId, u32), BTreeMap<u64, u64>>>,
     /// Segments of RUN items that applies deleted since the last checkpoint froze.
     dropped: Mutex<HashMap<(GroupId, u32), Vec<u64>>>,
-    /// `<dir>/dedupe`: the items of the index's kinds (conversations, runs, dedupe pairs),
+    /// `<dir>/index`: the items of the index's kinds (conversations, runs, dedupe pairs),
     /// out of sled (`index.rs`).
     index: StateIndex,
     /// The number of the next checkpoint's index log items.
@@ -335,7 +335,7 @@ impl Inner {
     }
 
     /// What checkpoints wrote in `range` (without the overlay): sled's items merged with
-    /// the dedupe index's where the range can hold DEDUPE keys.
+    /// the state index's where the range can hold keys of its kinds.
     fn base<R: std::ops::RangeBounds<Vec<u8>>>(
         &self,
         range: R,
@@ -962,11 +962,35 @@ type AppliedState = (Option<LogId>, StoredMembership);
 /// seq), and how many erasures it applied.
 type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
 
+/// Opens the state index in `<dir>/index`, first moving the items of an index of the first
+/// layout (`<dir>/dedupe`, whose fjall options were fixed when it was created) into it:
+/// copied and persisted, then that directory is renamed (atomic; the parent fsynced) and
+/// deleted. A crash leaves either the old directory whole (the next open copies again:
+/// harmless, nothing was applied meanwhile) or the renamed one, which the next open deletes.
+fn open_index(dir: &Path) -> Result<StateIndex, StoreError> {
+    let index = StateIndex::open(&dir.join(index::DIR))?;
+    let legacy = dir.join(index::LEGACY_DIR);
+    let moved = dir.join(format!("{}.moved", index::LEGACY_DIR));
+    if legacy.exists() {
+        let old = StateIndex::open_legacy(&legacy)?;
+        let n = index.copy_from(&old)?;
+        drop(old);
+        crash_point("legacy_index_copied", || {});
+        std::fs::rename(&legacy, &moved).map_err(io_err(&legacy))?;
+        crate::repair::sync_dir(dir)?;
+        tracing::info!(items = n, from = %legacy.display(), "moved the first layout's state index");
+    }
+    if moved.exists() {
+        std::fs::remove_dir_all(&moved).map_err(io_err(&moved))?;
+    }
+    Ok(index)
+}
+
 /// Crash-test hook: when the environment variable `HABAR_TEST_CRASH_AT` names this point
 /// (of a snapshot install, a checkpoint or an open; `point#n`: its `n`th time, counting
 /// from 1), the process aborts, after running `first`: what the point's worst case has on
 /// disk beyond what the code made durable (an install's points flush sled, so what was
-/// written so far is on disk, the worst case for atomicity; the dedupe index's point
+/// written so far is on disk, the worst case for atomicity; the state index's point
 /// persists the index, as if the OS had written out its buffers). Read once; unset in
 /// production.
 fn crash_point(point: &str, first: impl FnOnce()) {
@@ -1057,7 +1081,7 @@ impl StateStore {
                 to_zero: Mutex::new(HashMap::new()),
                 live: Mutex::new(HashMap::new()),
                 dropped: Mutex::new(HashMap::new()),
-                index: StateIndex::open(&dir.join("dedupe"))?,
+                index: open_index(dir)?,
                 index_log_next: AtomicU64::new(0),
                 index_logs_applied: Mutex::new(Vec::new()),
             }),
@@ -1110,7 +1134,7 @@ impl StateStore {
 
     /// At open: brings the state index up to sled's state. Moves the items of the index's
     /// kinds that a store of an older layout kept in sled into the index (all of them before
-    /// 2026-12-04; CONV, DEDUPE_TIME and RUN before 2026-12-05), then applies again every
+    /// 2026-12-04; CONV and RUN before 2026-12-05), then applies again every
     /// index log a checkpoint left in sled (its writes may not have reached the index, or
     /// not durably); persists the index, then deletes both from sled.
     fn recover_index(&self) -> Result<(), StoreError> {
@@ -1841,14 +1865,20 @@ impl StateStore {
         Ok(self.inner.base(crate::overlay::prefix_range(&keys::kind_prefix(group, generation, kind)), true).count())
     }
 
-    /// For upgrade tests: moves every item of the state index into sled, the layout before
-    /// the index existed (flushed). Not for production use.
+    /// For upgrade tests: moves every item of the state index of the kinds `kinds` into
+    /// sled, where an older layout kept them (flushed). Not for production use.
     #[doc(hidden)]
-    pub fn move_index_into_sled_for_tests(&self) -> Result<usize, StoreError> {
+    pub fn move_index_into_sled_for_tests(&self, kinds: &[u8]) -> Result<usize, StoreError> {
         self.flush()?;
         let all = keys::KEY_FORMAT_V1;
-        let pairs: Vec<(sled::IVec, sled::IVec)> =
-            self.inner.index.range(vec![all]..vec![all + 1], true).collect::<Result<_, _>>()?;
+        let pairs: Vec<(sled::IVec, sled::IVec)> = self
+            .inner
+            .index
+            .range(vec![all]..vec![all + 1], true)
+            .filter(|kv| {
+                kv.as_ref().map_or(true, |(k, _)| k.get(keys::GEN_PREFIX_LEN).is_some_and(|x| kinds.contains(x)))
+            })
+            .collect::<Result<_, _>>()?;
         let mut batch = sled::Batch::default();
         for (k, v) in &pairs {
             batch.insert(k, v);
@@ -2399,9 +2429,13 @@ impl StateStore {
         rt: &GroupRt,
     ) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         // openraft holds this group's state machine: nothing of it is applied meanwhile, so
-        // after this checkpoint sled alone holds its state (and the log can be purged
-        // behind the snapshot: recovery no longer needs it).
+        // after this checkpoint sled and the state index alone hold its state (and the log
+        // can be purged behind the snapshot: recovery no longer needs it). And a second one:
+        // the first left this group's index log items in sled, which the next checkpoint
+        // deletes, and the scan below (without the overlay's gate) must not overlap a batch
+        // in this group's range.
         self.inner.checkpoint(true)?;
+        self.inner.checkpoint(false)?;
         let generation = rt.generation.load(Ordering::Acquire);
         // The applied state from sled, like the data scanned below: the file's meta and its
         // records come from one source.
@@ -2412,9 +2446,10 @@ impl StateStore {
         let idx = last_log_id.map_or(0, |l| l.index);
         let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.tmp"));
         let mut w = SnapshotFileWriter::create(tmp.clone(), group, &meta)?;
-        // sled directly, without the overlay's gate: after that checkpoint the overlay holds
-        // nothing of this group and nothing of it is applied meanwhile, so no batch lands in
-        // this range during the scan, and other groups' checkpoints need not wait for it.
+        // sled and the index directly, without the overlay's gate: after those checkpoints the
+        // overlay holds nothing of this group and nothing of it is applied meanwhile, so no
+        // batch lands in this range during the scan, and other groups' checkpoints need not
+        // wait for it.
         let items = self.inner.base(crate::overlay::prefix_range(&keys::gen_prefix(group, generation)), true);
         self.export(group, generation, items, |k, v| w.record(k, v))?;
         let data = w.finish()?;

@@ -11,6 +11,8 @@ use common::spawn_crashing_child;
 
 use std::path::Path;
 
+use habar_raft_store::index;
+use habar_raft_store::index::StateIndex;
 use habar_raft_store::keys;
 use habar_raft_store::types::Command;
 use habar_raft_store::types::Entry;
@@ -177,7 +179,7 @@ fn a_crash_around_the_state_index_keeps_every_answer() {
     }
 }
 
-/// Property: items of the index's kinds (CONV, DEDUPE, DEDUPE_TIME, RUN) never reach sled
+/// Property: items of the index's kinds (CONV, DEDUPE, RUN) never reach sled
 /// (the checkpoint sends them to the index through a log item that the next checkpoint
 /// deletes), snapshots carry them all the same (runs as envelopes), and a store that
 /// installs such a snapshot answers retries as duplicates.
@@ -192,11 +194,11 @@ async fn index_items_live_in_the_index_and_travel_in_snapshots() {
     apply(&mut a, log).await;
     s1.checkpoint().unwrap();
     s1.checkpoint().unwrap();
-    for kind in [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN] {
+    for kind in index::INDEX_KINDS {
         assert_eq!(s1.sled_items_of_kind(GROUP, kind).unwrap(), 0, "no item of kind {kind} in sled");
     }
     assert_eq!(s1.stored_items_of_kind(GROUP, keys::KIND_CONV).unwrap(), 4, "the index has the conversations");
-    assert_eq!(s1.stored_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 30, "and an entry time per entry");
+    assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 30, "sled has an entry time per entry");
     assert!(s1.stored_items_of_kind(GROUP, keys::KIND_RUN).unwrap() > 0, "and the runs");
     assert_eq!(s1.sled_items_of_kind(GROUP, keys::KIND_INDEX_LOG).unwrap(), 0, "logs gone once the index holds them");
     let dump = s1.dump_group(GROUP).unwrap();
@@ -213,15 +215,57 @@ async fn index_items_live_in_the_index_and_travel_in_snapshots() {
     assert_eq!(s2.dump_group(GROUP).unwrap(), s1.dump_group(GROUP).unwrap());
 }
 
-/// Property: a store of the layout before the index (every item in sled) opens with its
-/// conversation records, runs and dedupe pairs moved into the index, also when the move is
-/// cut by a crash between the index's persist and the deletion of sled's copies: retries
-/// stay duplicates, envelopes read back from their runs, and the state is the same as a
-/// store that never had the older layout.
+/// An older layout to upgrade from: which kinds of the index it kept in sled, whether it
+/// kept the rest in the first layout's index directory (`<sm>/dedupe`), and where the
+/// upgrading open is aborted.
+struct Layout {
+    name: &'static str,
+    in_sled: &'static [u8],
+    dedupe_dir: bool,
+    crash: Option<&'static str>,
+}
+
+const LAYOUTS: [Layout; 5] = [
+    // Before 2026-12-04: everything in sled. Crash inside the move of the runs (the third
+    // kind moved: CONV, DEDUPE, RUN).
+    Layout { name: "all-in-sled", in_sled: &index::INDEX_KINDS, dedupe_dir: false, crash: None },
+    Layout { name: "all-in-sled-crash", in_sled: &index::INDEX_KINDS, dedupe_dir: false, crash: Some("index_moved#3") },
+    // 2026-12-04 (ac52f0d): dedupe pairs in `<sm>/dedupe`, conversations and runs in sled.
+    Layout { name: "dedupe-dir", in_sled: &[keys::KIND_CONV, keys::KIND_RUN], dedupe_dir: true, crash: None },
+    Layout {
+        name: "dedupe-dir-crash-after-copy",
+        in_sled: &[keys::KIND_CONV, keys::KIND_RUN],
+        dedupe_dir: true,
+        crash: Some("legacy_index_copied"),
+    },
+    Layout {
+        name: "dedupe-dir-crash-in-runs",
+        in_sled: &[keys::KIND_CONV, keys::KIND_RUN],
+        dedupe_dir: true,
+        crash: Some("index_moved#2"),
+    },
+];
+
+/// Turns `<dst>/index` into an index of the first layout: `<dst>/dedupe`, keyspace
+/// `dedupe.v1`.
+fn to_dedupe_dir(dst: &Path) {
+    let new = StateIndex::open(&dst.join(index::DIR)).unwrap();
+    let old = StateIndex::open_legacy(&dst.join(index::LEGACY_DIR)).unwrap();
+    assert!(old.copy_from(&new).unwrap() > 0);
+    drop((new, old));
+    std::fs::remove_dir_all(dst.join(index::DIR)).unwrap();
+}
+
+/// Property: a store of an older layout (items of the index's kinds in sled; the dedupe
+/// pairs in the first layout's index directory) opens with everything moved into the index,
+/// also when the open is aborted inside the move (after a chunk reached the index, before
+/// sled's copies went; after the old directory was copied, before it went): retries stay
+/// duplicates, envelopes read back from their runs, and the state is the same as a store
+/// that never had the older layout.
 #[test]
-fn a_store_with_index_items_in_sled_moves_them_into_the_index() {
+fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
     if let Ok(dst) = std::env::var("HABAR_SM_INDEX_UPGRADE_DST") {
-        // The open moves the items and aborts before sled's copies go.
+        // The open moves the items and aborts at the crash point.
         drop(open(Path::new(&dst)));
         return;
     }
@@ -229,48 +273,48 @@ fn a_store_with_index_items_in_sled_moves_them_into_the_index() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reference = open(&dir.path().join("reference"));
     rt.block_on(apply(&mut reference.group(GROUP).unwrap(), log()));
-    for crash in [false, true] {
-        let dst = dir.path().join(format!("crash-{crash}"));
+    for layout in LAYOUTS {
+        let name = layout.name;
+        let dst = dir.path().join(name);
         {
             let store = open(&dst);
             rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().take(30).collect()));
-            let moved = store.move_index_into_sled_for_tests().unwrap();
+            let moved = store.move_index_into_sled_for_tests(layout.in_sled).unwrap();
             let in_sled = |kind| store.sled_items_of_kind(GROUP, kind).unwrap();
-            assert_eq!(in_sled(keys::KIND_DEDUPE), 90, "the older layout");
-            assert_eq!(in_sled(keys::KIND_CONV), 4, "the older layout");
-            assert!(in_sled(keys::KIND_RUN) > 0, "the older layout");
-            assert_eq!(
-                moved,
-                [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN].map(in_sled).iter().sum(),
-                "every item moved"
-            );
-            assert_eq!(in_sled(keys::KIND_INDEX_LOG), 0, "and no index log");
+            assert_eq!(in_sled(keys::KIND_CONV), 4, "{name}: the older layout");
+            assert!(in_sled(keys::KIND_RUN) > 0, "{name}: the older layout");
+            assert_eq!(in_sled(keys::KIND_DEDUPE), if layout.dedupe_dir { 0 } else { 90 }, "{name}: the older layout");
+            assert_eq!(moved, layout.in_sled.iter().map(|k| in_sled(*k)).sum::<usize>(), "{name}: every item moved");
+            assert_eq!(in_sled(keys::KIND_INDEX_LOG), 0, "{name}: and no index log");
         }
-        if crash {
+        if layout.dedupe_dir {
+            to_dedupe_dir(&dst);
+        }
+        if let Some(point) = layout.crash {
             spawn_crashing_child(
-                "a_store_with_index_items_in_sled_moves_them_into_the_index",
-                &[("HABAR_SM_INDEX_UPGRADE_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", "index_moved".as_ref())],
-                "index_moved",
+                "a_store_of_an_older_layout_moves_its_items_into_the_index",
+                &[("HABAR_SM_INDEX_UPGRADE_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", point.as_ref())],
+                point,
             );
         }
         let store = open(&dst);
-        for kind in [keys::KIND_CONV, keys::KIND_DEDUPE, keys::KIND_DEDUPE_TIME, keys::KIND_RUN] {
-            assert_eq!(
-                store.sled_items_of_kind(GROUP, kind).unwrap(),
-                0,
-                "crash {crash}: kind {kind} moved out of sled"
-            );
+        for kind in index::INDEX_KINDS {
+            assert_eq!(store.sled_items_of_kind(GROUP, kind).unwrap(), 0, "{name}: kind {kind} moved out of sled");
+        }
+        for gone in ["dedupe", "dedupe.moved"] {
+            assert!(!dst.join(gone).exists(), "{name}: {gone} deleted");
         }
         rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().skip(30).collect()));
-        assert_eq!(reads(&store), reads(&reference), "crash {crash}: retries are duplicates");
-        assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "crash {crash}: dump");
+        assert_eq!(reads(&store), reads(&reference), "{name}: retries are duplicates, runs read back");
+        assert_eq!(store.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "{name}: dump");
     }
 }
 
 /// Property: a replica dump (a merged range over the overlay, sled and the index) taken while
 /// applies and checkpoints run shows one state: each conversation's DEDUPE pairs and its
 /// envelopes number exactly its last seq (none missing while a checkpoint moves them into
-/// the index and a run, none twice), in every one of many dumps.
+/// the index and a run; a pair never twice; an envelope seen both as a frozen item and in
+/// its new run is one record, as `dump_group` promises), in every one of many dumps.
 #[test]
 fn dumps_while_checkpoints_move_items_into_the_index_see_each_once() {
     let dir = tempfile::tempdir().unwrap();
