@@ -968,9 +968,20 @@ type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
 /// deleted. A crash leaves either the old directory whole (the next open copies again:
 /// harmless, nothing was applied meanwhile) or the renamed one, which the next open deletes.
 fn open_index(dir: &Path) -> Result<StateIndex, StoreError> {
-    let index = StateIndex::open(&dir.join(index::DIR))?;
+    // Its directory entry durable before the old index can go.
+    let path = dir.join(index::DIR);
+    crate::repair::create_dir_durably(&path).map_err(io_err(&path))?;
+    let index = StateIndex::open(&path)?;
     let legacy = dir.join(index::LEGACY_DIR);
     let moved = dir.join(format!("{}.moved", index::LEGACY_DIR));
+    let remove_moved = || -> Result<(), StoreError> {
+        if moved.exists() {
+            std::fs::remove_dir_all(&moved).map_err(io_err(&moved))?;
+        }
+        Ok(())
+    };
+    // One a crash left (also before a rename over it would fail on a non-empty directory).
+    remove_moved()?;
     if legacy.exists() {
         let old = StateIndex::open_legacy(&legacy)?;
         let n = index.copy_from(&old)?;
@@ -978,10 +989,9 @@ fn open_index(dir: &Path) -> Result<StateIndex, StoreError> {
         crash_point("legacy_index_copied", || {});
         std::fs::rename(&legacy, &moved).map_err(io_err(&legacy))?;
         crate::repair::sync_dir(dir)?;
+        crash_point("legacy_index_renamed", || {});
+        remove_moved()?;
         tracing::info!(items = n, from = %legacy.display(), "moved the first layout's state index");
-    }
-    if moved.exists() {
-        std::fs::remove_dir_all(&moved).map_err(io_err(&moved))?;
     }
     Ok(index)
 }
@@ -1899,6 +1909,21 @@ impl StateStore {
         self.inner.overlay.flush(&self.inner.data)?;
         self.inner.index_logs_applied.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(pairs.len())
+    }
+
+    /// For upgrade tests: writes an index log item of `writes` into sled (flushed) without
+    /// applying them to the index, as a checkpoint that crashed before its index apply
+    /// leaves one. Not for production use.
+    #[doc(hidden)]
+    pub fn write_index_log_for_tests(&self, group: GroupId, writes: &[index::Write]) -> Result<(), StoreError> {
+        let generation = self.rt(group)?.generation.load(Ordering::Acquire);
+        let key = keys::index_log_key(group, generation, self.inner.index_log_next.fetch_add(1, Ordering::Relaxed));
+        let refs: Vec<index::WriteRef<'_>> = writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+        let mut batch = sled::Batch::default();
+        batch.insert(key, index::encode_log(&refs)?);
+        self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
+        self.inner.overlay.flush(&self.inner.data)?;
+        Ok(())
     }
 
     /// Keys of the group in every generation (active or garbage): for tests and checks.
