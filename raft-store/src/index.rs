@@ -1,6 +1,6 @@
 //! The state index: the state machine's per-conversation and per-envelope items, in an LSM
 //! tree (fjall) beside sled, so that the per-envelope lookups and inserts leave sled
-//! (ARCHITECTURE.md, "The state index"). It holds the kinds [`INDEX_KINDS`] names:
+//! (ARCHITECTURE.md, "The state machine on disk"). It holds the kinds [`INDEX_KINDS`] names:
 //! - DEDUPE: every `(conversation, message id) -> (seq, committed at)` pair of the dedupe
 //!   window;
 //! - CONV: each conversation's last seq and limits (one per conversation);
@@ -50,7 +50,7 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// the compaction runs (`perf`: 19% of a node's CPU in fjall's `worker_tick` and flume's
 /// `send`). One worker and 16 MiB memtables against two and 8 MiB: +27% closed-loop
 /// throughput with a million conversations, +11% with a thousand, no stall over 250 ms in
-/// 60 s (docs/BENCHMARKS.md, "The state index"). (With 8 MiB memtables and one worker the
+/// 60 s (docs/BENCHMARKS.md, "2026-12-04, seventh session"). (With 8 MiB memtables and one worker the
 /// sixth session saw 1.1-2.8 s write halts, when the index held dedupe pairs only.)
 const WORKER_THREADS: usize = 1;
 
@@ -136,7 +136,7 @@ impl StateIndex {
                     // partition, not a table's whole filter. Unpartitioned, a compacted
                     // table's filter (~1.2 MiB per million ids) fell out of the cache and was
                     // read whole for every publish: closed-loop throughput fell from ~25,000
-                    // to ~7,000 env/s after 30 s (docs/BENCHMARKS.md, "The dedupe index").
+                    // to ~7,000 env/s after 30 s (docs/BENCHMARKS.md, "2026-12-04, sixth session").
                     .filter_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
                     .index_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
             })
