@@ -60,7 +60,8 @@ const KEYSPACE: &str = "state.v1";
 /// The first layout's directory and keyspace (moved at open).
 pub const LEGACY_DIR: &str = "dedupe";
 const LEGACY_KEYSPACE: &str = "dedupe.v1";
-/// Items per fjall batch when the open moves the first layout's items.
+/// Items per fjall batch when the open moves the first layout's items or a generation's
+/// items are deleted.
 const MOVE_CHUNK: usize = 4096;
 
 /// Format of an index log item's body.
@@ -189,36 +190,39 @@ impl StateIndex {
     /// Copies every item of `from` into this index (in chunks) and persists it; returns how
     /// many. Copying twice is harmless (puts of the same values).
     pub fn copy_from(&self, from: &StateIndex) -> Result<usize, StoreError> {
-        let mut n = 0;
-        let mut after = Bound::Unbounded;
-        loop {
-            let chunk: Vec<(IVec, IVec)> =
-                from.range((after.clone(), Bound::Unbounded), true).take(MOVE_CHUNK).collect::<Result<_, _>>()?;
-            let Some((last, _)) = chunk.last() else { break };
-            after = Bound::Excluded(last.to_vec());
-            n += chunk.len();
-            self.apply(chunk.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))?;
-        }
+        let n = from.in_chunks((Bound::Unbounded, Bound::Unbounded), |chunk| {
+            self.apply(chunk.iter().map(|(k, v)| (k.as_ref(), Some(v.as_ref()))))
+        })?;
         self.persist()?;
         Ok(n)
     }
 
-    /// Deletes every pair in `range` (of a generation no longer active); returns how many.
-    /// Each chunk starts after the last key deleted: a scan from the range's start would step
-    /// over every tombstone written so far (quadratic in the generation's size).
+    /// Deletes every pair in `range` (of a generation no longer active), in chunks; returns
+    /// how many.
     pub fn delete_range(&self, range: std::ops::Range<Vec<u8>>) -> Result<usize, StoreError> {
+        self.in_chunks((Bound::Included(range.start), Bound::Excluded(range.end)), |chunk| {
+            self.apply(chunk.iter().map(|(k, _)| (k.as_ref(), None)))
+        })
+    }
+
+    /// Hands every pair in `range` to `each`, [`MOVE_CHUNK`] at a time in key order; returns
+    /// how many. Each chunk starts after the last key of the one before: a scan from the
+    /// range's start would step again over what `each` deleted (fjall's tombstones), which
+    /// is quadratic in the range's size.
+    fn in_chunks(
+        &self,
+        (start, end): (Bound<Vec<u8>>, Bound<Vec<u8>>),
+        mut each: impl FnMut(&[(IVec, IVec)]) -> Result<(), StoreError>,
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
-        let mut from = Bound::Included(range.start.clone());
+        let mut from = start;
         loop {
-            let keys: Vec<Vec<u8>> = self
-                .range((from.clone(), Bound::Excluded(range.end.clone())), true)
-                .take(4096)
-                .map(|kv| kv.map(|(k, _)| k.to_vec()))
-                .collect::<Result<_, _>>()?;
-            let Some(last) = keys.last() else { return Ok(n) };
-            from = Bound::Excluded(last.clone());
-            n += keys.len();
-            self.apply(keys.iter().map(|k| (k.as_slice(), None)))?;
+            let chunk: Vec<(IVec, IVec)> =
+                self.range((from, end.clone()), true).take(MOVE_CHUNK).collect::<Result<_, _>>()?;
+            let Some((last, _)) = chunk.last() else { return Ok(n) };
+            from = Bound::Excluded(last.to_vec());
+            n += chunk.len();
+            each(&chunk)?;
         }
     }
 }

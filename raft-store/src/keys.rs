@@ -249,15 +249,24 @@ pub enum Key {
     IndexLog { number: u64 },
 }
 
+/// The group and generation of a key (its first `GEN_PREFIX_LEN` bytes), if it is long
+/// enough and of the known format.
+pub fn group_and_generation(k: &[u8]) -> Option<(GroupId, u32)> {
+    match k {
+        [KEY_FORMAT_V1, g0, g1, g2, g3, n0, n1, n2, n3, ..] => {
+            Some((u32::from_be_bytes([*g0, *g1, *g2, *g3]), u32::from_be_bytes([*n0, *n1, *n2, *n3])))
+        }
+        _ => None,
+    }
+}
+
 pub fn decode_key(k: &[u8]) -> Result<Key, DecodeError> {
     if k.len() < GEN_PREFIX_LEN + 1 {
         return Err(DecodeError(format!("key of {} bytes is too short", k.len())));
     }
-    if k[0] != KEY_FORMAT_V1 {
+    let Some((group, generation)) = group_and_generation(k) else {
         return Err(DecodeError(format!("unknown key format {}", k[0])));
-    }
-    let group = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
-    let generation = u32::from_be_bytes([k[5], k[6], k[7], k[8]]);
+    };
     let rest = &k[GEN_PREFIX_LEN + 1..];
     match k[GEN_PREFIX_LEN] {
         KIND_META if rest.is_empty() => Ok(Key::Meta { group, generation }),

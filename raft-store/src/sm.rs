@@ -536,14 +536,16 @@ impl Inner {
         // generation: the frozen ones first, then the RUN items of the runs written below
         // (a run's item replaces a frozen delete of the same key: a conversation erased and
         // published again from the same seq since the last checkpoint).
-        let mut index_writes: BTreeMap<Vec<u8>, IndexWrites> = BTreeMap::new();
+        let mut index_writes: BTreeMap<(GroupId, u32), IndexWrites> = BTreeMap::new();
         // Envelopes to move, in key order: by group, generation, conversation, seq.
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
         let mut added_runs: HashMap<(GroupId, u32), Vec<u64>> = HashMap::new();
         for (k, v) in frozen.iter() {
             if index::in_index(k) {
-                index_writes.entry(k[..keys::GEN_PREFIX_LEN].to_vec()).or_default().insert(k.clone(), v.clone());
+                let at = keys::group_and_generation(k)
+                    .ok_or_else(|| corrupt_key(k, keys::DecodeError("not a state-machine key".into())))?;
+                index_writes.entry(at).or_default().insert(k.clone(), v.clone());
                 continue;
             }
             match v {
@@ -610,7 +612,7 @@ impl Inner {
             let at = segs.append_blobs(&blobs)?;
             let added = added_runs.entry((group, generation)).or_default();
             metrics::counter!("habar_sm_runs_written_total").increment(planned.len() as u64);
-            let run_items = index_writes.entry(prefix.to_vec()).or_default();
+            let run_items = index_writes.entry((group, generation)).or_default();
             for ((key, range, count), (segment, offset)) in planned.into_iter().zip(at) {
                 let r = RunRef { segment, offset, bytes: range.len() as u32, count };
                 run_items.insert(key, Some(r.encode()));
@@ -621,13 +623,9 @@ impl Inner {
             i = end;
         }
         after.stages.segments = segments_started.elapsed();
-        for (prefix, writes) in index_writes {
-            let group = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
-            let generation = u32::from_be_bytes([prefix[5], prefix[6], prefix[7], prefix[8]]);
-            let key = keys::index_log_key(group, generation, self.index_log_next.fetch_add(1, Ordering::Relaxed));
-            let refs: Vec<index::WriteRef<'_>> = writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
-            batch.insert(key.as_slice(), index::encode_log(&refs)?);
-            drop(refs);
+        for ((group, generation), writes) in index_writes {
+            let (key, log) = self.index_log(group, generation, writes.iter())?;
+            batch.insert(key.as_slice(), log);
             after.index.push((key, writes.into_iter().collect()));
         }
         // Erasures and retention applied before this checkpoint froze (they hold off
@@ -692,6 +690,18 @@ impl Inner {
             self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(at, live);
         }
         Ok((batch, after))
+    }
+
+    /// The next index log item of a group: its key (numbered in checkpoint order) and value.
+    fn index_log<'a>(
+        &self,
+        group: GroupId,
+        generation: u32,
+        writes: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    ) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+        let key = keys::index_log_key(group, generation, self.index_log_next.fetch_add(1, Ordering::Relaxed));
+        let refs: Vec<index::WriteRef<'_>> = writes.map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+        Ok((key, index::encode_log(&refs)?))
     }
 
     /// A checkpoint is due: the overlay holds [`CHECKPOINT_BYTES`], or anything at all and
@@ -1917,10 +1927,9 @@ impl StateStore {
     #[doc(hidden)]
     pub fn write_index_log_for_tests(&self, group: GroupId, writes: &[index::Write]) -> Result<(), StoreError> {
         let generation = self.rt(group)?.generation.load(Ordering::Acquire);
-        let key = keys::index_log_key(group, generation, self.inner.index_log_next.fetch_add(1, Ordering::Relaxed));
-        let refs: Vec<index::WriteRef<'_>> = writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+        let (key, log) = self.inner.index_log(group, generation, writes.iter().map(|(k, v)| (k, v)))?;
         let mut batch = sled::Batch::default();
-        batch.insert(key, index::encode_log(&refs)?);
+        batch.insert(key, log);
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
         self.inner.overlay.flush(&self.inner.data)?;
         Ok(())
