@@ -49,7 +49,7 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// while the other worker compacts, receives it again at once: a busy loop for as long as
 /// the compaction runs (`perf`: 19% of a node's CPU in fjall's `worker_tick` and flume's
 /// `send`). One worker and 16 MiB memtables against two and 8 MiB: +27% closed-loop
-/// throughput with a million conversations, +11% with a thousand, no stall over 250 ms in
+/// throughput with a million conversations, +11% with a thousand, no stall over 620 ms in
 /// 60 s (docs/BENCHMARKS.md, "2026-12-04, seventh session"). (With 8 MiB memtables and one worker the
 /// sixth session saw 1.1-2.8 s write halts, when the index held dedupe pairs only.)
 const WORKER_THREADS: usize = 1;
