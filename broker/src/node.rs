@@ -44,6 +44,11 @@ pub type HRaft = openraft::Raft<TypeConfig, GroupStateMachine>;
 /// Backoff between attempts while a shard has no reachable leader.
 const RETRY_MIN: Duration = Duration::from_millis(10);
 const RETRY_MAX: Duration = Duration::from_millis(200);
+/// How long the compaction after an erasure waits for each shard's snapshot.
+const ERASURE_SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+/// How often it triggers a shard's snapshot again meanwhile (a trigger is dropped while a
+/// build is under way).
+const ERASURE_SNAPSHOT_RETRIGGER: Duration = Duration::from_millis(500);
 
 pub struct Node {
     pub id: NodeId,
@@ -500,23 +505,35 @@ impl Node {
         }
         for (g, raft) in self.rafts.iter().enumerate() {
             let applied = raft.metrics().borrow_watched().last_applied.map_or(0, |l| l.index);
-            if let Err(e) = raft.trigger().snapshot().await {
-                tracing::warn!(shard = g, error = %e, "snapshot after erasure not triggered");
-                continue;
+            // openraft drops a trigger while a build of the group is under way, and the state
+            // machine refuses a build while another group's runs (one per node at a time):
+            // triggered again until a snapshot covers the erasure.
+            let deadline = tokio::time::Instant::now() + ERASURE_SNAPSHOT_WAIT;
+            let mut done = None;
+            while done.is_none() && tokio::time::Instant::now() < deadline {
+                if let Err(e) = raft.trigger().snapshot().await {
+                    tracing::warn!(shard = g, error = %e, "snapshot after erasure not triggered");
+                    break;
+                }
+                let wait = ERASURE_SNAPSHOT_RETRIGGER.min(deadline - tokio::time::Instant::now());
+                done = raft
+                    .wait(Some(wait))
+                    .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot after erasure")
+                    .await
+                    .ok()
+                    .and_then(|m| m.snapshot);
             }
-            let waited = raft
-                .wait(Some(Duration::from_secs(30)))
-                .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot after erasure")
-                .await;
-            match waited {
-                Ok(m) => {
-                    if let Some(s) = m.snapshot {
-                        if let Err(e) = raft.trigger().purge_log(s.index).await {
-                            tracing::warn!(shard = g, error = %e, "purge after erasure not triggered");
-                        }
+            match done {
+                Some(s) => {
+                    if let Err(e) = raft.trigger().purge_log(s.index).await {
+                        tracing::warn!(shard = g, error = %e, "purge after erasure not triggered");
                     }
                 }
-                Err(e) => tracing::warn!(shard = g, error = %e, "snapshot after erasure did not finish"),
+                None => tracing::warn!(
+                    shard = g,
+                    waited_s = ERASURE_SNAPSHOT_WAIT.as_secs(),
+                    "snapshot after erasure did not finish"
+                ),
             }
         }
         metrics::counter!("habar_erasure_compactions_total").increment(1);

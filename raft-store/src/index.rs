@@ -166,6 +166,13 @@ impl StateIndex {
         }
     }
 
+    /// A read-only view of the index as it is now, unchanged by later writes (fjall keeps
+    /// the versions it needs until the view is dropped): what a snapshot build reads after
+    /// the group's state machine is released.
+    pub fn view(&self) -> IndexView {
+        IndexView { snap: self.db.snapshot(), ks: self.ks.clone() }
+    }
+
     /// Applies `writes` atomically (in memory and fjall's journal buffer: not durable until
     /// [`StateIndex::persist`]).
     pub fn apply<'a>(&self, writes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>) -> Result<(), StoreError> {
@@ -224,6 +231,30 @@ impl StateIndex {
             n += chunk.len();
             each(&chunk)?;
         }
+    }
+}
+
+/// The index at one moment ([`StateIndex::view`]).
+pub struct IndexView {
+    snap: fjall::Snapshot,
+    ks: fjall::Keyspace,
+}
+
+impl IndexView {
+    /// The value `key` had when the view was taken.
+    pub fn get(&self, key: &[u8]) -> sled::Result<Option<IVec>> {
+        use fjall::Readable;
+        Ok(self.snap.get(&self.ks, key).map_err(fj_as_sled)?.map(|v| IVec::from(&*v)))
+    }
+
+    /// Every pair in `range` when the view was taken, in key order.
+    pub fn range<R: RangeBounds<Vec<u8>>>(&self, range: R) -> impl Iterator<Item = KvResult> + Send + '_ {
+        use fjall::Readable;
+        let range = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.snap.range::<Vec<u8>, _>(&self.ks, range).map(|g: fjall::Guard| -> KvResult {
+            let (k, v) = g.into_inner().map_err(fj_as_sled)?;
+            Ok((IVec::from(&*k), IVec::from(&*v)))
+        })
     }
 }
 

@@ -305,6 +305,16 @@ struct Inner {
     /// Index log items whose writes the index holds but has not persisted: the next
     /// checkpoint persists the index and deletes them.
     index_logs_applied: Mutex<Vec<Vec<u8>>>,
+    /// Snapshot builds under way, per group and generation (`BuildPin`). A build writes the
+    /// bulk of its file after openraft released the group's state machine, from a view of
+    /// the state index and the runs it points to: meanwhile checkpoints leave the zeroing
+    /// and deletions in those segments for later (`revisit`), and an install of the group
+    /// waits for `build_done`.
+    building: Mutex<HashMap<(GroupId, u32), usize>>,
+    build_done: std::sync::Condvar,
+    /// Groups whose zeroing or segment deletions a checkpoint left for after a build: the
+    /// next checkpoint takes them up even if it carries none of their writes.
+    revisit: Mutex<HashSet<(GroupId, u32)>>,
 }
 
 impl Inner {
@@ -634,8 +644,13 @@ impl Inner {
         // this batch is flushed.
         let dropped = std::mem::take(&mut *self.dropped.lock().unwrap_or_else(|p| p.into_inner()));
         let to_zero = self.to_zero.lock().unwrap_or_else(|p| p.into_inner());
-        after.zeroed_groups = to_zero.keys().copied().collect();
-        for &(group, generation) in to_zero.keys().chain(dropped.keys()) {
+        // Groups a snapshot build reads runs of: what they have to zero or delete waits
+        // (listed in SEGS all the same, so a crash meanwhile loses none of it).
+        let building: HashSet<(GroupId, u32)> =
+            self.building.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let revisit = std::mem::take(&mut *self.revisit.lock().unwrap_or_else(|p| p.into_inner()));
+        after.zeroed_groups = to_zero.keys().filter(|at| !building.contains(at)).copied().collect();
+        for &(group, generation) in to_zero.keys().chain(dropped.keys()).chain(revisit.iter()) {
             if !synced.iter().any(|(g, n, _)| (*g, *n) == (group, generation)) {
                 synced.push((group, generation, self.segments(group, generation)?.sync()?));
             }
@@ -679,11 +694,15 @@ impl Inner {
             }
             let state = runs::SegsState { mark: Some(mark), to_zero: listed.clone(), live: live.clone() };
             batch.insert(keys::segs_key(group, generation), runs::encode_segs(&state));
-            if !listed.is_empty() {
-                after.zero.push((at, listed));
-            }
-            if !emptied.is_empty() {
-                after.delete.push((at, emptied));
+            if building.contains(&at) && !(listed.is_empty() && emptied.is_empty()) {
+                self.revisit.lock().unwrap_or_else(|p| p.into_inner()).insert(at);
+            } else {
+                if !listed.is_empty() {
+                    after.zero.push((at, listed));
+                }
+                if !emptied.is_empty() {
+                    after.delete.push((at, emptied));
+                }
             }
             // Recorded now, under the checkpoint's lock, so the next checkpoint counts from
             // here (if this batch fails, no checkpoint follows: the node stops applying).
@@ -1104,6 +1123,9 @@ impl StateStore {
                 index: open_index(dir)?,
                 index_log_next: AtomicU64::new(0),
                 index_logs_applied: Mutex::new(Vec::new()),
+                building: Mutex::new(HashMap::new()),
+                build_done: std::sync::Condvar::new(),
+                revisit: Mutex::new(HashSet::new()),
             }),
         };
         store.remove_inactive_generations()?;
@@ -1234,6 +1256,7 @@ impl StateStore {
                 self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
                 self.inner.to_zero.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
                 self.inner.dropped.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
+                self.inner.revisit.lock().unwrap_or_else(|p| p.into_inner()).remove(&at);
                 fs::remove_dir_all(&path).map_err(io_err(&path))?;
                 removed = true;
             }
@@ -1825,47 +1848,10 @@ impl StateStore {
         items: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
         mut emit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        const P: usize = keys::GEN_PREFIX_LEN;
-        // Escaped conversation id -> removed_below, for the conversations that have one
-        // (CONV items come before ENV and RUN items in key order).
-        let mut removed: HashMap<Vec<u8>, u64> = HashMap::new();
+        let mut ex = Exporter::new(self, group, generation, None);
         for item in items {
             let (k, v) = item?;
-            match k.get(P).copied() {
-                Some(keys::KIND_CONV) => {
-                    let m = ConvMeta::decode(&k, &v)?;
-                    if m.removed_below > 0 {
-                        removed.insert(k[P + 1..].to_vec(), m.removed_below);
-                    }
-                }
-                Some(keys::KIND_ENV) | Some(keys::KIND_RUN) if k.len() < P + 1 + 2 + 8 => {
-                    return Err(corrupt_key(&k, keys::DecodeError("key too short for its kind".into())));
-                }
-                Some(keys::KIND_ENV) => {
-                    let conv = &k[P + 1..k.len() - 8];
-                    if removed.get(conv).is_some_and(|rb| env_seq(&k).is_ok_and(|s| s < *rb)) {
-                        continue;
-                    }
-                }
-                Some(keys::KIND_RUN) => {
-                    let r = RunRef::decode(&v).map_err(|e| corrupt_key(&k, e))?;
-                    let conv_part = &k[..k.len() - 8];
-                    let rb = removed.get(&conv_part[P + 1..]).copied().unwrap_or(0);
-                    for (seq, value) in self.read_run(group, generation, &k, run_first_seq(&k)?, &r)? {
-                        if seq < rb {
-                            continue;
-                        }
-                        let mut ek = conv_part.to_vec();
-                        ek[P] = keys::KIND_ENV;
-                        ek.extend_from_slice(&seq.to_be_bytes());
-                        emit(&ek[P..], &value)?;
-                    }
-                    continue;
-                }
-                Some(keys::KIND_SEGS) | Some(keys::KIND_INDEX_LOG) => continue,
-                _ => {}
-            }
-            emit(&k[P..], &v)?;
+            ex.item(&k, &v, &mut emit)?;
         }
         Ok(())
     }
@@ -2456,40 +2442,94 @@ impl StateStore {
         Ok(())
     }
 
-    /// Writes the group's current data to a new snapshot file (sled flushed first).
+    /// Writes the group's current data to a new snapshot file, both halves of the build in
+    /// one call (where nothing of the group is applied meanwhile).
     fn build_snapshot_blocking(
         &self,
         group: GroupId,
         rt: &GroupRt,
     ) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
-        // openraft holds this group's state machine: nothing of it is applied meanwhile, so
-        // after this checkpoint sled and the state index alone hold its state (and the log
-        // can be purged behind the snapshot: recovery no longer needs it). And a second one:
-        // the first left this group's index log items in sled, which the next checkpoint
+        let build = self.begin_snapshot(group)?;
+        self.finish_snapshot(rt, build)
+    }
+
+    /// The first half of a snapshot build, where openraft holds the group's state machine
+    /// (nothing of it is applied meanwhile): makes sled and the state index hold the group's
+    /// whole state, takes a view of the index, pins the group's envelope segments, and
+    /// writes sled's part of the state to the file (sled has no views). The rest, the bulk
+    /// (conversations, dedupe pairs and every envelope in runs), is written by
+    /// [`StateStore::finish_snapshot`] from the view and the pinned segments while applies
+    /// go on.
+    fn begin_snapshot(&self, group: GroupId) -> Result<SnapshotBuild, StoreError> {
+        let rt = self.rt(group)?;
+        // After this checkpoint sled and the state index alone hold the group's state (and the
+        // log can be purged behind the snapshot: recovery no longer needs it). And a second
+        // one: the first left this group's index log items in sled, which the next checkpoint
         // deletes, and the scan below (without the overlay's gate) must not overlap a batch
         // in this group's range.
         self.inner.checkpoint(true)?;
         self.inner.checkpoint(false)?;
         let generation = rt.generation.load(Ordering::Acquire);
-        // The applied state from sled, like the data scanned below: the file's meta and its
-        // records come from one source.
+        // Pinned before anything of the group is applied again: from here on, checkpoints
+        // neither zero nor delete what the view's runs point to.
+        let pin = BuildPin::new(&self.inner, (group, generation));
+        let view = self.inner.index.view();
+        // The applied state from sled, like the data: the file's meta and its records come
+        // from one state.
         let meta_key = keys::meta_key(group, generation);
         let (last_log_id, last_membership) = Self::decode_applied_state(&meta_key, self.inner.data.get(&meta_key)?)?;
         let meta = SnapshotMeta { last_log_id, last_membership };
-        let nanos = unix_nanos();
         let idx = last_log_id.map_or(0, |l| l.index);
-        let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{nanos}.tmp"));
-        let mut w = SnapshotFileWriter::create(tmp.clone(), group, &meta)?;
-        // sled and the index directly, without the overlay's gate: after those checkpoints the
-        // overlay holds nothing of this group and nothing of it is applied meanwhile, so no
-        // batch lands in this range during the scan, and other groups' checkpoints need not
-        // wait for it.
-        let items = self.inner.base(crate::overlay::prefix_range(&keys::gen_prefix(group, generation)), true);
-        self.export(group, generation, items, |k, v| w.record(k, v))?;
-        let data = w.finish()?;
-        let path = tmp.with_extension("snap");
+        let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{}.tmp", unix_nanos()));
+        let mut file = SnapshotFileWriter::create(tmp, group, &meta)?;
+        // sled directly, without the overlay's gate: after those checkpoints the overlay holds
+        // nothing of this group and nothing of it is applied meanwhile, so no batch lands in
+        // this range during the scan, and other groups' checkpoints need not wait for it.
+        let mut ex = Exporter::new(self, group, generation, Some(&view));
+        for item in self.inner.data.range(crate::overlay::prefix_range(&keys::gen_prefix(group, generation))) {
+            let (k, v) = item?;
+            if !index::in_index(&k) {
+                ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
+            }
+        }
+        let sled_records = file.records();
+        Ok(SnapshotBuild { group, generation, meta, file, view, sled_records, _pin: pin })
+    }
+
+    /// The second half of a snapshot build (`begin_snapshot`), without the state machine:
+    /// the index's part of the state from the view, runs read from the pinned segments;
+    /// then the file is fsynced and becomes the group's current snapshot.
+    fn finish_snapshot(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
+        let started = Instant::now();
+        let SnapshotBuild { group, generation, meta, mut file, view, sled_records, _pin } = build;
+        let mut ex = Exporter::new(self, group, generation, None);
+        for item in view.range(crate::overlay::prefix_range(&keys::gen_prefix(group, generation))) {
+            let (k, v) = item?;
+            ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
+        }
+        let records = file.records();
+        let data = file.finish()?;
+        drop(view);
+        let path = data.path().with_extension("snap");
+        // Still pinned: an install of the group waits for the pin, so it publishes its
+        // (newer) snapshot after this one, never before.
         self.publish_snapshot(rt, &meta, data.path(), &path, false)?;
-        Ok((meta.clone(), SnapshotData::new(path, data.len())))
+        drop(_pin);
+        // What checkpoints left undone for this build (zeroing erased runs, deleting empty
+        // segments) is done now, not at the group's next write.
+        if self.inner.revisit.lock().unwrap_or_else(|p| p.into_inner()).contains(&(group, generation)) {
+            self.inner.checkpoint(false)?;
+        }
+        tracing::info!(
+            group,
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            records,
+            sled_records,
+            bytes = data.len(),
+            ms = crate::slow::ms(started.elapsed()),
+            "snapshot built (the part after the state machine was released)"
+        );
+        Ok((meta, SnapshotData::new(path, data.len())))
     }
 
     /// The group's current snapshot after checking every CRC of its file. A damaged file is
@@ -2588,10 +2628,18 @@ impl StateStore {
                 reason: format!("snapshot of group {} offered to group {group}", reader.group),
             });
         }
+        let old = rt.generation.load(Ordering::Acquire);
+        {
+            // A build of this group still reading the old generation's runs finishes first
+            // (it never waits for anything an install holds).
+            let mut b = self.inner.building.lock().unwrap_or_else(|p| p.into_inner());
+            while b.contains_key(&(group, old)) {
+                b = self.inner.build_done.wait(b).unwrap_or_else(|p| p.into_inner());
+            }
+        }
         // What the overlay holds goes to sled first, so that the install's direct writes and
         // generation switch are not overtaken by a later checkpoint of older writes.
         self.inner.checkpoint(true)?;
-        let old = rt.generation.load(Ordering::Acquire);
         let new = old.checked_add(1).ok_or_else(|| StoreError::Encode("generation counter exhausted".into()))?;
         let new_prefix = keys::gen_prefix(group, new);
         let next_prefix = new.checked_add(1).map(|g| keys::gen_prefix(group, g).to_vec());
@@ -2679,6 +2727,89 @@ impl StateStore {
     }
 }
 
+/// Turns a group's stored items into the records a snapshot carries and replicas are
+/// compared by (`StateStore::export`), one item at a time.
+struct Exporter<'a> {
+    store: &'a StateStore,
+    group: GroupId,
+    generation: u32,
+    /// Escaped conversation id -> removed_below, for the conversations seen so far that have
+    /// one (CONV items come before ENV and RUN items in key order), and every one looked up
+    /// in `convs`.
+    removed: HashMap<Vec<u8>, u64>,
+    /// Where to look up the record of a conversation whose ENV item comes without it (sled's
+    /// items alone, in a snapshot build).
+    convs: Option<&'a index::IndexView>,
+}
+
+impl<'a> Exporter<'a> {
+    fn new(store: &'a StateStore, group: GroupId, generation: u32, convs: Option<&'a index::IndexView>) -> Self {
+        Exporter { store, group, generation, removed: HashMap::new(), convs }
+    }
+
+    /// The conversation's `removed_below` (0: none), `conv` its escaped id.
+    fn removed_below(&mut self, conv: &[u8]) -> Result<u64, StoreError> {
+        if let Some(rb) = self.removed.get(conv) {
+            return Ok(*rb);
+        }
+        let Some(view) = self.convs else { return Ok(0) };
+        let mut k = keys::gen_prefix(self.group, self.generation).to_vec();
+        k.push(keys::KIND_CONV);
+        k.extend_from_slice(conv);
+        let rb = match view.get(&k)? {
+            Some(v) => ConvMeta::decode(&k, &v)?.removed_below,
+            None => 0,
+        };
+        self.removed.insert(conv.to_vec(), rb);
+        Ok(rb)
+    }
+
+    fn item(
+        &mut self,
+        k: &[u8],
+        v: &[u8],
+        emit: &mut impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        const P: usize = keys::GEN_PREFIX_LEN;
+        match k.get(P).copied() {
+            Some(keys::KIND_CONV) => {
+                // Only those with a mark: a million conversations need not all be kept.
+                let m = ConvMeta::decode(k, v)?;
+                if m.removed_below > 0 {
+                    self.removed.insert(k[P + 1..].to_vec(), m.removed_below);
+                }
+            }
+            Some(keys::KIND_ENV) | Some(keys::KIND_RUN) if k.len() < P + 1 + 2 + 8 => {
+                return Err(corrupt_key(k, keys::DecodeError("key too short for its kind".into())));
+            }
+            Some(keys::KIND_ENV) => {
+                let rb = self.removed_below(&k[P + 1..k.len() - 8])?;
+                if rb > 0 && env_seq(k).is_ok_and(|s| s < rb) {
+                    return Ok(());
+                }
+            }
+            Some(keys::KIND_RUN) => {
+                let r = RunRef::decode(v).map_err(|e| corrupt_key(k, e))?;
+                let conv_part = &k[..k.len() - 8];
+                let rb = self.removed_below(&conv_part[P + 1..])?;
+                for (seq, value) in self.store.read_run(self.group, self.generation, k, run_first_seq(k)?, &r)? {
+                    if seq < rb {
+                        continue;
+                    }
+                    let mut ek = conv_part.to_vec();
+                    ek[P] = keys::KIND_ENV;
+                    ek.extend_from_slice(&seq.to_be_bytes());
+                    emit(&ek[P..], &value)?;
+                }
+                return Ok(());
+            }
+            Some(keys::KIND_SEGS) | Some(keys::KIND_INDEX_LOG) => return Ok(()),
+            _ => {}
+        }
+        emit(&k[P..], v)
+    }
+}
+
 /// Writes collected for the overlay: `Some` puts, `None` deletes, later ones win.
 #[derive(Default)]
 struct Ops(Vec<(Vec<u8>, Option<Vec<u8>>)>);
@@ -2739,9 +2870,51 @@ impl GroupStateMachine {
     }
 }
 
-/// A snapshot built when the builder was created (while no apply could run).
+/// A snapshot build between its halves (`StateStore::begin_snapshot`, `finish_snapshot`).
+struct SnapshotBuild {
+    group: GroupId,
+    generation: u32,
+    meta: SnapshotMeta,
+    file: SnapshotFileWriter,
+    /// The state index when the first half ran.
+    view: index::IndexView,
+    /// Records the first half wrote (sled's).
+    sled_records: u64,
+    _pin: BuildPin,
+}
+
+/// Keeps checkpoints from zeroing or deleting a group's envelope segments, and installs of
+/// the group from starting, while a snapshot build reads them (`Inner::building`).
+struct BuildPin {
+    inner: Arc<Inner>,
+    at: (GroupId, u32),
+}
+
+impl BuildPin {
+    fn new(inner: &Arc<Inner>, at: (GroupId, u32)) -> Self {
+        *inner.building.lock().unwrap_or_else(|p| p.into_inner()).entry(at).or_insert(0) += 1;
+        BuildPin { inner: inner.clone(), at }
+    }
+}
+
+impl Drop for BuildPin {
+    fn drop(&mut self) {
+        let mut b = self.inner.building.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = b.get_mut(&self.at) {
+            *n -= 1;
+            if *n == 0 {
+                b.remove(&self.at);
+            }
+        }
+        drop(b);
+        self.inner.build_done.notify_all();
+    }
+}
+
+/// A snapshot build begun when the builder was created (while no apply could run), finished
+/// by `build_snapshot` while applies go on.
 pub struct SnapshotBuilder {
-    built: Option<(SnapshotMeta, SnapshotData)>,
+    begun: Option<SnapshotBuild>,
     sm: GroupStateMachine,
 }
 
@@ -2749,10 +2922,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot<SnapshotData>, io::Error> {
-        let (meta, data) = match self.built.take() {
-            Some(b) => b,
-            None => self.sm.blocking(|s, g, rt| s.build_snapshot_blocking(g, &rt)).await?,
-        };
+        let begun = self.begun.take();
+        let (meta, data) = self
+            .sm
+            .blocking(move |s, g, rt| match begun {
+                Some(b) => s.finish_snapshot(&rt, b),
+                None => s.build_snapshot_blocking(g, &rt),
+            })
+            .await?;
         Ok(Snapshot { meta, snapshot: data })
     }
 }
@@ -2811,12 +2988,18 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         Ok(())
     }
 
-    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<SnapshotBuilder> {
-        // Built here, where openraft holds the state machine exclusively, so the file is a
-        // consistent point-in-time copy of the group. Cost: applies of this group wait for
-        // the scan of its data (other groups are not blocked).
-        match self.blocking(|s, g, rt| s.build_snapshot_blocking(g, &rt)).await {
-            Ok(b) => Some(SnapshotBuilder { built: Some(b), sm: self.clone() }),
+    async fn try_create_snapshot_builder(&mut self, force: bool) -> Option<SnapshotBuilder> {
+        // One build per node at a time unless forced: builds of every group come due
+        // together under uniform load (the same log index on every group), and each reads and
+        // writes the group's whole state. openraft asks again after its next apply.
+        if !force && !self.store.inner.building.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            return None;
+        }
+        // Begun here, where openraft holds the state machine exclusively, so the file is a
+        // consistent point-in-time copy of the group; applies of this group wait only for
+        // the first half (checkpoints and sled's part), not for the runs.
+        match self.blocking(|s, g, _| s.begin_snapshot(g)).await {
+            Ok(b) => Some(SnapshotBuilder { begun: Some(b), sm: self.clone() }),
             Err(e) => {
                 tracing::error!(group = self.group, error = %e, "building a snapshot failed");
                 None
@@ -2825,7 +3008,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        SnapshotBuilder { built: None, sm: self.clone() }
+        SnapshotBuilder { begun: None, sm: self.clone() }
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {

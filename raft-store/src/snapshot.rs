@@ -107,6 +107,11 @@ impl SnapshotFileWriter {
         Ok(())
     }
 
+    /// Records written so far.
+    pub fn records(&self) -> u64 {
+        self.count
+    }
+
     /// Writes the trailer and fsyncs the file.
     pub fn finish(mut self) -> Result<SnapshotData, StoreError> {
         let mut t = [0u8; 16];

@@ -275,7 +275,9 @@ async fn segments_no_run_points_into_are_deleted() {
     assert!(again.read(GROUP, "c\u{0}1", 0, 100).unwrap().is_empty());
 }
 
-const CRASH_POINTS: [&str; 2] = ["after_segments", "before_zeroing"];
+/// The last one is the test's own: the child aborts while a snapshot build it began (and
+/// whose runs the erasure deleted) is unfinished, its zeroing deferred.
+const CRASH_POINTS: [&str; 3] = ["after_segments", "before_zeroing", "inside_a_snapshot_build"];
 
 fn crash_child(dst: &Path, point: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -283,17 +285,25 @@ fn crash_child(dst: &Path, point: &str) {
         let store = open(dst);
         let mut sm = store.group(GROUP).unwrap();
         apply(&mut sm, appends(1, 40)).await;
-        if point == "before_zeroing" {
+        let mut _building = None;
+        if point != "after_segments" {
             store.checkpoint().unwrap();
+            if point == "inside_a_snapshot_build" {
+                _building = Some(sm.try_create_snapshot_builder(true).await.unwrap());
+            }
             apply(&mut sm, vec![erase(41, "secret")]).await;
         }
         store.checkpoint().unwrap();
+        if point == "inside_a_snapshot_build" {
+            assert!(!files_containing(&dst.join("env"), SECRET).is_empty(), "the build defers the zeroing");
+            std::process::abort();
+        }
     });
 }
 
 /// Property: a crash inside a checkpoint (after its segment write and fdatasync but before
 /// its sled batch; after the batch of an erasure is flushed but before the erased runs are
-/// zeroed) loses nothing: after the reopen and the re-apply of the log from the durable
+/// zeroed; while a snapshot build defers the zeroing) loses nothing: after the reopen and the re-apply of the log from the durable
 /// applied id, reads equal those of a store that never crashed, and no erased ciphertext is
 /// left in the segments. The crash is a real `abort()` of a child process.
 #[test]
@@ -313,7 +323,7 @@ fn a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes() {
         );
 
         let mut log = appends(1, 40);
-        if point == "before_zeroing" {
+        if point != "after_segments" {
             log.push(erase(41, "secret"));
         }
         let reference = open(&dir.path().join(format!("{point}-reference")));
@@ -334,7 +344,7 @@ fn a_crash_inside_a_checkpoint_loses_nothing_and_leaves_no_erased_bytes() {
                 reference.stored_items_of_kind(GROUP, keys::KIND_RUN).unwrap(),
                 "{point}: the same runs, no erased run's item left"
             );
-            if point == "before_zeroing" {
+            if point != "after_segments" {
                 assert_eq!(
                     files_containing(&dst.join("env"), SECRET),
                     Vec::<PathBuf>::new(),
@@ -430,4 +440,85 @@ async fn retention_zeroes_its_runs_and_a_reopen_after_an_erasure_works() {
     let got = again.read(GROUP, "big", 0, 10).unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].envelope.ciphertext, big.ciphertext, "a 200 KiB envelope reads back");
+}
+
+/// Property: a snapshot finished while applies go on (openraft holds the state machine only
+/// while the build begins) is the state at its log id: appends, an erasure, retention that
+/// empties segments, and checkpoints between the build's two halves change nothing in it;
+/// the zeroing and segment deletions they call for wait for the build and are done when it
+/// finishes, not at the group's next write.
+#[tokio::test]
+async fn a_snapshot_finished_while_applies_go_on_is_the_state_at_its_log_id() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let store = open(d1.path());
+    store.set_env_segment_bytes(4096);
+    let mut sm = store.group(GROUP).unwrap();
+    for round in 0..4 {
+        apply(&mut sm, appends(1 + round * 15, 15)).await;
+        store.checkpoint().unwrap();
+    }
+    let segments_at_begin = segment_files(d1.path());
+    let mut builder = sm.try_create_snapshot_builder(true).await.unwrap();
+    let (dump_at_begin, reads_at_begin) = (store.dump_group(GROUP).unwrap(), read_all(&store));
+
+    apply(&mut sm, appends(61, 20)).await;
+    store.checkpoint().unwrap();
+    let retain = Command::SetRetention { now_ms: 1, conversation_id: "c\u{0}1".into(), max_age_ms: 0, max_count: 2 };
+    apply(&mut sm, vec![erase(81, "secret"), command(82, retain.clone())]).await;
+    store.checkpoint().unwrap();
+    store.checkpoint().unwrap();
+    let env_dir = d1.path().join("env");
+    assert!(!files_containing(&env_dir, SECRET).is_empty(), "the erased runs wait for the build");
+    assert!(segment_files(d1.path()) > segments_at_begin, "no segment is deleted during the build");
+
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(1, 60)));
+    assert_eq!(files_containing(&env_dir, SECRET), Vec::<PathBuf>::new(), "zeroed when the build finished");
+
+    // Installed elsewhere: the state when the build began.
+    let target = open(d2.path());
+    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
+    let mut t = target.group(GROUP).unwrap();
+    t.install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len)).await.unwrap();
+    assert_eq!(target.dump_group(GROUP).unwrap(), dump_at_begin, "the snapshot holds the state at its log id");
+    assert_eq!(read_all(&target), reads_at_begin);
+    // And the later entries applied to it give this store's state.
+    apply(&mut t, appends(61, 20)).await;
+    apply(&mut t, vec![erase(81, "secret"), command(82, retain)]).await;
+    assert_eq!(target.dump_group(GROUP).unwrap(), store.dump_group(GROUP).unwrap(), "the same state at 82");
+}
+
+/// Property: an install of a group waits for a build of the group that is still reading its
+/// runs (which the install's switch of generations deletes), and the build, older, does not
+/// replace the installed snapshot; while one group's build runs, openraft's request to
+/// build another group's is refused (one build per node at a time) unless forced.
+#[tokio::test]
+async fn an_install_waits_for_the_groups_build_and_one_build_runs_at_a_time() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (store, source) = (open(d1.path()), open(d2.path()));
+    let mut sm = store.group(GROUP).unwrap();
+    apply(&mut sm, appends(1, 30)).await;
+    store.checkpoint().unwrap();
+    let mut src = source.group(GROUP).unwrap();
+    apply(&mut src, appends(1, 70)).await;
+    let newer = src.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
+
+    let mut builder = sm.try_create_snapshot_builder(true).await.unwrap();
+    let mut other = store.group(GROUP + 1).unwrap();
+    assert!(other.try_create_snapshot_builder(false).await.is_none(), "another group's build waits its turn");
+
+    let len = std::fs::metadata(newer.snapshot.path()).unwrap().len();
+    let (meta, data) = (newer.meta.clone(), SnapshotData::new(newer.snapshot.path().to_path_buf(), len));
+    let mut installer = sm.clone();
+    let install = tokio::spawn(async move { installer.install_snapshot(&meta, data).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!install.is_finished(), "the install waits for the build");
+
+    let older = builder.build_snapshot().await.unwrap();
+    assert_eq!(older.meta.last_log_id, Some(LogId::new_term_index(1, 30)));
+    install.await.unwrap().unwrap();
+    assert_eq!(store.dump_group(GROUP).unwrap(), source.dump_group(GROUP).unwrap(), "installed");
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta, newer.meta, "the installed snapshot stays the current one");
+    assert!(other.try_create_snapshot_builder(false).await.is_some(), "its turn once no build runs");
 }
