@@ -44,8 +44,9 @@ pub type HRaft = openraft::Raft<TypeConfig, GroupStateMachine>;
 /// Backoff between attempts while a shard has no reachable leader.
 const RETRY_MIN: Duration = Duration::from_millis(10);
 const RETRY_MAX: Duration = Duration::from_millis(200);
-/// How long the compaction after an erasure waits for each shard's snapshot.
-const ERASURE_SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
+/// How long the compaction after an erasure waits for each shard's snapshot (builds take
+/// turns on a node, and each can take seconds to tens of seconds at a lower CPU priority).
+const ERASURE_SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 /// How often it triggers a shard's snapshot again meanwhile (a trigger is dropped while a
 /// build is under way).
 const ERASURE_SNAPSHOT_RETRIGGER: Duration = Duration::from_millis(500);
@@ -505,9 +506,8 @@ impl Node {
         }
         for (g, raft) in self.rafts.iter().enumerate() {
             let applied = raft.metrics().borrow_watched().last_applied.map_or(0, |l| l.index);
-            // openraft drops a trigger while a build of the group is under way, and the state
-            // machine refuses a build while another group's runs (one per node at a time):
-            // triggered again until a snapshot covers the erasure.
+            // openraft drops a trigger while a build of the group is under way (one begun
+            // before the erasure): triggered again until a snapshot covers the erasure.
             let deadline = tokio::time::Instant::now() + ERASURE_SNAPSHOT_WAIT;
             let mut done = None;
             while done.is_none() && tokio::time::Instant::now() < deadline {

@@ -315,6 +315,10 @@ struct Inner {
     /// Groups whose zeroing or segment deletions a checkpoint left for after a build: the
     /// next checkpoint takes them up even if it carries none of their writes.
     revisit: Mutex<HashSet<(GroupId, u32)>>,
+    /// One permit: the second halves of snapshot builds (`finish_snapshot`) run one at a
+    /// time on a node. Builds of every group come due together under uniform load (the same
+    /// log index on every group), and each reads and writes the group's whole state.
+    build_turn: tokio::sync::Semaphore,
 }
 
 impl Inner {
@@ -731,6 +735,19 @@ impl Inner {
             || (bytes > 0
                 && self.last_checkpoint.lock().unwrap_or_else(|p| p.into_inner()).elapsed()
                     >= Duration::from_millis(self.checkpoint_interval_ms.load(Ordering::Relaxed)))
+            || self.revisit_due()
+    }
+
+    /// Whether zeroing or deletions that a snapshot build deferred can be done now (its
+    /// pin is gone): also on an idle node, and after a build that failed or was dropped.
+    fn revisit_due(&self) -> bool {
+        let revisit: Vec<(GroupId, u32)> =
+            self.revisit.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        if revisit.is_empty() {
+            return false;
+        }
+        let building = self.building.lock().unwrap_or_else(|p| p.into_inner());
+        revisit.iter().any(|at| !building.contains_key(at))
     }
 }
 
@@ -1126,6 +1143,7 @@ impl StateStore {
                 building: Mutex::new(HashMap::new()),
                 build_done: std::sync::Condvar::new(),
                 revisit: Mutex::new(HashSet::new()),
+                build_turn: tokio::sync::Semaphore::new(1),
             }),
         };
         store.remove_inactive_generations()?;
@@ -1810,6 +1828,13 @@ impl StateStore {
         Ok(())
     }
 
+    /// For tests: holds the node's turn to write the second half of a snapshot build, so
+    /// that a build started meanwhile waits for it.
+    #[doc(hidden)]
+    pub async fn hold_build_turn_for_tests(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.inner.build_turn.acquire().await.expect("the build turn semaphore is never closed")
+    }
+
     /// A writer for a snapshot streamed in from a peer.
     pub fn snapshot_writer(&self, group: GroupId) -> Result<SnapshotWriter, StoreError> {
         SnapshotWriter::create(&self.inner.snap_dir, group)
@@ -2461,6 +2486,7 @@ impl StateStore {
     /// [`StateStore::finish_snapshot`] from the view and the pinned segments while applies
     /// go on.
     fn begin_snapshot(&self, group: GroupId) -> Result<SnapshotBuild, StoreError> {
+        let started = Instant::now();
         let rt = self.rt(group)?;
         // After this checkpoint sled and the state index alone hold the group's state (and the
         // log can be purged behind the snapshot: recovery no longer needs it). And a second
@@ -2481,7 +2507,8 @@ impl StateStore {
         let meta = SnapshotMeta { last_log_id, last_membership };
         let idx = last_log_id.map_or(0, |l| l.index);
         let tmp = self.inner.snap_dir.join(format!("g{group}-{idx:020}-{}.tmp", unix_nanos()));
-        let mut file = SnapshotFileWriter::create(tmp, group, &meta)?;
+        let mut file = SnapshotFileWriter::create(tmp.clone(), group, &meta)?;
+        let _tmp = TmpFile(tmp);
         // sled directly, without the overlay's gate: after those checkpoints the overlay holds
         // nothing of this group and nothing of it is applied meanwhile, so no batch lands in
         // this range during the scan, and other groups' checkpoints need not wait for it.
@@ -2493,15 +2520,39 @@ impl StateStore {
             }
         }
         let sled_records = file.records();
-        Ok(SnapshotBuild { group, generation, meta, file, view, sled_records, _pin: pin })
+        let held = started.elapsed();
+        Ok(SnapshotBuild { group, generation, meta, file, view, sled_records, held, _pin: pin, _tmp })
     }
 
     /// The second half of a snapshot build (`begin_snapshot`), without the state machine:
     /// the index's part of the state from the view, runs read from the pinned segments;
-    /// then the file is fsynced and becomes the group's current snapshot.
+    /// then the file is fsynced and becomes the group's current snapshot. If it fails (a
+    /// full disk, a damaged segment), the error is logged and the current snapshot, if the
+    /// group has one, is returned in its place (openraft keeps its newer one and tries again
+    /// after `snapshot_logs_since_last` more entries): the node keeps serving.
     fn finish_snapshot(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
+        let group = build.group;
+        let index = build.meta.last_log_id.map_or(0, |l| l.index);
+        let done = self.write_rest(rt, build);
+        // Unpinned now: what checkpoints left undone for the build (zeroing erased runs,
+        // deleting emptied segments) is done at once, not at the group's next write. (A
+        // checkpoint that deferred it has finished or is waited for: they run one at a time.)
+        self.inner.checkpoint(false)?;
+        match done {
+            Ok(built) => Ok(built),
+            Err(e) => {
+                let current = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                tracing::error!(group, index, error = %e, kept_current = current.is_some(),
+                    "building a snapshot failed; the group keeps its current one");
+                current.ok_or(e)
+            }
+        }
+    }
+
+    /// `finish_snapshot`'s work: writes, fsyncs and publishes the file; unpins.
+    fn write_rest(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         let started = Instant::now();
-        let SnapshotBuild { group, generation, meta, mut file, view, sled_records, _pin } = build;
+        let SnapshotBuild { group, generation, meta, mut file, view, sled_records, held, _pin, _tmp } = build;
         let mut ex = Exporter::new(self, group, generation, None);
         for item in view.range(crate::overlay::prefix_range(&keys::gen_prefix(group, generation))) {
             let (k, v) = item?;
@@ -2512,24 +2563,25 @@ impl StateStore {
         drop(view);
         let path = data.path().with_extension("snap");
         // Still pinned: an install of the group waits for the pin, so it publishes its
-        // (newer) snapshot after this one, never before.
-        self.publish_snapshot(rt, &meta, data.path(), &path, false)?;
+        // (newer) snapshot after this one. A rebuild of a damaged current snapshot (at a later
+        // log id, while this build ran) is not replaced.
+        let published = self.publish_snapshot(rt, &meta, data.path(), &path, false)?;
         drop(_pin);
-        // What checkpoints left undone for this build (zeroing erased runs, deleting empty
-        // segments) is done now, not at the group's next write.
-        if self.inner.revisit.lock().unwrap_or_else(|p| p.into_inner()).contains(&(group, generation)) {
-            self.inner.checkpoint(false)?;
-        }
         tracing::info!(
             group,
             index = meta.last_log_id.map_or(0, |l| l.index),
             records,
             sled_records,
             bytes = data.len(),
+            held_ms = crate::slow::ms(held),
             ms = crate::slow::ms(started.elapsed()),
-            "snapshot built (the part after the state machine was released)"
+            "snapshot built (`held_ms`: the first half, which held the group's state machine; `ms`: the rest, which did not)"
         );
-        Ok((meta, SnapshotData::new(path, data.len())))
+        if published {
+            return Ok((meta, SnapshotData::new(path, data.len())));
+        }
+        let current = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        current.ok_or_else(|| StoreError::Encode("a newer snapshot replaced this build's and is gone".into()))
     }
 
     /// The group's current snapshot after checking every CRC of its file. A damaged file is
@@ -2579,7 +2631,8 @@ impl StateStore {
     }
 
     /// Makes `src` the group's current snapshot file at `dst` (rename, or copy when it is
-    /// not ours to move), fsyncs the directory, and deletes the previous one.
+    /// not ours to move), fsyncs the directory, and deletes the previous one; unless the
+    /// current one is at a later log id (then `src` goes and this returns false).
     fn publish_snapshot(
         &self,
         rt: &GroupRt,
@@ -2587,7 +2640,7 @@ impl StateStore {
         src: &Path,
         dst: &Path,
         copy: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         if copy {
             fs::copy(src, dst).map_err(io_err(dst))?;
             fs::File::open(dst).and_then(|f| f.sync_all()).map_err(io_err(dst))?;
@@ -2596,17 +2649,21 @@ impl StateStore {
         }
         fs::File::open(&self.inner.snap_dir).and_then(|d| d.sync_all()).map_err(io_err(&self.inner.snap_dir))?;
         let len = fs::metadata(dst).map_err(io_err(dst))?.len();
-        let old = rt
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace((meta.clone(), SnapshotData::new(dst.to_path_buf(), len)));
+        let old = {
+            let mut current = rt.current.lock().unwrap_or_else(|p| p.into_inner());
+            if current.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id) {
+                drop(current);
+                let _ = fs::remove_file(dst);
+                return Ok(false);
+            }
+            current.replace((meta.clone(), SnapshotData::new(dst.to_path_buf(), len)))
+        };
         if let Some((_, old)) = old {
             if old.path() != dst {
                 let _ = fs::remove_file(old.path());
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Installs a snapshot atomically: its records go under a new generation in bounded
@@ -2633,8 +2690,18 @@ impl StateStore {
             // A build of this group still reading the old generation's runs finishes first
             // (it never waits for anything an install holds).
             let mut b = self.inner.building.lock().unwrap_or_else(|p| p.into_inner());
+            let waiting = Instant::now();
             while b.contains_key(&(group, old)) {
-                b = self.inner.build_done.wait(b).unwrap_or_else(|p| p.into_inner());
+                let (next, timed_out) =
+                    self.inner.build_done.wait_timeout(b, Duration::from_secs(10)).unwrap_or_else(|p| p.into_inner());
+                b = next;
+                if timed_out.timed_out() {
+                    tracing::warn!(
+                        group,
+                        waited_s = waiting.elapsed().as_secs(),
+                        "snapshot install waits for a build of the group to end"
+                    );
+                }
             }
         }
         // What the overlay holds goes to sled first, so that the install's direct writes and
@@ -2870,6 +2937,19 @@ impl GroupStateMachine {
     }
 }
 
+/// The nice value of the thread that writes the bulk of a snapshot (0 is the node's own).
+const SNAPSHOT_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to `nice` (Linux keeps a nice value per thread).
+/// A thread cannot raise it again unprivileged: only for a thread that ends after its work.
+fn lower_thread_priority(nice: i32) {
+    // SAFETY: gettid and setpriority take no pointers and only read their arguments.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc != 0 {
+        tracing::warn!(nice, error = %io::Error::last_os_error(), "could not lower the snapshot thread's priority");
+    }
+}
+
 /// A snapshot build between its halves (`StateStore::begin_snapshot`, `finish_snapshot`).
 struct SnapshotBuild {
     group: GroupId,
@@ -2880,7 +2960,20 @@ struct SnapshotBuild {
     view: index::IndexView,
     /// Records the first half wrote (sled's).
     sled_records: u64,
+    /// How long the first half held the state machine.
+    held: Duration,
     _pin: BuildPin,
+    /// Removes the file unless it was published (a build dropped unfinished, or failed).
+    _tmp: TmpFile,
+}
+
+/// Deletes its path when dropped (nothing if the file was renamed away meanwhile).
+struct TmpFile(PathBuf);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// Keeps checkpoints from zeroing or deleting a group's envelope segments, and installs of
@@ -2922,14 +3015,26 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot<SnapshotData>, io::Error> {
-        let begun = self.begun.take();
-        let (meta, data) = self
-            .sm
-            .blocking(move |s, g, rt| match begun {
-                Some(b) => s.finish_snapshot(&rt, b),
-                None => s.build_snapshot_blocking(g, &rt),
-            })
-            .await?;
+        let (meta, data) = match self.begun.take() {
+            // One at a time on a node, on a thread of its own at a lower priority: the node's
+            // applies, WAL writes and RPCs get the CPU first, and the build takes what they
+            // leave.
+            Some(b) => {
+                let inner = self.sm.store.inner.clone();
+                let _turn = inner.build_turn.acquire().await.map_err(io::Error::other)?;
+                let (store, rt) = (self.sm.store.clone(), self.sm.rt.clone());
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                std::thread::Builder::new()
+                    .name("habar-snapshot".into())
+                    .spawn(move || {
+                        lower_thread_priority(SNAPSHOT_NICE);
+                        let _ = tx.send(store.finish_snapshot(&rt, b));
+                    })
+                    .map_err(io::Error::other)?;
+                rx.await.map_err(io::Error::other)?.map_err(io::Error::from)?
+            }
+            None => self.sm.blocking(|s, g, rt| s.build_snapshot_blocking(g, &rt)).await?,
+        };
         Ok(Snapshot { meta, snapshot: data })
     }
 }
@@ -2988,13 +3093,11 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         Ok(())
     }
 
-    async fn try_create_snapshot_builder(&mut self, force: bool) -> Option<SnapshotBuilder> {
-        // One build per node at a time unless forced: builds of every group come due
-        // together under uniform load (the same log index on every group), and each reads and
-        // writes the group's whole state. openraft asks again after its next apply.
-        if !force && !self.store.inner.building.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-            return None;
-        }
+    async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<SnapshotBuilder> {
+        // Never refused (not even while another group builds): openraft counts the next try
+        // from this one, so a refused group would wait another `snapshot_logs_since_last`
+        // entries, and under uniform load could lose every time. The second halves take
+        // turns instead (`Inner::build_turn`).
         // Begun here, where openraft holds the state machine exclusively, so the file is a
         // consistent point-in-time copy of the group; applies of this group wait only for
         // the first half (checkpoints and sled's part), not for the runs.

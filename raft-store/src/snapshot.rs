@@ -66,6 +66,13 @@ impl SnapshotData {
     }
 }
 
+/// A snapshot being written is fdatasynced after every this many bytes: a group's snapshot
+/// holds its whole state (190 MB after 20,000 entries under load), and one fsync of all of
+/// it at the end made the disk write it in one burst, during which the WAL's fdatasyncs
+/// (every acknowledgement) waited: a 2-3 s stall of the node when three builds ended
+/// together (docs/BENCHMARKS.md, "2026-12-05").
+pub const SYNC_EVERY_BYTES: u64 = 8 << 20;
+
 /// Writes a snapshot file record by record, computing the CRCs as it goes.
 pub struct SnapshotFileWriter {
     path: PathBuf,
@@ -73,6 +80,8 @@ pub struct SnapshotFileWriter {
     crc: u32,
     count: u64,
     len: u64,
+    /// Bytes written since the last fdatasync.
+    unsynced: u64,
 }
 
 impl SnapshotFileWriter {
@@ -89,7 +98,7 @@ impl SnapshotFileWriter {
         header.extend_from_slice(&crc.to_le_bytes());
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.write_all(&header).map_err(io_err(&path))?;
-        Ok(Self { path, out, crc: 0, count: 0, len: header.len() as u64 })
+        Ok(Self { path, out, crc: 0, count: 0, len: header.len() as u64, unsynced: 0 })
     }
 
     pub fn record(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
@@ -104,6 +113,12 @@ impl SnapshotFileWriter {
         }
         self.count += 1;
         self.len += 12 + key.len() as u64 + value.len() as u64;
+        self.unsynced += 12 + key.len() as u64 + value.len() as u64;
+        if self.unsynced >= SYNC_EVERY_BYTES {
+            self.out.flush().map_err(io_err(&self.path))?;
+            self.out.get_ref().sync_data().map_err(io_err(&self.path))?;
+            self.unsynced = 0;
+        }
         Ok(())
     }
 
