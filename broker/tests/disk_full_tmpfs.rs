@@ -706,7 +706,16 @@ async fn enospc_on_node_3_loses_nothing_and_it_catches_up_after_space_returns() 
         cluster.nodes[2].kill();
         cluster.nodes[2].start();
         let restarted = Instant::now();
-        wait_ready(&eps[2], Duration::from_secs(60)).await;
+        // A node that cannot come back after space returned is the failure this test is for:
+        // say why (its exit status and the end of its log), not only that it is not ready.
+        if tokio::time::timeout(Duration::from_secs(60), wait_ready(&eps[2], Duration::from_secs(120))).await.is_err() {
+            let log = std::fs::read_to_string(cluster.log_path(3)).unwrap_or_default();
+            panic!(
+                "node 3 not ready 60 s after its restart (process: {:?}); the end of n3.log:\n{}",
+                cluster.exited(3),
+                &log[log.floor_char_boundary(log.len().saturating_sub(12_000))..]
+            );
+        }
         assert!(
             caught_up(&eps[2], &logs, Duration::from_secs(60)).await,
             "node 3 did not catch up within 60 s of its restart"

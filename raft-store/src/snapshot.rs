@@ -66,11 +66,11 @@ impl SnapshotData {
     }
 }
 
-/// A snapshot being written is fdatasynced after every this many bytes: a group's snapshot
-/// holds its whole state (190 MB after 20,000 entries under load), and one fsync of all of
-/// it at the end made the disk write it in one burst, during which the WAL's fdatasyncs
-/// (every acknowledgement) waited: a 2-3 s stall of the node when three builds ended
-/// together (docs/BENCHMARKS.md, "2026-12-05").
+/// A snapshot being written (built here or received from a leader) is fdatasynced after
+/// every this many bytes: a group's snapshot holds its whole state (190 MB after 20,000
+/// entries under load), and one fsync of all of it at the end made the disk write it in one
+/// burst, during which the WAL's fdatasyncs (every acknowledgement) waited: a 1-2 s stall of
+/// the node when three builds ended together (docs/BENCHMARKS.md, "2026-12-05").
 pub const SYNC_EVERY_BYTES: u64 = 8 << 20;
 
 /// Writes a snapshot file record by record, computing the CRCs as it goes.
@@ -261,6 +261,8 @@ pub struct SnapshotWriter {
     dir: PathBuf,
     file: Option<BufWriter<File>>,
     written: u64,
+    /// Bytes written since the last fdatasync ([`SYNC_EVERY_BYTES`], as a build does).
+    unsynced: u64,
     limit: u64,
 }
 
@@ -274,6 +276,7 @@ impl SnapshotWriter {
             dir: dir.to_path_buf(),
             file: Some(BufWriter::new(file)),
             written: 0,
+            unsynced: 0,
             limit: MAX_SNAPSHOT_BYTES,
         })
     }
@@ -290,6 +293,12 @@ impl SnapshotWriter {
         };
         f.write_all(data)?;
         self.written += data.len() as u64;
+        self.unsynced += data.len() as u64;
+        if self.unsynced >= SYNC_EVERY_BYTES {
+            f.flush()?;
+            f.get_ref().sync_data()?;
+            self.unsynced = 0;
+        }
         Ok(())
     }
 
