@@ -110,6 +110,13 @@ struct GroupRt {
     checked: Mutex<Option<Checked>>,
 }
 
+impl GroupRt {
+    /// The group's current snapshot (meta and file), if it has one.
+    fn current_snapshot(&self) -> Option<(SnapshotMeta, SnapshotData)> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// A snapshot file whose every CRC was checked: its path, length and modification time then,
 /// and when.
 type Checked = (PathBuf, u64, std::time::SystemTime, Instant);
@@ -2541,7 +2548,7 @@ impl StateStore {
         match done {
             Ok(built) => Ok(built),
             Err(e) => {
-                let current = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let current = rt.current_snapshot();
                 tracing::error!(group, index, error = %e, kept_current = current.is_some(),
                     "building a snapshot failed; the group keeps its current one");
                 current.ok_or(e)
@@ -2580,7 +2587,7 @@ impl StateStore {
         if published {
             return Ok((meta, SnapshotData::new(path, data.len())));
         }
-        let current = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let current = rt.current_snapshot();
         current.ok_or_else(|| StoreError::Encode("a newer snapshot replaced this build's and is gone".into()))
     }
 
@@ -2591,7 +2598,7 @@ impl StateStore {
         group: GroupId,
         rt: &GroupRt,
     ) -> Result<Option<(SnapshotMeta, SnapshotData)>, StoreError> {
-        let cur = rt.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cur = rt.current_snapshot();
         let Some((meta, data)) = cur else { return Ok(None) };
         let unchanged = {
             let checked = rt.checked.lock().unwrap_or_else(|p| p.into_inner());

@@ -217,14 +217,12 @@ fn command(index: u64, cmd: Command) -> Entry {
 
 /// The envelope segment files of the group's active generation.
 fn segment_files(dir: &Path) -> usize {
-    let env = dir.join("env");
-    std::fs::read_dir(&env)
-        .map(|d| {
-            d.flat_map(|g| std::fs::read_dir(g.unwrap().path()).unwrap())
-                .filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|e| e == "env"))
-                .count()
-        })
-        .unwrap_or(0)
+    segment_paths(dir).len()
+}
+
+/// The envelope segment files under the store directory `dir`.
+fn segment_paths(dir: &Path) -> Vec<PathBuf> {
+    files_under(&dir.join("env")).into_iter().filter(|f| f.extension().is_some_and(|e| e == "env")).collect()
 }
 
 /// Property: a segment that no run points into any more (its runs removed by retention or
@@ -461,8 +459,7 @@ async fn a_snapshot_finished_while_applies_go_on_is_the_state_at_its_log_id() {
         apply(&mut sm, appends(1 + round * 15, 15)).await;
         store.checkpoint().unwrap();
     }
-    let segments_at_begin: Vec<PathBuf> =
-        files_under(&d1.path().join("env")).into_iter().filter(|f| f.extension().is_some_and(|e| e == "env")).collect();
+    let segments_at_begin = segment_paths(d1.path());
     let mut builder = sm.try_create_snapshot_builder(true).await.unwrap();
     let (dump_at_begin, reads_at_begin) = (store.dump_group(GROUP).unwrap(), read_all(&store));
 
@@ -570,10 +567,8 @@ async fn a_failed_or_overtaken_build_keeps_the_current_snapshot() {
     apply(&mut sm, appends(61, 10)).await;
     store.checkpoint().unwrap();
     let mut failing = sm.try_create_snapshot_builder(false).await.unwrap();
-    for f in files_under(&dir.path().join("env")) {
-        if f.extension().is_some_and(|e| e == "env") {
-            std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(0).unwrap();
-        }
+    for f in segment_paths(dir.path()) {
+        std::fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(0).unwrap();
     }
     let kept = failing.build_snapshot().await.unwrap();
     assert_eq!(kept.meta, rebuilt.meta, "the current snapshot in place of the failed one");
