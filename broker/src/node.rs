@@ -50,6 +50,8 @@ const ERASURE_SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 /// How often it triggers a shard's snapshot again meanwhile (a trigger is dropped while a
 /// build is under way).
 const ERASURE_SNAPSHOT_RETRIGGER: Duration = Duration::from_millis(500);
+/// ... doubling up to this.
+const ERASURE_SNAPSHOT_RETRIGGER_MAX: Duration = Duration::from_secs(8);
 
 pub struct Node {
     pub id: NodeId,
@@ -510,12 +512,16 @@ impl Node {
             // before the erasure): triggered again until a snapshot covers the erasure.
             let deadline = tokio::time::Instant::now() + ERASURE_SNAPSHOT_WAIT;
             let mut done = None;
+            // Doubling: a build that keeps failing (it returns the current snapshot) is not
+            // begun again every half second (each begin holds the shard for a moment).
+            let mut pause = ERASURE_SNAPSHOT_RETRIGGER;
             while done.is_none() && tokio::time::Instant::now() < deadline {
                 if let Err(e) = raft.trigger().snapshot().await {
                     tracing::warn!(shard = g, error = %e, "snapshot after erasure not triggered");
                     break;
                 }
-                let wait = ERASURE_SNAPSHOT_RETRIGGER.min(deadline - tokio::time::Instant::now());
+                let wait = pause.min(deadline - tokio::time::Instant::now());
+                pause = (pause * 2).min(ERASURE_SNAPSHOT_RETRIGGER_MAX);
                 done = raft
                     .wait(Some(wait))
                     .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot after erasure")

@@ -2482,7 +2482,20 @@ impl StateStore {
         rt: &GroupRt,
     ) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         let build = self.begin_snapshot(group)?;
-        self.finish_snapshot(rt, build)
+        let built = self.finish_snapshot(rt, build);
+        self.after_build();
+        built
+    }
+
+    /// After a build's pin is gone: what checkpoints left undone for it (zeroing erased runs,
+    /// deleting emptied segments) is done at once, not within the checkpoint thread's next
+    /// tick (`Inner::revisit_due`). At the node's own priority, never on the build's thread.
+    /// A failure is logged, not returned: the snapshot is fine, and a failed checkpoint stops
+    /// the node's applies by itself.
+    fn after_build(&self) {
+        if let Err(e) = self.inner.checkpoint(false) {
+            tracing::error!(error = %e, "the checkpoint after a snapshot build failed");
+        }
     }
 
     /// The first half of a snapshot build, where openraft holds the group's state machine
@@ -2536,16 +2549,12 @@ impl StateStore {
     /// then the file is fsynced and becomes the group's current snapshot. If it fails (a
     /// full disk, a damaged segment), the error is logged and the current snapshot, if the
     /// group has one, is returned in its place (openraft keeps its newer one and tries again
-    /// after `snapshot_logs_since_last` more entries): the node keeps serving.
+    /// after `snapshot_logs_since_last` more entries): the node keeps serving. (With none,
+    /// the error reaches openraft, which stops the node.)
     fn finish_snapshot(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         let group = build.group;
         let index = build.meta.last_log_id.map_or(0, |l| l.index);
-        let done = self.write_rest(rt, build);
-        // Unpinned now: what checkpoints left undone for the build (zeroing erased runs,
-        // deleting emptied segments) is done at once, not at the group's next write. (A
-        // checkpoint that deferred it has finished or is waited for: they run one at a time.)
-        self.inner.checkpoint(false)?;
-        match done {
+        match self.write_rest(rt, build) {
             Ok(built) => Ok(built),
             Err(e) => {
                 let current = rt.current_snapshot();
@@ -2566,8 +2575,8 @@ impl StateStore {
             ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
         }
         let records = file.records();
-        let data = file.finish()?;
         drop(view);
+        let data = file.finish()?;
         let path = data.path().with_extension("snap");
         // Still pinned: an install of the group waits for the pin, so it publishes its
         // (newer) snapshot after this one. A rebuild of a damaged current snapshot (at a later
@@ -2639,7 +2648,8 @@ impl StateStore {
 
     /// Makes `src` the group's current snapshot file at `dst` (rename, or copy when it is
     /// not ours to move), fsyncs the directory, and deletes the previous one; unless the
-    /// current one is at a later log id (then `src` goes and this returns false).
+    /// current one is at this log id or later (a damaged current file rebuilt while a build
+    /// ran; it may be being sent to a peer): then the new file goes and this returns false.
     fn publish_snapshot(
         &self,
         rt: &GroupRt,
@@ -2658,7 +2668,7 @@ impl StateStore {
         let len = fs::metadata(dst).map_err(io_err(dst))?.len();
         let old = {
             let mut current = rt.current.lock().unwrap_or_else(|p| p.into_inner());
-            if current.as_ref().is_some_and(|(m, _)| m.last_log_id > meta.last_log_id) {
+            if current.as_ref().is_some_and(|(m, _)| m.last_log_id >= meta.last_log_id) {
                 drop(current);
                 let _ = fs::remove_file(dst);
                 return Ok(false);
@@ -2947,14 +2957,22 @@ impl GroupStateMachine {
 /// The nice value of the thread that writes the bulk of a snapshot (0 is the node's own).
 const SNAPSHOT_NICE: i32 = 10;
 
-/// Lowers the calling thread's CPU priority to `nice` (Linux keeps a nice value per thread).
-/// A thread cannot raise it again unprivileged: only for a thread that ends after its work.
+/// Lowers the calling thread's CPU priority to `nice` (on Linux `who = 0` names the calling
+/// thread: the kernel keeps a nice value per thread). A thread cannot raise it again
+/// unprivileged, and threads it starts inherit it: only for a thread that ends after its work
+/// and starts none (the build's thread touches no sled, whose I/O pool grows from the thread
+/// that submits work). Elsewhere a no-op.
 fn lower_thread_priority(nice: i32) {
-    // SAFETY: gettid and setpriority take no pointers and only read their arguments.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
-    if rc != 0 {
-        tracing::warn!(nice, error = %io::Error::last_os_error(), "could not lower the snapshot thread's priority");
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority takes no pointers and only reads its arguments.
+        let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+        if rc != 0 {
+            tracing::warn!(nice, error = %io::Error::last_os_error(), "could not lower the snapshot thread's priority");
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// A snapshot build between its halves (`StateStore::begin_snapshot`, `finish_snapshot`).
@@ -3038,7 +3056,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                         let _ = tx.send(store.finish_snapshot(&rt, b));
                     })
                     .map_err(io::Error::other)?;
-                rx.await.map_err(io::Error::other)?.map_err(io::Error::from)?
+                let built = rx.await.map_err(io::Error::other)?;
+                self.sm
+                    .blocking(|s, _, _| {
+                        s.after_build();
+                        Ok(())
+                    })
+                    .await?;
+                built.map_err(io::Error::from)?
             }
             None => self.sm.blocking(|s, g, rt| s.build_snapshot_blocking(g, &rt)).await?,
         };

@@ -459,14 +459,19 @@ async fn a_snapshot_finished_while_applies_go_on_is_the_state_at_its_log_id() {
         apply(&mut sm, appends(1 + round * 15, 15)).await;
         store.checkpoint().unwrap();
     }
+    // A retention mark on a conversation with expiring envelopes (sled items, which the held
+    // half writes) before the build begins.
+    let keep3 = Command::SetRetention { now_ms: 1, conversation_id: "c\u{0}2".into(), max_age_ms: 0, max_count: 3 };
+    apply(&mut sm, vec![command(61, keep3.clone())]).await;
+    store.checkpoint().unwrap();
     let segments_at_begin = segment_paths(d1.path());
     let mut builder = sm.try_create_snapshot_builder(true).await.unwrap();
     let (dump_at_begin, reads_at_begin) = (store.dump_group(GROUP).unwrap(), read_all(&store));
 
-    apply(&mut sm, appends(61, 20)).await;
+    apply(&mut sm, appends(62, 20)).await;
     store.checkpoint().unwrap();
     let retain = Command::SetRetention { now_ms: 1, conversation_id: "c\u{0}1".into(), max_age_ms: 0, max_count: 2 };
-    apply(&mut sm, vec![erase(81, "secret"), command(82, retain.clone())]).await;
+    apply(&mut sm, vec![erase(82, "secret"), command(83, retain.clone())]).await;
     store.checkpoint().unwrap();
     store.checkpoint().unwrap();
     let env_dir = d1.path().join("env");
@@ -474,7 +479,7 @@ async fn a_snapshot_finished_while_applies_go_on_is_the_state_at_its_log_id() {
     assert!(segments_at_begin.iter().all(|f| f.exists()), "no segment is deleted during the build");
 
     let snap = builder.build_snapshot().await.unwrap();
-    assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(1, 60)));
+    assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(1, 61)));
     assert_eq!(files_containing(&env_dir, SECRET), Vec::<PathBuf>::new(), "zeroed when the build finished");
     assert!(!segments_at_begin.iter().all(|f| f.exists()), "emptied segments deleted when the build finished");
 
@@ -486,9 +491,9 @@ async fn a_snapshot_finished_while_applies_go_on_is_the_state_at_its_log_id() {
     assert_eq!(target.dump_group(GROUP).unwrap(), dump_at_begin, "the snapshot holds the state at its log id");
     assert_eq!(read_all(&target), reads_at_begin);
     // And the later entries applied to it give this store's state.
-    apply(&mut t, appends(61, 20)).await;
-    apply(&mut t, vec![erase(81, "secret"), command(82, retain)]).await;
-    assert_eq!(target.dump_group(GROUP).unwrap(), store.dump_group(GROUP).unwrap(), "the same state at 82");
+    apply(&mut t, appends(62, 20)).await;
+    apply(&mut t, vec![erase(82, "secret"), command(83, retain)]).await;
+    assert_eq!(target.dump_group(GROUP).unwrap(), store.dump_group(GROUP).unwrap(), "the same state at 83");
 }
 
 /// Property: an install of a group waits for a build of the group that is still reading its
