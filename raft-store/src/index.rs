@@ -84,6 +84,12 @@ fn fj(e: fjall::Error) -> StoreError {
     StoreError::Index(e.to_string())
 }
 
+/// One pair of a fjall range, as sled's range reads yield it.
+fn guard_pair(g: fjall::Guard) -> KvResult {
+    let (k, v) = g.into_inner().map_err(fj_as_sled)?;
+    Ok((IVec::from(&*k), IVec::from(&*v)))
+}
+
 /// fjall's error where sled's is expected (merged range reads yield sled's results).
 fn fj_as_sled(e: fjall::Error) -> sled::Error {
     sled::Error::Io(std::io::Error::other(format!("state index: {e}")))
@@ -155,14 +161,10 @@ impl StateIndex {
     /// `Inner::after_checkpoint`).
     pub fn range<R: RangeBounds<Vec<u8>>>(&self, range: R, forward: bool) -> Box<dyn Iterator<Item = KvResult> + Send> {
         let iter = self.ks.range::<Vec<u8>, _>((range.start_bound().cloned(), range.end_bound().cloned()));
-        let conv = |g: fjall::Guard| -> KvResult {
-            let (k, v) = g.into_inner().map_err(fj_as_sled)?;
-            Ok((IVec::from(&*k), IVec::from(&*v)))
-        };
         if forward {
-            Box::new(iter.map(conv))
+            Box::new(iter.map(guard_pair))
         } else {
-            Box::new(iter.rev().map(conv))
+            Box::new(iter.rev().map(guard_pair))
         }
     }
 
@@ -251,10 +253,7 @@ impl IndexView {
     pub fn range<R: RangeBounds<Vec<u8>>>(&self, range: R) -> impl Iterator<Item = KvResult> + Send + '_ {
         use fjall::Readable;
         let range = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.snap.range::<Vec<u8>, _>(&self.ks, range).map(|g: fjall::Guard| -> KvResult {
-            let (k, v) = g.into_inner().map_err(fj_as_sled)?;
-            Ok((IVec::from(&*k), IVec::from(&*v)))
-        })
+        self.snap.range::<Vec<u8>, _>(&self.ks, range).map(guard_pair)
     }
 }
 

@@ -2837,8 +2837,7 @@ impl<'a> Exporter<'a> {
             return Ok(*rb);
         }
         let Some(view) = self.convs else { return Ok(0) };
-        let mut k = keys::gen_prefix(self.group, self.generation).to_vec();
-        k.push(keys::KIND_CONV);
+        let mut k = keys::kind_prefix(self.group, self.generation, keys::KIND_CONV);
         k.extend_from_slice(conv);
         let rb = match view.get(&k)? {
             Some(v) => ConvMeta::decode(&k, &v)?.removed_below,

@@ -73,6 +73,18 @@ impl SnapshotData {
 /// the node when three builds ended together (docs/BENCHMARKS.md, "2026-12-05").
 pub const SYNC_EVERY_BYTES: u64 = 8 << 20;
 
+/// Counts `n` more bytes written to `out` and, once [`SYNC_EVERY_BYTES`] are unsynced,
+/// flushes and fdatasyncs the file.
+fn sync_every(out: &mut BufWriter<File>, unsynced: &mut u64, n: u64) -> io::Result<()> {
+    *unsynced += n;
+    if *unsynced >= SYNC_EVERY_BYTES {
+        out.flush()?;
+        out.get_ref().sync_data()?;
+        *unsynced = 0;
+    }
+    Ok(())
+}
+
 /// Writes a snapshot file record by record, computing the CRCs as it goes.
 pub struct SnapshotFileWriter {
     path: PathBuf,
@@ -113,13 +125,8 @@ impl SnapshotFileWriter {
         }
         self.count += 1;
         self.len += 12 + key.len() as u64 + value.len() as u64;
-        self.unsynced += 12 + key.len() as u64 + value.len() as u64;
-        if self.unsynced >= SYNC_EVERY_BYTES {
-            self.out.flush().map_err(io_err(&self.path))?;
-            self.out.get_ref().sync_data().map_err(io_err(&self.path))?;
-            self.unsynced = 0;
-        }
-        Ok(())
+        sync_every(&mut self.out, &mut self.unsynced, 12 + key.len() as u64 + value.len() as u64)
+            .map_err(io_err(&self.path))
     }
 
     /// Records written so far.
@@ -293,13 +300,7 @@ impl SnapshotWriter {
         };
         f.write_all(data)?;
         self.written += data.len() as u64;
-        self.unsynced += data.len() as u64;
-        if self.unsynced >= SYNC_EVERY_BYTES {
-            f.flush()?;
-            f.get_ref().sync_data()?;
-            self.unsynced = 0;
-        }
-        Ok(())
+        sync_every(f, &mut self.unsynced, data.len() as u64)
     }
 
     /// Fsyncs the file, checks every CRC, and moves it beside the node's snapshots.
