@@ -22,8 +22,13 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::MutexGuard;
@@ -59,6 +64,72 @@ pub struct Overlay {
     checkpointing: Mutex<()>,
     /// Read side: a range read in progress. Write side: a batch landing in sled.
     gate: RwLock<()>,
+    /// sled's files, fsynced after each flush (`None`: a temporary tree, in tests).
+    files: Option<SledFiles>,
+}
+
+/// What makes a sled flush durable. sled 0.34's flush is not an fsync on Linux: it ends
+/// with `sync_file_range`, which neither writes the file's metadata (its size, as sled's log
+/// grows) nor flushes the device's volatile write cache (sled issue #1452), and sled writes a
+/// page fragment over a quarter of its 512 KiB segment (a "blob") to a file of its own under
+/// `blobs/` that it never fsyncs. A power cut could then take a flushed batch away after the
+/// store relied on it (deleted segments, gave the state index its writes). So after sled's
+/// flush, the overlay's flush fdatasyncs sled's log file (`db`), every file that appeared
+/// in sled's directory or `blobs/` since the last one (sled names each blob by its log
+/// sequence number and never rewrites it), and each of the two directories whose entries
+/// changed.
+pub struct SledFiles {
+    dir: PathBuf,
+    db: File,
+    /// Names already fsynced, of sled's directory and of `blobs/`.
+    seen: Mutex<[HashSet<OsString>; 2]>,
+}
+
+impl SledFiles {
+    /// The files of the sled database in `dir` (opened already: sled creates them).
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        let db = File::open(dir.join("db"))?;
+        Ok(SledFiles { dir: dir.to_path_buf(), db, seen: Mutex::new([HashSet::new(), HashSet::new()]) })
+    }
+
+    /// Makes durable everything sled wrote (and flushed) so far; see [`SledFiles`].
+    pub fn sync(&self) -> io::Result<()> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let [top, blobs] = &mut *seen;
+        sync_new_files(&self.dir.join("blobs"), blobs)?;
+        sync_new_files(&self.dir, top)?;
+        self.db.sync_data()
+    }
+}
+
+/// fdatasyncs each file in `dir` whose name is not in `seen` (sled's directory holds
+/// `blobs/` too: a directory, skipped), and `dir` itself if a name came or went; `seen`
+/// becomes the names found.
+fn sync_new_files(dir: &Path, seen: &mut HashSet<OsString>) -> io::Result<()> {
+    let mut found = HashSet::with_capacity(seen.len());
+    let mut changed = false;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if !seen.contains(&name) {
+            changed = true;
+            if entry.file_type()?.is_file() {
+                match File::open(entry.path()) {
+                    Ok(f) => f.sync_data()?,
+                    // Removed meanwhile (sled deletes a blob once no page points to it).
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        found.insert(name);
+    }
+    changed |= seen.iter().any(|n| !found.contains(n));
+    if changed {
+        File::open(dir)?.sync_all()?;
+    }
+    *seen = found;
+    Ok(())
 }
 
 /// Held by every sled batch and every sled flush made through an overlay: sled 0.34
@@ -76,6 +147,12 @@ fn entry_bytes(k: &[u8], v: &Option<Vec<u8>>) -> usize {
 }
 
 impl Overlay {
+    /// The overlay of a tree of the sled database whose files are `files`: each flush
+    /// makes them durable.
+    pub fn durable(files: SledFiles) -> Self {
+        Overlay { files: Some(files), ..Overlay::default() }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Layers> {
         self.layers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -284,11 +361,16 @@ impl Overlay {
         write()
     }
 
-    /// Flushes sled (fsync), never while a batch of [`Overlay::exclusive`] runs. Every
-    /// flush of the tree's database must come through here.
+    /// Flushes sled and fsyncs its files ([`SledFiles`]), never while a batch of
+    /// [`Overlay::exclusive`] runs. Every flush of the tree's database must come through
+    /// here.
     pub fn flush(&self, tree: &sled::Tree) -> sled::Result<()> {
         let _io = SLED_IO.lock().unwrap_or_else(|p| p.into_inner());
-        tree.flush().map(|_| ())
+        tree.flush()?;
+        if let Some(files) = &self.files {
+            files.sync()?;
+        }
+        Ok(())
     }
 }
 

@@ -998,7 +998,7 @@ const SLED_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     let deadline = std::time::Instant::now() + SLED_LOCK_WAIT;
     loop {
-        match sled::Config::new().path(path).cache_capacity(cache_capacity).open() {
+        match sled::Config::new().path(path).cache_capacity(cache_capacity).flush_every_ms(None).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
             {
@@ -1079,6 +1079,11 @@ impl StateStore {
     pub fn open(dir: &Path, cache_capacity: u64) -> Result<Self, StoreError> {
         crate::repair::create_dir_durably(dir).map_err(io_err(dir))?;
         let db = open_sled(&dir.join("db"), cache_capacity)?;
+        let sled_files = crate::overlay::SledFiles::open(&dir.join("db")).map_err(io_err(&dir.join("db")))?;
+        // What sled wrote before (its files, created now or by a process that crashed)
+        // is durable before anything relies on it.
+        sled_files.sync().map_err(io_err(&dir.join("db")))?;
+        crate::repair::sync_dir(dir)?;
         let data = db.open_tree("sm.v1")?;
         let heads = db.open_tree("heads.v1")?;
         let snap_dir = dir.join("snapshots");
@@ -1133,7 +1138,7 @@ impl StateStore {
                 slow_apply: crate::slow::SlowLog::default(),
                 slow_checkpoint: crate::slow::SlowLog::default(),
                 checkpoint_serial: Mutex::new(()),
-                overlay: Overlay::default(),
+                overlay: Overlay::durable(sled_files),
                 last_checkpoint: Mutex::new(Instant::now()),
                 checkpoint_interval_ms: AtomicU64::new(CHECKPOINT_INTERVAL.as_millis() as u64),
                 checkpoint_failed: Mutex::new(None),

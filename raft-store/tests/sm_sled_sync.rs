@@ -1,0 +1,232 @@
+//! sled's flush is not an fsync (it ends with `sync_file_range` and never fsyncs its blob
+//! files; `overlay.rs`, `SledFiles`): the state machine must make sled's files durable itself
+//! before it acts on a checkpoint having landed. Checked on the system calls a real child
+//! process makes, traced by `strace` (skipped where strace is missing or may not trace).
+
+mod common;
+use common::apply;
+use common::open;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command as Process;
+
+use habar_raft_store::types::Command;
+use habar_raft_store::types::Entry;
+use habar_raft_store::types::EntryPayload;
+use habar_raft_store::types::LogId;
+use habar_raft_store::types::NewEnvelope;
+
+const GROUP: u32 = 1;
+const TEST: &str = "no_checkpoint_relies_on_sled_writes_before_they_are_fsynced";
+
+fn command(index: u64, cmd: Command) -> Entry {
+    Entry { log_id: LogId::new_term_index(1, index), payload: EntryPayload::Normal(cmd) }
+}
+
+/// The child: rounds of 4,000 new conversations (a checkpoint's index log of ~400 KB, which
+/// sled writes as a blob file), an erasure of a conversation whose run it then zeroes, and
+/// retention that empties whole segments, which it then deletes; a checkpoint after each.
+fn child(dst: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = open(dst);
+        store.set_env_segment_bytes(64 << 10);
+        let mut sm = store.group(GROUP).unwrap();
+        let mut index = 0;
+        let mut next = |cmd| {
+            index += 1;
+            command(index, cmd)
+        };
+        for round in 0..3u64 {
+            let now_ms = 1_000 + round;
+            let entries: Vec<Entry> = (0..40u64)
+                .map(|e| {
+                    let envelopes = (0..100u64)
+                        .map(|k| NewEnvelope {
+                            conversation_id: format!("r{round}-c{}", e * 100 + k),
+                            message_id: {
+                                let mut id = [0u8; 16];
+                                id[..8].copy_from_slice(&(e * 100 + k).to_be_bytes());
+                                id[8] = round as u8;
+                                id
+                            },
+                            sender: "s".into(),
+                            ciphertext: vec![7u8; 200].into(),
+                            expires_at_ms: 0,
+                        })
+                        .collect();
+                    next(Command::Append { now_ms, envelopes })
+                })
+                .collect();
+            apply(&mut sm, entries).await;
+            store.checkpoint().unwrap();
+            let erase = Command::EraseConversation {
+                now_ms,
+                conversation_id: format!("r{round}-c7"),
+                reset_seq: false,
+                max_removals: 1_000,
+            };
+            apply(&mut sm, vec![next(erase)]).await;
+            store.checkpoint().unwrap();
+            let retain: Vec<Entry> = (0..4_000u64)
+                .map(|c| {
+                    next(Command::SetRetentionStep {
+                        now_ms: now_ms + 1_000,
+                        conversation_id: format!("r{round}-c{c}"),
+                        max_age_ms: 1,
+                        max_count: 0,
+                        max_removals: 10,
+                    })
+                })
+                .collect();
+            apply(&mut sm, retain).await;
+            store.checkpoint().unwrap();
+        }
+    });
+}
+
+/// Whether strace can trace a child here (installed, and ptrace allowed).
+fn strace_works() -> bool {
+    Process::new("strace").args(["-f", "-o", "/dev/null", "true"]).status().is_ok_and(|s| s.success())
+}
+
+/// The path strace shows for a descriptor argument (`-y`): `5</a/b>` gives `/a/b`.
+fn fd_path(args: &str) -> Option<&str> {
+    let start = args.find('<')? + 1;
+    let end = start + args[start..].find('>')?;
+    Some(&args[start..end])
+}
+
+/// The first quoted string of a call's arguments (a path argument).
+fn quoted(args: &str) -> Option<&str> {
+    let start = args.find('"')? + 1;
+    let end = start + args[start..].find('"')?;
+    Some(&args[start..end])
+}
+
+/// Property: whatever the state machine does because a checkpoint's sled batch landed (it
+/// zeroes erased runs in the envelope segments, deletes segments no run points into any
+/// more, gives the state index the checkpoint's writes) happens only once every byte sled
+/// wrote is fsynced: its log file since its last write, each blob file sled created, and
+/// the blob directory since a blob came or went. Otherwise a power cut could leave sled
+/// older than what the segments and the index already assume (runs pointing into deleted
+/// segments, an index ahead of sled's applied id).
+#[test]
+fn no_checkpoint_relies_on_sled_writes_before_they_are_fsynced() {
+    if let Ok(dst) = std::env::var("HABAR_SLED_SYNC_DST") {
+        child(Path::new(&dst));
+        return;
+    }
+    if !strace_works() {
+        eprintln!("skipped: strace is missing or may not trace here (apt-get install strace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("store");
+    let trace = dir.path().join("trace.txt");
+    let status = Process::new("strace")
+        .args(["-f", "-y", "-qq", "-s", "0", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=openat,write,pwrite64,pwritev,pwritev2,fsync,fdatasync,unlink,unlinkat,rename,renameat,renameat2",
+        ])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--test-threads=1"])
+        .env("HABAR_SLED_SYNC_DST", &dst)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the traced child failed: {status}");
+    let text = std::fs::read_to_string(&trace).unwrap();
+
+    let db_file = dst.join("db").join("db");
+    let db_file = db_file.to_str().unwrap();
+    let blobs_dir = dst.join("db").join("blobs");
+    let blobs_dir = blobs_dir.to_str().unwrap();
+    let index_dir = dst.join("index");
+    let index_dir = index_dir.to_str().unwrap();
+    let mut db_dirty = false;
+    let mut dirty_blobs: HashSet<String> = HashSet::new();
+    let mut blobs_dir_dirty = false;
+    let (mut blobs, mut reliances, mut db_syncs) = (0, [0usize; 2], 0);
+    let mut violations = Vec::new();
+    // A call interrupted by another thread's line continues in a "resumed" line: what it
+    // did counts when it began (writes, deletions: conservative) or ended (fsyncs).
+    let mut pending: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for line in text.lines() {
+        let Some((pid, rest)) = line.trim_start().split_once(char::is_whitespace) else { continue };
+        let rest = rest.trim_start();
+        let (call, done) = if let Some(r) = rest.strip_prefix("<... ") {
+            let Some(began) = pending.remove(pid) else { continue };
+            (began, r.contains("= 0"))
+        } else if rest.ends_with("<unfinished ...>") {
+            pending.insert(pid.to_string(), rest.to_string());
+            let name = rest.split('(').next().unwrap_or("");
+            if name.starts_with("fsync") || name.starts_with("fdatasync") {
+                continue; // counts once it ends
+            }
+            (rest.to_string(), false)
+        } else {
+            (rest.to_string(), rest.ends_with("= 0") || !rest.contains("= -1"))
+        };
+        let Some((name, args)) = call.split_once('(') else { continue };
+        let clean = !db_dirty && dirty_blobs.is_empty() && !blobs_dir_dirty;
+        match name {
+            "write" | "pwrite64" | "pwritev" | "pwritev2" => {
+                let Some(path) = fd_path(args) else { continue };
+                if path == db_file {
+                    db_dirty = true;
+                } else if let Some(blob) = path.strip_prefix(blobs_dir) {
+                    dirty_blobs.insert(blob.to_string());
+                } else if path.starts_with(index_dir) && path.ends_with(".jnl") {
+                    reliances[1] += 1;
+                    if !clean {
+                        violations.push(format!("{line}: the index written while sled is not synced"));
+                    }
+                }
+            }
+            "openat" => {
+                if let Some(path) = quoted(args) {
+                    if path.starts_with(blobs_dir) && args.contains("O_CREAT") {
+                        blobs += 1;
+                        blobs_dir_dirty = true;
+                    }
+                }
+            }
+            "unlink" | "unlinkat" => {
+                let path = quoted(args).unwrap_or("");
+                if path.starts_with(blobs_dir) || args.contains(blobs_dir) {
+                    blobs_dir_dirty = true;
+                } else if path.ends_with(".env") {
+                    reliances[0] += 1;
+                    if !clean {
+                        violations.push(format!("{line}: a segment deleted while sled is not synced"));
+                    }
+                }
+            }
+            "fsync" | "fdatasync" if done => {
+                let Some(path) = fd_path(args) else { continue };
+                if path == db_file {
+                    db_dirty = false;
+                    db_syncs += 1;
+                } else if path == blobs_dir {
+                    blobs_dir_dirty = false;
+                } else if let Some(blob) = path.strip_prefix(blobs_dir) {
+                    dirty_blobs.remove(blob);
+                }
+            }
+            _ => {}
+        }
+    }
+    eprintln!(
+        "{blobs} blob files, {db_syncs} fsyncs of sled's log, {} segment deletions, {} index journal writes",
+        reliances[0], reliances[1]
+    );
+    // The child did what the property is about (or the trace was not read right).
+    assert!(blobs >= 3, "sled wrote blob files ({blobs})");
+    assert!(reliances[0] >= 3, "segments were deleted ({})", reliances[0]);
+    assert!(reliances[1] >= 3, "the index got checkpoints' writes ({})", reliances[1]);
+    assert_eq!(violations, Vec::<String>::new(), "{} violations", violations.len());
+}
