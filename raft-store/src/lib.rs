@@ -10,6 +10,8 @@
 //! - [`frame`]: the record frame both kinds of segment files use.
 //! - [`index`]: the state index (an LSM tree beside sled) that [`sm`] keeps its
 //!   per-conversation and per-envelope items in (conversation records, runs, dedupe pairs).
+//! - [`ilog`]: the two files a checkpoint keeps its writes to the state index in until the
+//!   index persisted them.
 //! - [`sm`]: the state machine on sled; [`keys`]: its byte layout; [`snapshot`]: snapshot files.
 //!
 //! This crate knows nothing of gRPC.
@@ -17,6 +19,7 @@
 pub mod envseg;
 pub mod error;
 pub mod frame;
+pub mod ilog;
 pub mod index;
 pub mod keys;
 pub mod log_store;

@@ -42,6 +42,7 @@ use crate::error::hex;
 use crate::error::io_err;
 use crate::error::unix_nanos;
 use crate::error::StoreError;
+use crate::ilog;
 use crate::index;
 use crate::index::StateIndex;
 use crate::keys;
@@ -309,6 +310,8 @@ struct Inner {
     index: StateIndex,
     /// The number of the next checkpoint's index log items.
     index_log_next: AtomicU64,
+    /// `<dir>/index-log.{0,1}`: where those items point (`ilog.rs`).
+    index_logs: ilog::IndexLogFiles,
     /// Index log items whose writes the index holds but has not persisted: the next
     /// checkpoint persists the index and deletes them.
     index_logs_applied: Mutex<Vec<Vec<u8>>>,
@@ -405,6 +408,7 @@ impl Inner {
                         writes,
                         index_persist_ms = ms(st.index_persist),
                         segments_ms = ms(st.segments),
+                        index_log_ms = ms(st.index_log),
                         sled_flush_ms = ms(st.flush),
                         index_apply_ms = ms(st.index_apply),
                         left_out,
@@ -644,10 +648,33 @@ impl Inner {
             i = end;
         }
         after.stages.segments = segments_started.elapsed();
-        for ((group, generation), writes) in index_writes {
-            let (key, log) = self.index_log(group, generation, writes.iter())?;
-            batch.insert(key.as_slice(), log);
-            after.index.push((key, writes.into_iter().collect()));
+        if !index_writes.is_empty() {
+            // Each group's log into the next index log file (fdatasynced), a small item
+            // pointing at it into the batch (`ilog.rs`).
+            let t = Instant::now();
+            let mut logs = Vec::with_capacity(index_writes.len());
+            for (&(group, generation), writes) in &index_writes {
+                let refs: Vec<index::WriteRef<'_>> = writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+                let number = self.index_log_next.fetch_add(1, Ordering::Relaxed);
+                logs.push((group, generation, number, index::encode_log(&refs)?));
+            }
+            let sections: Vec<ilog::Section<'_>> = logs
+                .iter()
+                .map(|(group, generation, number, log)| ilog::Section {
+                    group: *group,
+                    generation: *generation,
+                    number: *number,
+                    log,
+                })
+                .collect();
+            let items = self.index_logs.write(&sections)?;
+            crash_point("after_index_log", || {});
+            for ((writes, (group, generation, number, _)), item) in index_writes.into_values().zip(&logs).zip(items) {
+                let key = keys::index_log_key(*group, *generation, *number);
+                batch.insert(key.as_slice(), item);
+                after.index.push((key, writes.into_iter().collect()));
+            }
+            after.stages.index_log = t.elapsed();
         }
         // Erasures and retention applied before this checkpoint froze (they hold off
         // checkpoints while they run, so their RUN deletes are in `frozen`): the segments of
@@ -808,6 +835,7 @@ impl Drop for Inner {
 struct Stages {
     index_persist: Duration,
     segments: Duration,
+    index_log: Duration,
     flush: Duration,
     index_apply: Duration,
 }
@@ -1151,6 +1179,7 @@ impl StateStore {
                 dropped: Mutex::new(HashMap::new()),
                 index: open_index(dir)?,
                 index_log_next: AtomicU64::new(0),
+                index_logs: ilog::IndexLogFiles::open(dir)?,
                 index_logs_applied: Mutex::new(Vec::new()),
                 building: Mutex::new(HashMap::new()),
                 build_done: std::sync::Condvar::new(),
@@ -1239,7 +1268,16 @@ impl StateStore {
             }
             for item in inner.data.scan_prefix(keys::kind_prefix(group, generation, keys::KIND_INDEX_LOG)) {
                 let (k, v) = item?;
-                let writes = index::decode_log(&v).map_err(|e| corrupt_key(&k, e))?;
+                let body = keys::decode_value(&v).map_err(|e| corrupt_key(&k, e))?;
+                let writes = if body.first() == Some(&ilog::POINTER_FORMAT) {
+                    let Ok(keys::Key::IndexLog { number }) = keys::decode_key(&k) else {
+                        return Err(corrupt_key(&k, keys::DecodeError("not an index log key".into())));
+                    };
+                    inner.index_logs.read(group, generation, number, body)?
+                } else {
+                    // A store written before the index log files: the log inline.
+                    index::decode_log(&v).map_err(|e| corrupt_key(&k, e))?
+                };
                 if writes.iter().any(|(w, _)| w[..keys::GEN_PREFIX_LEN] != k[..keys::GEN_PREFIX_LEN]) {
                     return Err(corrupt_key(&k, keys::DecodeError("index log holds another group's key".into())));
                 }

@@ -107,7 +107,9 @@ fn crash_child(dst: &Path) {
     });
 }
 
-const CRASH_POINTS: [&str; 3] = ["before_index_apply", "after_index_apply", "index_recovered"];
+/// `after_index_log`: the checkpoint wrote its logs to an index log file (the other one than
+/// the first checkpoint's), but its sled batch, which points into it, never landed.
+const CRASH_POINTS: [&str; 4] = ["after_index_log", "before_index_apply", "after_index_apply", "index_recovered"];
 
 fn run_child(dst: &Path, point: &str) {
     // The second checkpoint's (the first one's log must have reached the index).
@@ -119,7 +121,8 @@ fn run_child(dst: &Path, point: &str) {
     );
 }
 
-/// Property: a crash inside a checkpoint around the state index (before its writes reach
+/// Property: a crash inside a checkpoint around the state index (after its index log file
+/// is written but before the sled batch that points into it, before its writes reach
 /// the index, after they did and the index persisted them, and inside the open that
 /// replays the logs) loses no answer: after the reopen and the re-apply of the log from
 /// sled's durable applied id, every retry is a duplicate exactly when it is on a store that
@@ -159,7 +162,11 @@ fn a_crash_around_the_state_index_keeps_every_answer() {
             let store = open(&dst);
             for g in GROUPS {
                 let durable = store.applied(g).unwrap().map_or(0, |l| l.index);
-                assert_eq!(durable, 33, "{point}: the second checkpoint is durable");
+                let want_durable = if point == "after_index_log" { 20 } else { 33 };
+                assert_eq!(
+                    durable, want_durable,
+                    "{point}: the second checkpoint is durable unless its batch never landed"
+                );
                 let mut sm = store.group(g).unwrap();
                 apply(&mut sm, log().into_iter().filter(|e| e.log_id.index > durable).collect()).await;
                 assert_eq!(reads_of(&store, g), want, "{point}: reads of group {g} after recovery");
@@ -176,6 +183,36 @@ fn a_crash_around_the_state_index_keeps_every_answer() {
             }
             assert_eq!(store.dump_group(GROUP).unwrap(), want_dump, "{point}: dump");
         });
+    }
+}
+
+/// Property: an index log that sled points to but that is damaged on disk (a bit flipped in
+/// its file, or the file cut short) is never applied to the index: the open fails with an
+/// error naming the file, and does not start from a state that would miss what sled says
+/// was published.
+#[test]
+fn a_damaged_index_log_file_stops_the_open_and_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for damage in ["flip", "cut"] {
+        let dst = dir.path().join(damage);
+        // Dies after the second checkpoint's batch (pointing into index-log.1) is flushed,
+        // before the index got its writes.
+        run_child(&dst, "before_index_apply");
+        let file = dst.join("index-log.1");
+        let mut bytes = std::fs::read(&file).unwrap();
+        assert!(bytes.len() > 64, "the second checkpoint's logs are in index-log.1");
+        match damage {
+            "flip" => bytes[40] ^= 0x10,
+            _ => bytes.truncate(20),
+        }
+        std::fs::write(&file, &bytes).unwrap();
+        match StateStore::open(&dst, 8 << 20) {
+            Ok(_) => panic!("{damage}: a store whose index log is damaged opened"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("index-log.1"), "{damage}: the error names the file: {msg}");
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod common;
 use common::apply;
 use common::open;
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command as Process;
@@ -24,8 +25,8 @@ fn command(index: u64, cmd: Command) -> Entry {
     Entry { log_id: LogId::new_term_index(1, index), payload: EntryPayload::Normal(cmd) }
 }
 
-/// The child: rounds of 4,000 new conversations (a checkpoint's index log of ~400 KB, which
-/// sled writes as a blob file), an erasure of a conversation whose run it then zeroes, and
+/// The child: rounds of 4,000 new conversations and an envelope of 200 KiB (too big for a
+/// run: a sled item, whose leaf sled writes as a blob file of its own), an erasure of a conversation whose run it then zeroes, and
 /// retention that empties whole segments, which it then deletes; a checkpoint after each.
 fn child(dst: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -60,6 +61,15 @@ fn child(dst: &Path) {
                 })
                 .collect();
             apply(&mut sm, entries).await;
+            // An envelope too big for a run stays a sled item: its leaf is a blob.
+            let big = NewEnvelope {
+                conversation_id: format!("big{round}"),
+                message_id: [round as u8 + 1; 16],
+                sender: "s".into(),
+                ciphertext: vec![9u8; 200 << 10].into(),
+                expires_at_ms: 0,
+            };
+            apply(&mut sm, vec![next(Command::Append { now_ms, envelopes: vec![big] })]).await;
             store.checkpoint().unwrap();
             let erase = Command::EraseConversation {
                 now_ms,
@@ -105,7 +115,9 @@ fn quoted(args: &str) -> Option<&str> {
     Some(&args[start..end])
 }
 
-/// Property: whatever the state machine does because a checkpoint's sled batch landed (it
+/// Property: a checkpoint's sled batch, which points into the index log file it wrote, is
+/// written only once that file is fdatasynced; and whatever the state machine does because
+/// a checkpoint's sled batch landed (it
 /// zeroes erased runs in the envelope segments, deletes segments no run points into any
 /// more, gives the state index the checkpoint's writes) happens only once every byte sled
 /// wrote is fsynced: its log file since its last write, each blob file sled created, and
@@ -147,61 +159,84 @@ fn no_checkpoint_relies_on_sled_writes_before_they_are_fsynced() {
     let blobs_dir = blobs_dir.to_str().unwrap();
     let index_dir = dst.join("index");
     let index_dir = index_dir.to_str().unwrap();
-    let mut db_dirty = false;
-    let mut dirty_blobs: HashSet<String> = HashSet::new();
-    let mut blobs_dir_dirty = false;
-    let (mut blobs, mut reliances, mut db_syncs) = (0, [0usize; 2], 0);
+    let index_logs = dst.join("index-log.");
+    let index_logs = index_logs.to_str().unwrap();
+    // sled writes its log from its own IO threads, and its readers write too (a node merge
+    // during a read, in the applying thread), so writes are not attributed to a thread.
+    // Instead, per thread that checkpoints (T): its index log file write announces a batch;
+    // the batch is durable once T completed an fsync of sled's log file after it; blob files
+    // and blob directory entries that appeared before that fsync began must be synced too
+    // (later ones belong to a later state, which sled's recovery treats as a prefix of its
+    // log).
+    let mut batch_unsynced: HashSet<String> = HashSet::new(); // threads whose batch is not fsynced yet
+                                                              // thread -> line where its last sync of sled's files began: its listing of the blob
+                                                              // directory, else its fsync of sled's log
+    let mut db_sync_began: HashMap<String, usize> = HashMap::new();
+    let mut blobs_listed: HashMap<String, usize> = HashMap::new();
+    let mut sled_extra: HashMap<String, usize> = HashMap::new(); // blob file or the blob dir -> line it was dirtied first
+    let mut logs_unsynced: HashMap<String, HashSet<String>> = HashMap::new(); // index log file -> threads that wrote it
+    let (mut blobs, mut reliances, mut db_syncs, mut log_writes) = (0, [0usize; 2], 0, 0);
     let mut violations = Vec::new();
     // A call interrupted by another thread's line continues in a "resumed" line: what it
     // did counts when it began (writes, deletions: conservative) or ended (fsyncs).
-    let mut pending: std::collections::HashMap<String, String> = std::collections::HashMap::new();
-    for line in text.lines() {
+    let mut pending: HashMap<String, (usize, String)> = HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut first_violation = None;
+    for (n, line) in lines.iter().enumerate() {
+        if !violations.is_empty() && first_violation.is_none() {
+            first_violation = Some(n - 1);
+        }
         let Some((pid, rest)) = line.trim_start().split_once(char::is_whitespace) else { continue };
         let rest = rest.trim_start();
-        let (call, done) = if let Some(r) = rest.strip_prefix("<... ") {
-            let Some(began) = pending.remove(pid) else { continue };
-            (began, r.contains("= 0"))
+        let (began, call, done) = if let Some(r) = rest.strip_prefix("<... ") {
+            let Some((began, call)) = pending.remove(pid) else { continue };
+            (began, call, r.contains("= 0"))
         } else if rest.ends_with("<unfinished ...>") {
-            pending.insert(pid.to_string(), rest.to_string());
+            pending.insert(pid.to_string(), (n, rest.to_string()));
             let name = rest.split('(').next().unwrap_or("");
             if name.starts_with("fsync") || name.starts_with("fdatasync") {
                 continue; // counts once it ends
             }
-            (rest.to_string(), false)
+            (n, rest.to_string(), false)
         } else {
-            (rest.to_string(), rest.ends_with("= 0") || !rest.contains("= -1"))
+            (n, rest.to_string(), rest.ends_with("= 0") || !rest.contains("= -1"))
         };
         let Some((name, args)) = call.split_once('(') else { continue };
-        let clean = !db_dirty && dirty_blobs.is_empty() && !blobs_dir_dirty;
+        // Whether T (this thread) may rely on its last batch being durable now.
+        let durable_for = |pid: &str, batch_unsynced: &HashSet<String>, sled_extra: &HashMap<String, usize>| {
+            let synced_at = db_sync_began.get(pid).copied().unwrap_or(0);
+            !batch_unsynced.contains(pid) && !sled_extra.values().any(|&at| at < synced_at)
+        };
         match name {
             "write" | "pwrite64" | "pwritev" | "pwritev2" => {
                 let Some(path) = fd_path(args) else { continue };
-                if path == db_file {
-                    db_dirty = true;
-                } else if let Some(blob) = path.strip_prefix(blobs_dir) {
-                    dirty_blobs.insert(blob.to_string());
+                if path.starts_with(index_logs) {
+                    logs_unsynced.entry(path.to_string()).or_default().insert(pid.to_string());
+                    batch_unsynced.insert(pid.to_string());
+                    log_writes += 1;
+                } else if path.starts_with(blobs_dir) {
+                    sled_extra.entry(path.to_string()).or_insert(n);
                 } else if path.starts_with(index_dir) && path.ends_with(".jnl") {
                     reliances[1] += 1;
-                    if !clean {
+                    if !durable_for(pid, &batch_unsynced, &sled_extra) {
                         violations.push(format!("{line}: the index written while sled is not synced"));
                     }
                 }
             }
-            "openat" => {
-                if let Some(path) = quoted(args) {
-                    if path.starts_with(blobs_dir) && args.contains("O_CREAT") {
-                        blobs += 1;
-                        blobs_dir_dirty = true;
-                    }
-                }
+            "openat" if quoted(args) == Some(blobs_dir) && args.contains("O_DIRECTORY") => {
+                blobs_listed.insert(pid.to_string(), began);
+            }
+            "openat" if quoted(args).is_some_and(|p| p.starts_with(blobs_dir)) && args.contains("O_CREAT") => {
+                blobs += 1;
+                sled_extra.entry(blobs_dir.to_string()).or_insert(n);
             }
             "unlink" | "unlinkat" => {
                 let path = quoted(args).unwrap_or("");
                 if path.starts_with(blobs_dir) || args.contains(blobs_dir) {
-                    blobs_dir_dirty = true;
+                    sled_extra.entry(blobs_dir.to_string()).or_insert(n);
                 } else if path.ends_with(".env") {
                     reliances[0] += 1;
-                    if !clean {
+                    if !durable_for(pid, &batch_unsynced, &sled_extra) {
                         violations.push(format!("{line}: a segment deleted while sled is not synced"));
                     }
                 }
@@ -209,24 +244,31 @@ fn no_checkpoint_relies_on_sled_writes_before_they_are_fsynced() {
             "fsync" | "fdatasync" if done => {
                 let Some(path) = fd_path(args) else { continue };
                 if path == db_file {
-                    db_dirty = false;
                     db_syncs += 1;
-                } else if path == blobs_dir {
-                    blobs_dir_dirty = false;
-                } else if let Some(blob) = path.strip_prefix(blobs_dir) {
-                    dirty_blobs.remove(blob);
+                    if logs_unsynced.values().any(|by| by.contains(pid)) {
+                        violations.push(format!("{line}: sled flushed while its index log file is not synced"));
+                    }
+                    batch_unsynced.remove(pid);
+                    db_sync_began.insert(pid.to_string(), blobs_listed.remove(pid).unwrap_or(began));
+                } else {
+                    logs_unsynced.remove(path);
+                    sled_extra.remove(path);
                 }
             }
             _ => {}
         }
     }
     eprintln!(
-        "{blobs} blob files, {db_syncs} fsyncs of sled's log, {} segment deletions, {} index journal writes",
+        "{blobs} blob files, {db_syncs} fsyncs of sled's log, {log_writes} index log file writes, {} segment deletions, {} index journal writes",
         reliances[0], reliances[1]
     );
     // The child did what the property is about (or the trace was not read right).
     assert!(blobs >= 3, "sled wrote blob files ({blobs})");
+    assert!(log_writes >= 3, "checkpoints wrote index log files ({log_writes})");
     assert!(reliances[0] >= 3, "segments were deleted ({})", reliances[0]);
     assert!(reliances[1] >= 3, "the index got checkpoints' writes ({})", reliances[1]);
+    if let Some(n) = first_violation.or((!violations.is_empty()).then_some(lines.len() - 1)) {
+        eprintln!("the trace up to the first violation:\n{}", lines[n.saturating_sub(30)..=n].join("\n"));
+    }
     assert_eq!(violations, Vec::<String>::new(), "{} violations", violations.len());
 }
