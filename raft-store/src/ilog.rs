@@ -21,8 +21,14 @@
 //! runs, which makes that deletion durable; only the one after that writes slot `s` again,
 //! when no durable item points into it any more. A checkpoint that fails stops every later
 //! one of the process (`sm.rs`, `checkpoint_failed`), so no retry takes a slot turn out of
-//! this order. The open replays every item and deletes them all (flushed) before the first
-//! checkpoint, so no item outlives a process.
+//! this order. The open replays every item of each group's active generation and deletes
+//! them (flushed) before the first checkpoint. Items of an inactive generation (deleted
+//! with it, unflushed, so a crash can bring some back) are never read: the open replays
+//! active generations only, and a generation never becomes active again.
+//!
+//! Numbers restart at 0 in every process, so a section's `(group, generation, number)`
+//! cannot tell a stale section of an earlier process from the item's own; by the above, no
+//! item read at open can be stale.
 //!
 //! Before these files the logs were sled items: 100-400 KB each, over sled's blob threshold,
 //! so sled wrote each to a file of its own and deleted it later (8.7% of a node's CPU with a
@@ -74,18 +80,16 @@ impl IndexLogFiles {
     /// Opens (creating, durably) `<dir>/index-log.0` and `.1`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let paths = [dir.join("index-log.0"), dir.join("index-log.1")];
-        let mut created = false;
-        let mut open = |path: &Path| -> Result<File, StoreError> {
-            created |= !path.exists();
+        let open = |path: &Path| -> Result<File, StoreError> {
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))
         };
         let files = [open(&paths[0])?, open(&paths[1])?];
-        if created {
-            for (f, p) in files.iter().zip(&paths) {
-                f.sync_all().map_err(io_err(p))?;
-            }
-            crate::repair::sync_dir(dir)?;
+        // Every time, not only when created: a crash right after a creation leaves files
+        // whose directory entries may not be durable yet.
+        for (f, p) in files.iter().zip(&paths) {
+            f.sync_all().map_err(io_err(p))?;
         }
+        crate::repair::sync_dir(dir)?;
         Ok(IndexLogFiles { paths, files, next: AtomicUsize::new(0) })
     }
 
@@ -93,7 +97,7 @@ impl IndexLogFiles {
     /// returns the INDEX_LOG item value of each section, in order. Called by one checkpoint
     /// at a time.
     pub fn write(&self, sections: &[Section<'_>]) -> Result<Vec<Vec<u8>>, StoreError> {
-        let slot = self.next.fetch_xor(1, Ordering::Relaxed) & 1;
+        let slot = self.next.load(Ordering::Relaxed) & 1;
         let mut buf = Vec::with_capacity(sections.iter().map(|s| frame::FRAME_LEN + SECTION_HEAD + s.log.len()).sum());
         let mut items = Vec::with_capacity(sections.len());
         for s in sections {
@@ -122,6 +126,9 @@ impl IndexLogFiles {
         let (file, path) = (&self.files[slot], &self.paths[slot]);
         file.write_all_at(&buf, 0).map_err(io_err(path))?;
         file.sync_data().map_err(io_err(path))?;
+        // The turn passes only now: a slot is never skipped (a failed write stops every
+        // later checkpoint anyway).
+        self.next.store(slot ^ 1, Ordering::Relaxed);
         Ok(items)
     }
 
@@ -135,7 +142,11 @@ impl IndexLogFiles {
         number: u64,
         body: &[u8],
     ) -> Result<Vec<index::Write>, StoreError> {
-        let bad_item = |reason: String| StoreError::Corrupt { what: "an index log item".into(), offset: 0, reason };
+        let bad_item = |reason: String| StoreError::Corrupt {
+            what: format!("the index log item of group {group} generation {generation} number {number}"),
+            offset: 0,
+            reason,
+        };
         if body.len() != 14 || body[0] != POINTER_FORMAT || body[1] > 1 {
             return Err(bad_item(format!("not a pointer into an index log file ({} bytes)", body.len())));
         }

@@ -21,6 +21,7 @@
 //! Bounded: the caller checkpoints when [`Overlay::pending_bytes`] passes its limit.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
@@ -81,52 +82,64 @@ pub struct Overlay {
 pub struct SledFiles {
     dir: PathBuf,
     db: File,
-    /// Names already fsynced, of sled's directory and of `blobs/`.
-    seen: Mutex<[HashSet<OsString>; 2]>,
+    /// Names already fsynced, of sled's directory and of `blobs/`, with the length each
+    /// had then (sled writes a blob after creating it, also from a reader's thread, so a
+    /// sync can find one half-written: it is synced again once its length changed).
+    seen: Mutex<[HashMap<OsString, u64>; 2]>,
+}
+
+/// An I/O error that names the path it happened on.
+fn named(path: &Path) -> impl FnOnce(io::Error) -> io::Error + '_ {
+    move |e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 impl SledFiles {
     /// The files of the sled database in `dir` (opened already: sled creates them).
     pub fn open(dir: &Path) -> io::Result<Self> {
         let db = File::open(dir.join("db"))?;
-        Ok(SledFiles { dir: dir.to_path_buf(), db, seen: Mutex::new([HashSet::new(), HashSet::new()]) })
+        Ok(SledFiles { dir: dir.to_path_buf(), db, seen: Mutex::new([HashMap::new(), HashMap::new()]) })
     }
 
     /// Makes durable everything sled wrote (and flushed) so far; see [`SledFiles`].
     pub fn sync(&self) -> io::Result<()> {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let [top, blobs] = &mut *seen;
-        sync_new_files(&self.dir.join("blobs"), blobs)?;
-        sync_new_files(&self.dir, top)?;
-        self.db.sync_data()
+        sync_new_files(&self.dir.join("blobs"), blobs, None)?;
+        sync_new_files(&self.dir, top, Some("db"))?;
+        self.db.sync_data().map_err(named(&self.dir.join("db")))
     }
 }
 
-/// fdatasyncs each file in `dir` whose name is not in `seen` (sled's directory holds
-/// `blobs/` too: a directory, skipped), and `dir` itself if a name came or went; `seen`
-/// becomes the names found.
-fn sync_new_files(dir: &Path, seen: &mut HashSet<OsString>) -> io::Result<()> {
-    let mut found = HashSet::with_capacity(seen.len());
+/// fdatasyncs each file in `dir` whose name is not in `seen` or whose length changed since
+/// (sled's directory holds `blobs/` too: a directory, skipped), and `dir` itself if a name
+/// came or went; `seen` becomes what was found. `except` (sled's log file, which the caller
+/// syncs every time) is listed but never synced here. Errors name the path.
+fn sync_new_files(dir: &Path, seen: &mut HashMap<OsString, u64>, except: Option<&str>) -> io::Result<()> {
+    let mut found = HashMap::with_capacity(seen.len());
     let mut changed = false;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
+    for entry in std::fs::read_dir(dir).map_err(named(dir))? {
+        let entry = entry.map_err(named(dir))?;
+        let path = entry.path();
         let name = entry.file_name();
-        if !seen.contains(&name) {
-            changed = true;
-            if entry.file_type()?.is_file() {
-                match File::open(entry.path()) {
-                    Ok(f) => f.sync_data()?,
-                    // Removed meanwhile (sled deletes a blob once no page points to it).
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
-                }
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Removed meanwhile (sled deletes a blob once no page points to it).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(named(&path)(e)),
+        };
+        changed |= !seen.contains_key(&name);
+        if meta.is_file() && seen.get(&name) != Some(&meta.len()) && except.is_none_or(|x| name != x) {
+            match File::open(&path) {
+                Ok(f) => f.sync_data().map_err(named(&path))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(named(&path)(e)),
             }
         }
-        found.insert(name);
+        found.insert(name, meta.len());
     }
-    changed |= seen.iter().any(|n| !found.contains(n));
+    changed |= seen.keys().any(|n| !found.contains_key(n));
     if changed {
-        File::open(dir)?.sync_all()?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(named(dir))?;
     }
     *seen = found;
     Ok(())

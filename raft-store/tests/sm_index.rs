@@ -91,29 +91,32 @@ fn reads(store: &StateStore) -> Reads {
 }
 
 /// What the child does before the crash, on each group: entries 1..=20, a checkpoint (its
-/// index logs reach the index), entries 21..=33, a checkpoint that aborts at `point`.
+/// index logs reach the index), entries 21..=33, a checkpoint (the one most crash points
+/// abort in), then entry 34 and a third checkpoint, whose logs go into the first one's
+/// index log file again while the second's items still point into the other.
 fn crash_child(dst: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = open(dst);
-        for g in GROUPS {
-            apply(&mut store.group(g).unwrap(), log().into_iter().take(20).collect()).await;
+        for (skip, take) in [(0, 20), (20, 13), (33, 1)] {
+            for g in GROUPS {
+                apply(&mut store.group(g).unwrap(), log().into_iter().skip(skip).take(take).collect()).await;
+            }
+            store.checkpoint().unwrap();
         }
-        store.checkpoint().unwrap();
-        for g in GROUPS {
-            apply(&mut store.group(g).unwrap(), log().into_iter().skip(20).take(13).collect()).await;
-        }
-        store.checkpoint().unwrap();
     });
 }
 
-/// `after_index_log`: the checkpoint wrote its logs to an index log file (the other one than
-/// the first checkpoint's), but its sled batch, which points into it, never landed.
-const CRASH_POINTS: [&str; 4] = ["after_index_log", "before_index_apply", "after_index_apply", "index_recovered"];
+/// `after_index_log`: the second checkpoint wrote its logs to an index log file (the other
+/// one than the first checkpoint's), but its sled batch, which points into it, never
+/// landed. `after_index_log#3`: the third wrote its logs over the first's (whose items the
+/// second's batch deleted), while the second's items are durable, and its batch never landed.
+const CRASH_POINTS: [&str; 5] =
+    ["after_index_log", "after_index_log#3", "before_index_apply", "after_index_apply", "index_recovered"];
 
 fn run_child(dst: &Path, point: &str) {
     // The second checkpoint's (the first one's log must have reached the index).
-    let at = if point == "index_recovered" { point.to_string() } else { format!("{point}#2") };
+    let at = if point == "index_recovered" || point.contains('#') { point.to_string() } else { format!("{point}#2") };
     spawn_crashing_child(
         "a_crash_around_the_state_index_keeps_every_answer",
         &[("HABAR_SM_INDEX_CRASH_DST", dst.as_os_str()), ("HABAR_TEST_CRASH_AT", at.as_ref())],
@@ -153,7 +156,7 @@ fn a_crash_around_the_state_index_keeps_every_answer() {
     assert_eq!((want[2].0.len(), want[2].1), (23, 46), "c's seqs continue after the erasure");
     assert_eq!((want[3].0.len(), want[3].1), (22, 22), "d starts again at 1 after the reset");
     for point in CRASH_POINTS {
-        let dst = dir.path().join(point);
+        let dst = dir.path().join(point.replace('#', "-"));
         if point == "index_recovered" {
             run_child(&dst, "before_index_apply");
         }
