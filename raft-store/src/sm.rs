@@ -308,6 +308,8 @@ struct Inner {
     /// `<dir>/index`: the items of the index's kinds (conversations, runs, dedupe pairs),
     /// out of sled (`index.rs`).
     index: StateIndex,
+    /// Which conversation records may exist (lookups of the others skip the state index).
+    convs: ConvFilter,
     /// The number of the next checkpoint's index log items.
     index_log_next: AtomicU64,
     /// `<dir>/index-log.{0,1}`: where those items point (`ilog.rs`).
@@ -1037,6 +1039,78 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
+/// At most this many conversation records in [`ConvFilter`] (~16-20 bytes each): past it the
+/// filter is dropped and every lookup goes to the state index, as without it.
+const MAX_CONV_FILTER: usize = 4 << 20;
+
+/// Which conversation records may exist: the 64-bit hashes (xxh3) of every CONV key put
+/// into the overlay, installed from a snapshot or found in the state index at open. A lookup
+/// of a key whose hash is not here returns "no record" without asking the index, where a new
+/// conversation's lookup searched every memtable and every table's filter (23% of a node's
+/// CPU with a million conversations, docs/BENCHMARKS.md, "ninth session"). A superset: a key
+/// is added before its record can be read, and never removed (an erased conversation's
+/// lookups go to the index, as do those of a hash collision).
+struct ConvFilter {
+    hashes: Mutex<Option<HashSet<u64, std::hash::BuildHasherDefault<KeyHashHasher>>>>,
+    /// [`MAX_CONV_FILTER`], but in tests.
+    limit: usize,
+}
+
+/// The set's hasher: its values are xxh3 hashes already, so it takes them as they are.
+#[derive(Default)]
+struct KeyHashHasher(u64);
+
+impl std::hash::Hasher for KeyHashHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64s are hashed (`write_u64`); anything else folds in, byte by byte.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+impl ConvFilter {
+    fn new(limit: usize) -> Self {
+        ConvFilter { hashes: Mutex::new(Some(HashSet::default())), limit }
+    }
+
+    fn hash(key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(key)
+    }
+
+    /// Adds the CONV keys among `keys` (other kinds are skipped).
+    fn add<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
+        let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(set) = hashes.as_mut() else { return };
+        for k in keys {
+            if k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_CONV) {
+                set.insert(Self::hash(k));
+            }
+        }
+        if set.len() > self.limit {
+            tracing::info!(
+                records = set.len(),
+                limit = self.limit,
+                "more conversation records than the lookup filter holds: dropped, lookups go to the state index"
+            );
+            *hashes = None;
+        }
+    }
+
+    /// Whether a record under `key` (a CONV key) may exist.
+    fn may_exist(&self, key: &[u8]) -> bool {
+        self.hashes.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|set| set.contains(&Self::hash(key)))
+    }
+}
+
 type AppliedState = (Option<LogId>, StoredMembership);
 
 /// What one apply call produced: responses, conversations extended (with their new last
@@ -1178,6 +1252,7 @@ impl StateStore {
                 live: Mutex::new(HashMap::new()),
                 dropped: Mutex::new(HashMap::new()),
                 index: open_index(dir)?,
+                convs: ConvFilter::new(MAX_CONV_FILTER),
                 index_log_next: AtomicU64::new(0),
                 index_logs: ilog::IndexLogFiles::open(dir)?,
                 index_logs_applied: Mutex::new(Vec::new()),
@@ -1189,6 +1264,14 @@ impl StateStore {
         };
         store.remove_inactive_generations()?;
         store.recover_index()?;
+        // Every conversation record there is (the index holds them all once recovered).
+        for (group, generation) in store.heads()? {
+            let prefix = keys::kind_prefix(group, generation, keys::KIND_CONV);
+            for item in store.inner.index.range(crate::overlay::prefix_range(&prefix), true) {
+                let (k, _) = item?;
+                store.inner.convs.add([k.as_ref()]);
+            }
+        }
         let weak = Arc::downgrade(&store.inner);
         let stop = store.checkpointer.stop.clone();
         let thread = std::thread::Builder::new()
@@ -1404,6 +1487,9 @@ impl StateStore {
     /// A conversation's record under `generation`, if it has one.
     fn conv_meta_at(&self, group: GroupId, generation: u32, conv: &[u8]) -> Result<Option<ConvMeta>, StoreError> {
         let k = keys::conv_key(group, generation, conv);
+        if !self.inner.convs.may_exist(&k) {
+            return Ok(None);
+        }
         match self.inner.get(&k)? {
             Some(v) => Ok(Some(ConvMeta::decode(&k, &v)?)),
             None => Ok(None),
@@ -2502,7 +2588,11 @@ impl StateStore {
         let state =
             postcard::to_allocvec(&(run.applied, &run.membership)).map_err(|e| StoreError::Encode(e.to_string()))?;
         run.batch.insert(keys::meta_key(group, generation), keys::encode_value(&state));
-        self.inner.overlay.write(std::mem::take(&mut run.batch).0);
+        let batch = std::mem::take(&mut run.batch).0;
+        // Before the overlay has them: a record must never be readable while the filter
+        // would say it does not exist.
+        self.inner.convs.add(batch.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k.as_slice()));
+        self.inner.overlay.write(batch);
         if !run.zero.is_empty() {
             // With the deletes of their items, never before (a checkpoint zeroes them).
             let mut to_zero = self.inner.to_zero.lock().unwrap_or_else(|p| p.into_inner());
@@ -2796,6 +2886,7 @@ impl StateStore {
                     })
                 }
                 _ if index::in_index(&key) => {
+                    self.inner.convs.add([key.as_slice()]);
                     index_bytes += key.len() + v.len();
                     index_batch.push((key, v));
                     if index_batch.len() >= INSTALL_BATCH_RECORDS || index_bytes >= INSTALL_BATCH_BYTES {
@@ -3201,5 +3292,29 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         // on disk since it was written is replaced, never streamed.
         let cur = self.blocking(|s, g, rt| s.current_snapshot_checked(g, &rt)).await?;
         Ok(cur.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
+    }
+}
+
+#[cfg(test)]
+mod conv_filter_tests {
+    use super::ConvFilter;
+    use crate::keys;
+
+    /// Property: the filter says "may exist" for every CONV key added (and ignores keys of
+    /// other kinds), "does not" for others, and once it passes its limit it is dropped and
+    /// says "may exist" for everything (lookups go to the index, as without it).
+    #[test]
+    fn the_conversation_filter_is_a_superset_and_gives_up_past_its_limit() {
+        let f = ConvFilter::new(3);
+        let conv = |c: &str| keys::conv_key(1, 1, c.as_bytes());
+        let env = keys::env_key(1, 1, b"x", 1);
+        f.add([conv("a").as_slice(), conv("b").as_slice(), env.as_slice()]);
+        assert!(f.may_exist(&conv("a")) && f.may_exist(&conv("b")));
+        assert!(!f.may_exist(&conv("x")), "an ENV key does not add its conversation");
+        assert!(!f.may_exist(&conv("c")));
+        f.add([conv("c").as_slice()]);
+        assert!(f.may_exist(&conv("c")) && !f.may_exist(&conv("d")));
+        f.add([conv("d").as_slice()]);
+        assert!(f.may_exist(&conv("never added")), "dropped past the limit");
     }
 }
