@@ -1039,24 +1039,28 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// At most this many conversation records in [`ConvFilter`] (~16-20 bytes each): past it the
-/// filter is dropped and every lookup goes to the state index, as without it.
+/// At most this many CONV key hashes in [`ConvFilter`] (added since the open, of every group
+/// and generation, erased conversations' included; 10-21 bytes each, ~72 MiB at the cap and
+/// up to ~108 MiB while the set grows past its last doubling): past it the filter is dropped
+/// and every lookup goes to the state index, as without it.
 const MAX_CONV_FILTER: usize = 4 << 20;
 
-/// Which conversation records may exist: the 64-bit hashes (xxh3) of every CONV key put
-/// into the overlay, installed from a snapshot or found in the state index at open. A lookup
-/// of a key whose hash is not here returns "no record" without asking the index, where a new
+/// Which conversation records may exist: the 64-bit hashes (xxh3, seeded per process, so
+/// that clients cannot choose ids that collide in the set) of every CONV key put into the
+/// overlay, installed from a snapshot or found in the state index at open. A lookup of a key
+/// whose hash is not here returns "no record" without asking the index, where a new
 /// conversation's lookup searched every memtable and every table's filter (23% of a node's
 /// CPU with a million conversations, docs/BENCHMARKS.md, "ninth session"). A superset: a key
 /// is added before its record can be read, and never removed (an erased conversation's
 /// lookups go to the index, as do those of a hash collision).
 struct ConvFilter {
     hashes: Mutex<Option<HashSet<u64, std::hash::BuildHasherDefault<KeyHashHasher>>>>,
+    seed: u64,
     /// [`MAX_CONV_FILTER`], but in tests.
     limit: usize,
 }
 
-/// The set's hasher: its values are xxh3 hashes already, so it takes them as they are.
+/// The set's hasher: its values are seeded xxh3 hashes already, so it takes them as they are.
 #[derive(Default)]
 struct KeyHashHasher(u64);
 
@@ -1079,22 +1083,27 @@ impl std::hash::Hasher for KeyHashHasher {
 
 impl ConvFilter {
     fn new(limit: usize) -> Self {
-        ConvFilter { hashes: Mutex::new(Some(HashSet::default())), limit }
+        use std::hash::BuildHasher;
+        let seed = std::collections::hash_map::RandomState::new().hash_one(0u64);
+        ConvFilter { hashes: Mutex::new(Some(HashSet::default())), seed, limit }
     }
 
-    fn hash(key: &[u8]) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(key)
+    fn hash(&self, key: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64_with_seed(key, self.seed)
     }
 
-    /// Adds the CONV keys among `keys` (other kinds are skipped).
-    fn add<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) {
+    /// Adds the CONV keys among `keys` (other kinds are skipped); false once the filter is
+    /// dropped.
+    fn add<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> bool {
+        // Hashed before the lock is taken.
+        let new: Vec<u64> = keys
+            .into_iter()
+            .filter(|k| k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_CONV))
+            .map(|k| self.hash(k))
+            .collect();
         let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(set) = hashes.as_mut() else { return };
-        for k in keys {
-            if k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_CONV) {
-                set.insert(Self::hash(k));
-            }
-        }
+        let Some(set) = hashes.as_mut() else { return false };
+        set.extend(new);
         if set.len() > self.limit {
             tracing::info!(
                 records = set.len(),
@@ -1102,12 +1111,15 @@ impl ConvFilter {
                 "more conversation records than the lookup filter holds: dropped, lookups go to the state index"
             );
             *hashes = None;
+            return false;
         }
+        true
     }
 
     /// Whether a record under `key` (a CONV key) may exist.
     fn may_exist(&self, key: &[u8]) -> bool {
-        self.hashes.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|set| set.contains(&Self::hash(key)))
+        let h = self.hash(key);
+        self.hashes.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|set| set.contains(&h))
     }
 }
 
@@ -1267,9 +1279,16 @@ impl StateStore {
         // Every conversation record there is (the index holds them all once recovered).
         for (group, generation) in store.heads()? {
             let prefix = keys::kind_prefix(group, generation, keys::KIND_CONV);
-            for item in store.inner.index.range(crate::overlay::prefix_range(&prefix), true) {
-                let (k, _) = item?;
-                store.inner.convs.add([k.as_ref()]);
+            let mut chunk: Vec<sled::IVec> = Vec::with_capacity(4096);
+            let mut items = store.inner.index.range(crate::overlay::prefix_range(&prefix), true).peekable();
+            while items.peek().is_some() {
+                chunk.clear();
+                for item in items.by_ref().take(4096) {
+                    chunk.push(item?.0);
+                }
+                if !store.inner.convs.add(chunk.iter().map(|k| k.as_ref())) {
+                    break; // dropped: lookups go to the index
+                }
             }
         }
         let weak = Arc::downgrade(&store.inner);
