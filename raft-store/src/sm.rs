@@ -751,7 +751,9 @@ impl Inner {
         Ok((batch, after))
     }
 
-    /// The next index log item of a group: its key (numbered in checkpoint order) and value.
+    /// The next index log item of a group in the inline form of stores written before the
+    /// index log files (the log itself as the item's value; upgrade tests write it): its key
+    /// (numbered in checkpoint order) and value. Checkpoints write pointers (`ilog.rs`).
     fn index_log<'a>(
         &self,
         group: GroupId,
