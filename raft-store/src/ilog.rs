@@ -53,6 +53,8 @@ use crate::StoreError;
 const SECTION_FORMAT: u8 = 1;
 /// Format byte of an INDEX_LOG item's body that points into a file (1: the log inline).
 pub const POINTER_FORMAT: u8 = 2;
+/// An INDEX_LOG item's body: `format | slot | offset | bytes`.
+const POINTER_LEN: usize = 1 + 1 + 8 + 4;
 /// `format | group | generation | number`.
 const SECTION_HEAD: usize = 1 + 4 + 4 + 8;
 /// A section holds at most this many bytes (a checkpoint's writes are bounded by the
@@ -116,7 +118,7 @@ impl IndexLogFiles {
                 b.extend_from_slice(s.log);
             });
             let bytes = (buf.len() as u64 - offset) as u32;
-            let mut v = [0u8; 14];
+            let mut v = [0u8; POINTER_LEN];
             v[0] = POINTER_FORMAT;
             v[1] = slot as u8;
             v[2..10].copy_from_slice(&offset.to_be_bytes());
@@ -147,7 +149,7 @@ impl IndexLogFiles {
             offset: 0,
             reason,
         };
-        if body.len() != 14 || body[0] != POINTER_FORMAT || body[1] > 1 {
+        if body.len() != POINTER_LEN || body[0] != POINTER_FORMAT || body[1] > 1 {
             return Err(bad_item(format!("not a pointer into an index log file ({} bytes)", body.len())));
         }
         let slot = usize::from(body[1]);

@@ -656,9 +656,8 @@ impl Inner {
             let t = Instant::now();
             let mut logs = Vec::with_capacity(index_writes.len());
             for (&(group, generation), writes) in &index_writes {
-                let refs: Vec<index::WriteRef<'_>> = writes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
-                let number = self.index_log_next.fetch_add(1, Ordering::Relaxed);
-                logs.push((group, generation, number, index::encode_log(&refs)?));
+                let (number, log) = self.next_index_log(writes.iter())?;
+                logs.push((group, generation, number, log));
             }
             let sections: Vec<ilog::Section<'_>> = logs
                 .iter()
@@ -751,18 +750,15 @@ impl Inner {
         Ok((batch, after))
     }
 
-    /// The next index log item of a group in the inline form of stores written before the
-    /// index log files (the log itself as the item's value; upgrade tests write it): its key
-    /// (numbered in checkpoint order) and value. Checkpoints write pointers (`ilog.rs`).
-    fn index_log<'a>(
+    /// The next index log of a checkpoint: its number (checkpoint order) and
+    /// `index::encode_log`'s value of `writes`.
+    fn next_index_log<'a>(
         &self,
-        group: GroupId,
-        generation: u32,
         writes: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
-    ) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
-        let key = keys::index_log_key(group, generation, self.index_log_next.fetch_add(1, Ordering::Relaxed));
+    ) -> Result<(u64, Vec<u8>), StoreError> {
         let refs: Vec<index::WriteRef<'_>> = writes.map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
-        Ok((key, index::encode_log(&refs)?))
+        let log = index::encode_log(&refs)?;
+        Ok((self.index_log_next.fetch_add(1, Ordering::Relaxed), log))
     }
 
     /// A checkpoint is due: the overlay holds [`CHECKPOINT_BYTES`], or anything at all and
@@ -2095,7 +2091,9 @@ impl StateStore {
     #[doc(hidden)]
     pub fn write_index_log_for_tests(&self, group: GroupId, writes: &[index::Write]) -> Result<(), StoreError> {
         let generation = self.rt(group)?.generation.load(Ordering::Acquire);
-        let (key, log) = self.inner.index_log(group, generation, writes.iter().map(|(k, v)| (k, v)))?;
+        // The inline form of stores written before the index log files (`ilog.rs`).
+        let (number, log) = self.inner.next_index_log(writes.iter().map(|(k, v)| (k, v)))?;
+        let key = keys::index_log_key(group, generation, number);
         let mut batch = sled::Batch::default();
         batch.insert(key, log);
         self.inner.overlay.exclusive(|| self.inner.data.apply_batch(batch))?;
