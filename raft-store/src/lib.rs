@@ -16,6 +16,7 @@
 //!
 //! This crate knows nothing of gRPC.
 
+pub(crate) mod dedupe_filter;
 pub mod envseg;
 pub mod error;
 pub mod frame;

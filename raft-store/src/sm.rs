@@ -310,6 +310,8 @@ struct Inner {
     index: StateIndex,
     /// Which conversation records may exist (lookups of the others skip the state index).
     convs: ConvFilter,
+    /// Which dedupe pairs may exist, per group and generation (`dedupe_filter.rs`).
+    dedupe: crate::dedupe_filter::DedupeFilters,
     /// The number of the next checkpoint's index log items.
     index_log_next: AtomicU64,
     /// `<dir>/index-log.{0,1}`: where those items point (`ilog.rs`).
@@ -1263,6 +1265,7 @@ impl StateStore {
                 dropped: Mutex::new(HashMap::new()),
                 index: open_index(dir)?,
                 convs: ConvFilter::new(MAX_CONV_FILTER),
+                dedupe: crate::dedupe_filter::DedupeFilters::new(),
                 index_log_next: AtomicU64::new(0),
                 index_logs: ilog::IndexLogFiles::open(dir)?,
                 index_logs_applied: Mutex::new(Vec::new()),
@@ -1472,6 +1475,9 @@ impl StateStore {
             }
         };
         let applied = self.applied_state_at(group, generation)?.0.map_or(0, |l| l.index);
+        if !self.inner.dedupe.has(group, generation) {
+            self.fill_dedupe_filter(group, generation)?;
+        }
         let current = self.inner.found_snapshots.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
         // Found at open, which checked every CRC of it.
         let checked = current.as_ref().and_then(|(_, d)| checked_now(d.path()));
@@ -1484,6 +1490,32 @@ impl StateStore {
         });
         groups.insert(group, rt.clone());
         Ok(rt)
+    }
+
+    /// Files every DEDUPE item of the group's generation in the state index (all of them
+    /// there: the overlay holds none of a group before its first apply) under a fresh filter.
+    fn fill_dedupe_filter(&self, group: GroupId, generation: u32) -> Result<(), StoreError> {
+        let dedupe = &self.inner.dedupe;
+        dedupe.reset(group, generation);
+        let prefix = keys::kind_prefix(group, generation, keys::KIND_DEDUPE);
+        let mut chunk: Vec<(u64, u64)> = Vec::with_capacity(4096);
+        let mut items = self.inner.index.range(crate::overlay::prefix_range(&prefix), true).peekable();
+        while items.peek().is_some() {
+            chunk.clear();
+            for item in items.by_ref().take(4096) {
+                let (k, v) = item?;
+                chunk.push((dedupe.hash(&k), decode_pair(&k, &v)?.1));
+            }
+            dedupe.add(group, generation, chunk.iter().copied());
+        }
+        Ok(())
+    }
+
+    /// Smaller dedupe filters (tests: a few message ids then exercise their chains of blooms,
+    /// drops and cap).
+    #[doc(hidden)]
+    pub fn set_dedupe_filter_limits(&self, first_keys: usize, max_bytes: usize) {
+        self.inner.dedupe.set_limits(first_keys, max_bytes);
     }
 
     fn applied_state_at(&self, group: GroupId, generation: u32) -> Result<AppliedState, StoreError> {
@@ -2227,9 +2259,16 @@ impl StateStore {
         let (group, generation) = (run.group, run.generation);
         let mut appended = Vec::with_capacity(envelopes.len());
         let mut added: Vec<(&str, [u8; MESSAGE_ID_LEN])> = Vec::new();
-        for e in envelopes {
+        let dedupe_keys: Vec<Vec<u8>> = envelopes
+            .iter()
+            .map(|e| keys::dedupe_key(group, generation, e.conversation_id.as_bytes(), &e.message_id))
+            .collect();
+        let hashes: Vec<u64> = dedupe_keys.iter().map(|k| self.inner.dedupe.hash(k)).collect();
+        // One lock for the entry: which pairs may exist before this entry.
+        let may_exist = self.inner.dedupe.may_exist(group, generation, &hashes);
+        let mut filed: Vec<(u64, u64)> = Vec::with_capacity(envelopes.len());
+        for (i, (e, dedupe_key)) in envelopes.iter().zip(dedupe_keys).enumerate() {
             let conv = e.conversation_id.as_str();
-            let dedupe_key = keys::dedupe_key(group, generation, conv.as_bytes(), &e.message_id);
             let seen = match run.dedupe.get(&dedupe_key).copied() {
                 Some(p) => Some(p),
                 // A conversation that has had no envelope since it began (or since an erasure
@@ -2238,6 +2277,9 @@ impl StateStore {
                 // anyway to assign the seq; with a million conversations, nearly every
                 // envelope is such a conversation's first.
                 None if self.run_conv(run, conv)?.0.last_seq == 0 => None,
+                // The filter rules it out: no pair under it (an earlier entry of this run has
+                // its pair in `run.dedupe`, above).
+                None if !may_exist[i] => None,
                 None => match self.inner.get(&dedupe_key)? {
                     Some(v) => Some(decode_pair(&dedupe_key, &v)?),
                     None => None,
@@ -2261,6 +2303,7 @@ impl StateStore {
             run.batch.insert(keys::env_key(group, generation, conv.as_bytes(), seq), encode_envelope(e, now_ms));
             run.batch.insert(dedupe_key.clone(), encode_pair(seq, now_ms));
             run.dedupe.insert(dedupe_key, (seq, now_ms));
+            filed.push((hashes[i], now_ms));
             if e.expires_at_ms != 0 {
                 run.batch.insert(
                     keys::expiry_key(group, generation, e.expires_at_ms, conv.as_bytes(), seq),
@@ -2279,6 +2322,8 @@ impl StateStore {
             let body = postcard::to_allocvec(&added).map_err(|e| StoreError::Encode(e.to_string()))?;
             run.batch.insert(keys::dedupe_time_key(group, generation, now_ms, index), keys::encode_value(&body));
         }
+        // Filed before the run's batch (with the pairs) is written.
+        self.inner.dedupe.add(group, generation, filed);
         Ok(CommandResponse::Appended(appended))
     }
 
@@ -2384,12 +2429,19 @@ impl StateStore {
         let cutoff = now_ms.saturating_sub(dedupe_window_ms);
         let mut end = keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME);
         end.extend_from_slice(&cutoff.to_be_bytes());
+        // Every pair committed before this is gone once the loop ends: the cutoff, or the time
+        // of the first dedupe time item the budget left.
+        let mut removed_below = cutoff;
         for item in data.range(keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME)..end) {
+            let (k, v) = item?;
             if budget == 0 {
                 report.more = true;
+                match keys::decode_key(&k).map_err(|e| corrupt_key(&k, e))? {
+                    keys::Key::DedupeTime { at_ms, .. } => removed_below = at_ms,
+                    _ => return Err(corrupt_key(&k, keys::DecodeError("not a dedupe time key".into()))),
+                }
                 break;
             }
-            let (k, v) = item?;
             let body = keys::decode_value(&v).map_err(|e| corrupt_key(&k, e))?;
             let added: Vec<(String, [u8; MESSAGE_ID_LEN])> = postcard::from_bytes(body)
                 .map_err(|e| corrupt_key(&k, keys::DecodeError(format!("dedupe time entry: {e}"))))?;
@@ -2407,6 +2459,9 @@ impl StateStore {
             run.batch.remove(k);
             budget = budget.saturating_sub(1);
         }
+        // The removes are in the run's batch, written before the group's next apply looks a
+        // pair up.
+        self.inner.dedupe.removed_below(group, generation, removed_below);
         Ok(CommandResponse::Maintained(report))
     }
 
@@ -2878,6 +2933,8 @@ impl StateStore {
         self.inner.checkpoint(true)?;
         let new = old.checked_add(1).ok_or_else(|| StoreError::Encode("generation counter exhausted".into()))?;
         let new_prefix = keys::gen_prefix(group, new);
+        // Every DEDUPE record of the snapshot is filed below.
+        self.inner.dedupe.reset(group, new);
         let next_prefix = new.checked_add(1).map(|g| keys::gen_prefix(group, g).to_vec());
         if let Some(end) = next_prefix {
             self.delete_range(new_prefix.to_vec()..end)?;
@@ -2904,8 +2961,13 @@ impl StateStore {
                         ),
                     })
                 }
-                _ if index::in_index(&key) => {
-                    self.inner.convs.add([key.as_slice()]);
+                decoded if index::in_index(&key) => {
+                    if matches!(decoded, keys::Key::Dedupe { .. }) {
+                        let at_ms = decode_pair(&key, &v)?.1;
+                        self.inner.dedupe.add(group, new, [(self.inner.dedupe.hash(&key), at_ms)]);
+                    } else {
+                        self.inner.convs.add([key.as_slice()]);
+                    }
                     index_bytes += key.len() + v.len();
                     index_batch.push((key, v));
                     if index_batch.len() >= INSTALL_BATCH_RECORDS || index_bytes >= INSTALL_BATCH_BYTES {
@@ -2951,6 +3013,7 @@ impl StateStore {
             let _ = self.inner.overlay.flush(&self.inner.data);
         });
         rt.generation.store(new, Ordering::Release);
+        self.inner.dedupe.retain_only(group, new);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
         self.remove_segments(group, |g| g != new)?;
 
