@@ -3,24 +3,30 @@
 //! machine. An append's dedupe lookup of a key the filter rules out is skipped: with 1,000
 //! busy conversations nearly every envelope's message id is new, and its lookup searched every
 //! memtable and table filter of the state index (a fifth of a node's CPU; skipping it gave
-//! +30% closed-loop throughput, docs/BENCHMARKS.md, "tenth session").
+//! +28% closed-loop throughput, docs/BENCHMARKS.md, "2026-12-05, tenth session").
 //!
 //! The one rule: **a key ruled out has no DEDUPE item** in the group's state (overlay or
 //! index), so skipping its lookup answers exactly what the lookup would: replicas whose
-//! filters differ (different seeds, caps reached at different times) still apply alike. Hence:
-//! - a key is added before the batch holding its pair is written (the group's applies are
+//! filters differ (different seeds, caps reached at different times, one restarted) still
+//! apply alike. Hence:
+//! - a key is filed before the batch holding its pair is written (the group's applies are
 //!   one at a time, and only they consult the filter);
-//! - bloom filters are never cleared of single keys (an erasure's deletes leave them: a
-//!   superset is allowed); a whole bloom goes only when maintenance has removed every pair
-//!   committed at or before the newest time in it (`removed_below_ms`, from the dedupe time
-//!   items it walked in time order);
-//! - pairs the filter never saw (more than [`MAX_BYTES`] of filters at once, or at open) leave
-//!   it "uncovered up to" their newest commit time: until maintenance has passed that time,
-//!   every key "may exist" and is looked up, as without the filter.
+//! - blooms are never cleared of single keys (an erasure's deletes leave them: a superset is
+//!   allowed); a whole bloom goes only when every pair committed at or before its newest time
+//!   is known to be removed: `removed_below_ms` is the time before which housekeeping removed
+//!   every pair (it walks the dedupe time items in time order), lowered again when a pair is
+//!   filed with an earlier time (a leader whose clock is behind the last one's);
+//! - pairs the filter does not hold (at the cap, [`MAX_BYTES`]) leave the group "uncovered up
+//!   to" their newest commit time: until housekeeping has removed everything before a later
+//!   time, every key "may exist" and is looked up, as without the filter. Past the cap a group
+//!   holds no bloom and files nothing (it only moves that time); once housekeeping passes it,
+//!   the group holds no pair the filter does not know of, and filing starts again.
 //!
 //! Memory: each bloom is sized for 1% false positives (~1.2 bytes a key); a group's first holds
 //! [`FIRST_KEYS`] keys, each next one twice as many up to [`MAX_KEYS`], so a lookup probes a
-//! handful of blooms. All groups together hold at most [`MAX_BYTES`].
+//! handful of blooms. All groups together hold at most [`MAX_BYTES`] (~55 M keys: about half
+//! an hour of 30,000 new message ids a second, or a day of 600 a second, with the default
+//! 24-hour dedupe window).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -48,9 +54,18 @@ struct Bloom {
 
 impl Bloom {
     fn new(capacity: usize) -> Self {
-        let bits = fastbloom::BloomFilter::with_false_pos(FALSE_POSITIVES).expected_items(capacity.max(1));
-        let bytes = bits.num_bits().div_ceil(8);
+        let bytes = Self::bytes_for(capacity);
+        let bits = fastbloom::BloomFilter::with_num_bits(bytes * 8).expected_items(capacity.max(1));
         Bloom { bits, keys: 0, capacity, max_ms: 0, bytes }
+    }
+
+    /// The bytes of a bloom of `capacity` keys (known before it is allocated: the cap is
+    /// checked first).
+    fn bytes_for(capacity: usize) -> usize {
+        // m = -n ln p / (ln 2)^2 bits for a false-positive rate p, in whole 64-byte lines.
+        let n = capacity.max(1) as f64;
+        let bits = (-n * FALSE_POSITIVES.ln() / (std::f64::consts::LN_2 * std::f64::consts::LN_2)).ceil() as usize;
+        bits.div_ceil(512).max(1) * 64
     }
 }
 
@@ -60,7 +75,9 @@ struct GroupFilter {
     blooms: Vec<Bloom>,
     /// Pairs committed at or before this time may exist without being in `blooms`.
     uncovered_to_ms: Option<u64>,
-    /// Maintenance has removed every pair committed before this time.
+    /// Past the cap: nothing is filed until `removed_below_ms` passes `uncovered_to_ms`.
+    off: bool,
+    /// Every pair of the group committed before this time is removed.
     removed_below_ms: u64,
 }
 
@@ -71,6 +88,15 @@ impl GroupFilter {
 
     fn bytes(&self) -> usize {
         self.blooms.iter().map(|b| b.bytes).sum()
+    }
+
+    /// Everything the blooms hold becomes uncovered, and the blooms go: returns their bytes.
+    fn drop_blooms(&mut self, at_ms: u64) -> usize {
+        let newest = self.blooms.iter().map(|b| b.max_ms).chain(self.uncovered_to_ms).chain([at_ms]).max();
+        self.uncovered_to_ms = newest;
+        let freed = self.bytes();
+        self.blooms.clear();
+        freed
     }
 }
 
@@ -154,29 +180,32 @@ impl DedupeFilters {
         let f = &mut *guard;
         let Some(g) = f.groups.get_mut(&(group, generation)) else { return };
         for (hash, at_ms) in pairs {
-            let full = g.blooms.last().is_none_or(|b| b.keys >= b.capacity);
-            if full {
+            // A pair older than what housekeeping is known to have removed (a clock behind
+            // the last leader's): the claim holds only below it now.
+            g.removed_below_ms = g.removed_below_ms.min(at_ms);
+            if g.off {
+                g.uncovered_to_ms = g.uncovered_to_ms.max(Some(at_ms));
+                continue;
+            }
+            if g.blooms.last().is_none_or(|b| b.keys >= b.capacity) {
                 let capacity =
                     g.blooms.last().map_or(f.first_keys, |b| (b.capacity * 2).min(MAX_KEYS.max(f.first_keys)));
-                let bloom = Bloom::new(capacity);
-                if f.bytes + bloom.bytes > f.max_bytes {
-                    // Over the cap: this group's blooms go; what they held is uncovered.
-                    let newest = g.blooms.iter().map(|b| b.max_ms).max().into_iter().chain(g.uncovered_to_ms);
-                    g.uncovered_to_ms = newest.chain([at_ms]).max();
-                    let freed = g.bytes();
+                let bytes = Bloom::bytes_for(capacity);
+                if f.bytes + bytes > f.max_bytes {
+                    let freed = g.drop_blooms(at_ms);
                     f.bytes -= freed;
-                    g.blooms.clear();
+                    g.off = true;
                     tracing::info!(
                         group,
                         generation,
                         freed_bytes = freed,
                         max_bytes = f.max_bytes,
-                        "more message ids than the dedupe filter holds: this group's lookups go to the state index until maintenance passes them"
+                        "more message ids than the dedupe filters hold: this group's dedupe lookups go to the state index until housekeeping has removed the pairs it holds now"
                     );
                     continue;
                 }
-                f.bytes += bloom.bytes;
-                g.blooms.push(bloom);
+                f.bytes += bytes;
+                g.blooms.push(Bloom::new(capacity));
             }
             if let Some(b) = g.blooms.last_mut() {
                 b.bits.insert_hash(hash);
@@ -198,18 +227,22 @@ impl DedupeFilters {
         }
     }
 
-    /// Maintenance has removed every pair of the group committed before `below_ms`: blooms
-    /// whose newest key is older go.
+    /// Housekeeping has removed every pair of the group committed before `below_ms` (the
+    /// claim is true now; it stays true until a pair is filed with an earlier time, which
+    /// lowers it): blooms whose newest key is older go.
     pub(crate) fn removed_below(&self, group: GroupId, generation: u32, below_ms: u64) {
         let mut guard = self.lock();
         let f = &mut *guard;
         let Some(g) = f.groups.get_mut(&(group, generation)) else { return };
         g.removed_below_ms = g.removed_below_ms.max(below_ms);
         let below = g.removed_below_ms;
+        if g.off && g.covered() {
+            // Every pair it did not file is gone: it can file again.
+            g.off = false;
+        }
         let mut freed = 0;
         g.blooms.retain(|b| {
-            // The last bloom stays while it has room (it is where keys go next).
-            let gone = b.max_ms < below && b.keys > 0;
+            let gone = b.max_ms < below;
             if gone {
                 freed += b.bytes;
             }
@@ -233,54 +266,98 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        /// Keys (0..64) committed at the current time.
+        /// Keys (0..64) committed at the current time, as one entry.
         Add(Vec<u8>),
         /// Time moves on.
         Tick(u64),
-        /// Maintenance removes every pair committed before now - window.
-        Maintain(u64),
+        /// Time goes back (a new leader whose clock is behind).
+        Back(u64),
+        /// Housekeeping at the current time: (window, budget of dedupe time items).
+        Maintain(u64, usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => proptest::collection::vec(0u8..64, 1..20).prop_map(Op::Add),
             2 => (1u64..20).prop_map(Op::Tick),
-            2 => (0u64..40).prop_map(Op::Maintain),
+            1 => (1u64..30).prop_map(Op::Back),
+            2 => (0u64..40, prop_oneof![Just(usize::MAX), 0usize..4]).prop_map(|(w, b)| Op::Maintain(w, b)),
         ]
     }
 
-    proptest! {
-        /// The one rule: a key whose pair the model still holds is never ruled out, whatever
-        /// the chain of blooms, the drops at maintenance and the cap did; and with room
-        /// enough, a key never added is ruled out at least sometimes (the filter does work).
-        #[test]
-        fn a_key_whose_pair_exists_is_never_ruled_out(ops in proptest::collection::vec(op(), 1..80), cap in prop_oneof![Just(usize::MAX), 64usize..2048]) {
-            let f = DedupeFilters::with_limits(4, cap);
-            f.reset(1, 1);
-            let mut now = 0u64;
-            // key -> newest commit time (a key can be committed again after an erasure).
-            let mut model: HashMap<u8, u64> = HashMap::new();
-            for op in &ops {
-                match op {
-                    Op::Add(ks) => {
-                        f.add(1, 1, ks.iter().map(|k| (f.hash(&[*k]), now)));
-                        for k in ks {
-                            model.insert(*k, now);
-                        }
-                    }
-                    Op::Tick(d) => now += d,
-                    Op::Maintain(window) => {
-                        let cutoff = now.saturating_sub(*window);
-                        model.retain(|_, at| *at >= cutoff);
-                        f.removed_below(1, 1, cutoff);
+    /// The store as housekeeping sees it: each key's pair (its newest commit time) and the
+    /// dedupe time items (entry time, keys), walked in time order.
+    #[derive(Default)]
+    struct Model {
+        pairs: HashMap<u8, u64>,
+        times: Vec<(u64, usize, Vec<u8>)>,
+    }
+
+    impl Model {
+        /// What `apply_maintain` does: walks the items before the cutoff in (time, entry)
+        /// order, at most `budget`, removing each key whose pair is older than the cutoff;
+        /// returns the time before which every pair is gone.
+        fn maintain(&mut self, now: u64, window: u64, budget: usize) -> u64 {
+            let cutoff = now.saturating_sub(window);
+            self.times.sort();
+            let mut removed_below = cutoff;
+            let mut done = 0;
+            while let Some((at, _, _)) = self.times.first() {
+                if *at >= cutoff {
+                    break;
+                }
+                if done == budget {
+                    removed_below = *at;
+                    break;
+                }
+                let (_, _, keys) = self.times.remove(0);
+                for k in keys {
+                    if self.pairs.get(&k).is_some_and(|t| *t < cutoff) {
+                        self.pairs.remove(&k);
                     }
                 }
-                let all: Vec<u8> = (0..64).collect();
-                let hashes: Vec<u64> = all.iter().map(|k| f.hash(&[*k])).collect();
+                done += 1;
+            }
+            removed_below
+        }
+    }
+
+    proptest! {
+        /// The one rule: a key whose pair the store still holds is never ruled out, whatever
+        /// the chain of blooms, the drops at housekeeping (cut short by its budget or not),
+        /// the cap and clocks going back did.
+        #[test]
+        fn a_key_whose_pair_exists_is_never_ruled_out(
+            ops in proptest::collection::vec(op(), 1..80),
+            cap in prop_oneof![Just(usize::MAX), 64usize..1024],
+        ) {
+            let f = DedupeFilters::with_limits(4, cap);
+            f.reset(1, 1);
+            let mut now = 100u64;
+            let mut model = Model::default();
+            for (n, op) in ops.iter().enumerate() {
+                match op {
+                    Op::Add(ks) => {
+                        // Pairs of keys not in the store (a retry of one there is a duplicate).
+                        let new: Vec<u8> = ks.iter().copied().filter(|k| !model.pairs.contains_key(k)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+                        f.add(1, 1, new.iter().map(|k| (f.hash(&[*k]), now)));
+                        for k in &new {
+                            model.pairs.insert(*k, now);
+                        }
+                        model.times.push((now, n, new));
+                    }
+                    Op::Tick(d) => now += d,
+                    Op::Back(d) => now = now.saturating_sub(*d),
+                    Op::Maintain(window, budget) => {
+                        let below = model.maintain(now, *window, *budget);
+                        f.removed_below(1, 1, below);
+                    }
+                }
+                let hashes: Vec<u64> = (0..64u8).map(|k| f.hash(&[k])).collect();
                 let may = f.may_exist(1, 1, &hashes);
-                for (k, m) in all.iter().zip(&may) {
-                    if model.contains_key(k) {
-                        prop_assert!(*m, "key {k} has a pair but was ruled out");
+                for k in 0..64u8 {
+                    if model.pairs.contains_key(&k) {
+                        prop_assert!(may[k as usize], "key {k} has a pair but was ruled out");
                     }
                 }
                 prop_assert!(f.bytes() <= cap);
@@ -304,6 +381,10 @@ mod tests {
         f.removed_below(1, 1, 11);
         assert!(f.bytes() < before);
         assert_eq!(f.may_exist(1, 1, &[f.hash(b"c")]), vec![true]);
+        // A pair filed with an earlier time (a clock behind) is not dropped by the old claim.
+        f.add(1, 1, [(f.hash(b"d"), 5)]);
+        f.removed_below(1, 1, 6);
+        assert_eq!(f.may_exist(1, 1, &[f.hash(b"d")]), vec![true]);
         // Another generation, and forgetting it.
         f.reset(1, 2);
         f.add(1, 2, [(f.hash(b"a"), 5)]);
@@ -313,21 +394,25 @@ mod tests {
     }
 
     #[test]
-    fn past_the_cap_a_group_is_uncovered_until_maintenance_passes_what_it_dropped() {
-        let f = DedupeFilters::with_limits(1000, 2000);
+    fn past_the_cap_a_group_files_nothing_until_housekeeping_passes_what_it_did_not_file() {
+        let one = super::Bloom::bytes_for(1000);
+        let f = DedupeFilters::with_limits(1000, one + one / 2);
         f.reset(1, 1);
         f.add(1, 1, (0..1000u32).map(|i| (f.hash(&i.to_be_bytes()), 50)));
-        let one = f.bytes();
-        // The next bloom (2,000 keys) does not fit: dropped, uncovered up to 60.
+        assert_eq!(f.bytes(), one);
+        // The next bloom (2,000 keys) does not fit: dropped, uncovered up to 60, off.
         f.add(1, 1, [(f.hash(b"late"), 60)]);
         assert_eq!(f.bytes(), 0);
-        assert!(one > 0);
         assert_eq!(f.may_exist(1, 1, &[f.hash(b"never")]), vec![true], "uncovered: everything may exist");
+        // Off: not filed, but uncovered up to 70 now.
         f.add(1, 1, [(f.hash(b"later"), 70)]);
-        f.removed_below(1, 1, 60);
-        assert_eq!(f.may_exist(1, 1, &[f.hash(b"never")]), vec![true], "60 itself is not passed yet");
+        assert_eq!(f.bytes(), 0);
         f.removed_below(1, 1, 61);
-        assert_eq!(f.may_exist(1, 1, &[f.hash(b"later")]), vec![true]);
+        assert_eq!(f.may_exist(1, 1, &[f.hash(b"never")]), vec![true], "70 is not passed yet");
+        f.removed_below(1, 1, 71);
+        f.add(1, 1, [(f.hash(b"again"), 80)]);
+        assert_eq!(f.bytes(), one, "filing again");
+        assert_eq!(f.may_exist(1, 1, &[f.hash(b"again")]), vec![true]);
         let ruled_out = (0..100u32).filter(|i| !f.may_exist(1, 1, &[f.hash(&i.to_be_bytes())])[0]).count();
         assert!(ruled_out > 90, "covered again: only {ruled_out} of 100 new keys ruled out");
     }

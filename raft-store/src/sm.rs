@@ -1291,6 +1291,9 @@ impl StateStore {
                     break; // dropped: lookups go to the index
                 }
             }
+            // Here, not at the group's first use: that holds the lock every group's first
+            // use takes.
+            store.fill_dedupe_filter(group, generation)?;
         }
         let weak = Arc::downgrade(&store.inner);
         let stop = store.checkpointer.stop.clone();
@@ -1476,6 +1479,7 @@ impl StateStore {
         };
         let applied = self.applied_state_at(group, generation)?.0.map_or(0, |l| l.index);
         if !self.inner.dedupe.has(group, generation) {
+            // A group created just now (the open filled every other).
             self.fill_dedupe_filter(group, generation)?;
         }
         let current = self.inner.found_snapshots.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
@@ -1493,7 +1497,8 @@ impl StateStore {
     }
 
     /// Files every DEDUPE item of the group's generation in the state index (all of them
-    /// there: the overlay holds none of a group before its first apply) under a fresh filter.
+    /// there: the overlay holds none of a group before its first apply) under a fresh filter:
+    /// at open, for each group there is, and at the first use of a group created since.
     fn fill_dedupe_filter(&self, group: GroupId, generation: u32) -> Result<(), StoreError> {
         let dedupe = &self.inner.dedupe;
         dedupe.reset(group, generation);

@@ -325,7 +325,7 @@ proptest! {
     fn messaging_state_matches_the_model(
         ops in proptest::collection::vec(op(), 1..60),
         cuts in proptest::collection::vec(any::<bool>(), 60),
-        filter in prop_oneof![Just(None), (1usize..4, prop_oneof![Just(usize::MAX), 8usize..200]).prop_map(Some)],
+        filter in prop_oneof![Just(None), (1usize..4, prop_oneof![Just(usize::MAX), 64usize..400]).prop_map(Some)],
     ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
@@ -380,7 +380,7 @@ proptest! {
     }
 }
 
-/// Property: housekeeping that stops at its budget keeps the dedupe answers of the message
+/// Housekeeping that stops at its budget keeps the dedupe answers of the message
 /// ids it did not reach, with a dedupe filter of one id per bloom (whose blooms go as
 /// housekeeping passes them): only the ids it removed are new again.
 #[test]
