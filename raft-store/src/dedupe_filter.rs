@@ -149,6 +149,11 @@ impl DedupeFilters {
         self.lock().groups.contains_key(&(group, generation))
     }
 
+    /// How many generations of `group` have a filter.
+    pub(crate) fn generations(&self, group: GroupId) -> usize {
+        self.lock().groups.keys().filter(|(g, _)| *g == group).count()
+    }
+
     /// Starts the group's filter afresh, holding nothing and covering everything: for a
     /// generation whose DEDUPE items are all about to be [`Self::add`]ed (the open's scan, an
     /// install).

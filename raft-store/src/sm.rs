@@ -1039,25 +1039,40 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// At most this many CONV key hashes in [`ConvFilter`] (added since the open, of every group
-/// and generation, erased conversations' included; 10-21 bytes each, ~72 MiB at the cap and
-/// up to ~108 MiB while the set grows past its last doubling): past it the filter is dropped
-/// and every lookup goes to the state index, as without it.
+/// At most this many CONV key hashes in [`ConvFilter`] (of every group's active generation,
+/// erased conversations' included; 10-21 bytes each, ~72 MiB at the cap and up to ~108 MiB
+/// while a set grows past its last doubling): past it the filter is dropped and every lookup
+/// goes to the state index, as without it, until the next open.
 const MAX_CONV_FILTER: usize = 4 << 20;
 
-/// Which conversation records may exist: the 64-bit hashes (xxh3, seeded per process, so
-/// that clients cannot choose ids that collide in the set) of every CONV key put into the
-/// overlay, installed from a snapshot or found in the state index at open. A lookup of a key
-/// whose hash is not here returns "no record" without asking the index, where a new
-/// conversation's lookup searched every memtable and every table's filter (23% of a node's
-/// CPU with a million conversations, docs/BENCHMARKS.md, "ninth session"). A superset: a key
-/// is added before its record can be read, and never removed (an erased conversation's
-/// lookups go to the index, as do those of a hash collision).
+/// Which conversation records may exist: per group and generation, the 64-bit hashes (xxh3,
+/// seeded per process, so that clients cannot choose ids that collide in a set) of every CONV
+/// key put into the overlay, installed from a snapshot or found in the state index at open. A
+/// lookup of a key whose hash is not there returns "no record" without asking the index,
+/// where a new conversation's lookup searched every memtable and every table's filter (23%
+/// of a node's CPU with a million conversations, docs/BENCHMARKS.md, "ninth session"). A
+/// superset: a key is added before its record can be read, and never removed (an erased
+/// conversation's lookups go to the index, as do those of a hash collision); a generation's
+/// set goes when an install switches the group to the next ([`ConvFilter::retain_only`]).
 struct ConvFilter {
-    hashes: Mutex<Option<HashSet<u64, std::hash::BuildHasherDefault<KeyHashHasher>>>>,
+    sets: Mutex<ConvSets>,
     seed: u64,
     /// [`MAX_CONV_FILTER`], but in tests.
     limit: usize,
+}
+
+type KeyHashSet = HashSet<u64, std::hash::BuildHasherDefault<KeyHashHasher>>;
+
+#[derive(Default)]
+struct ConvSets {
+    /// A set exists for a generation once a key of it was added or an install reset it; a
+    /// generation without one has no records (the open adds every group's, an install resets
+    /// its new one before it adds).
+    groups: HashMap<(GroupId, u32), KeyHashSet>,
+    /// Hashes in all sets.
+    total: usize,
+    /// Past the limit: every key may exist.
+    dropped: bool,
 }
 
 /// The set's hasher: its values are seeded xxh3 hashes already, so it takes them as they are.
@@ -1081,45 +1096,92 @@ impl std::hash::Hasher for KeyHashHasher {
     }
 }
 
+/// The group and generation in a key's first bytes.
+fn key_generation(key: &[u8]) -> Option<(GroupId, u32)> {
+    let group = u32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
+    let generation = u32::from_be_bytes(key.get(5..keys::GEN_PREFIX_LEN)?.try_into().ok()?);
+    Some((group, generation))
+}
+
 impl ConvFilter {
     fn new(limit: usize) -> Self {
         use std::hash::BuildHasher;
         let seed = std::collections::hash_map::RandomState::new().hash_one(0u64);
-        ConvFilter { hashes: Mutex::new(Some(HashSet::default())), seed, limit }
+        ConvFilter { sets: Mutex::new(ConvSets::default()), seed, limit }
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
         xxhash_rust::xxh3::xxh3_64_with_seed(key, self.seed)
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConvSets> {
+        self.sets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Adds the CONV keys among `keys` (other kinds are skipped); false once the filter is
     /// dropped.
     fn add<'a>(&self, keys: impl IntoIterator<Item = &'a [u8]>) -> bool {
         // Hashed before the lock is taken.
-        let new: Vec<u64> = keys
+        let new: Vec<((GroupId, u32), u64)> = keys
             .into_iter()
             .filter(|k| k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_CONV))
-            .map(|k| self.hash(k))
+            .filter_map(|k| Some((key_generation(k)?, self.hash(k))))
             .collect();
-        let mut hashes = self.hashes.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(set) = hashes.as_mut() else { return false };
-        set.extend(new);
-        if set.len() > self.limit {
+        let mut guard = self.lock();
+        let sets = &mut *guard;
+        if sets.dropped {
+            return false;
+        }
+        for (at, h) in new {
+            if sets.groups.entry(at).or_default().insert(h) {
+                sets.total += 1;
+            }
+        }
+        if sets.total > self.limit {
             tracing::info!(
-                records = set.len(),
+                records = sets.total,
                 limit = self.limit,
                 "more conversation records than the lookup filter holds: dropped, lookups go to the state index"
             );
-            *hashes = None;
+            *sets = ConvSets { dropped: true, ..ConvSets::default() };
             return false;
         }
         true
     }
 
+    /// Starts the generation's set afresh (an install, before it adds the snapshot's keys).
+    fn reset(&self, group: GroupId, generation: u32) {
+        let mut sets = self.lock();
+        if let Some(old) = sets.groups.insert((group, generation), KeyHashSet::default()) {
+            sets.total -= old.len();
+        }
+    }
+
+    /// Forgets every generation of `group` but `keep` (after an install's switch).
+    fn retain_only(&self, group: GroupId, keep: u32) {
+        let mut guard = self.lock();
+        let sets = &mut *guard;
+        let mut freed = 0;
+        sets.groups.retain(|(g, generation), set| {
+            let gone = *g == group && *generation != keep;
+            if gone {
+                freed += set.len();
+            }
+            !gone
+        });
+        sets.total -= freed;
+    }
+
     /// Whether a record under `key` (a CONV key) may exist.
     fn may_exist(&self, key: &[u8]) -> bool {
         let h = self.hash(key);
-        self.hashes.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|set| set.contains(&h))
+        let Some(at) = key_generation(key) else { return true };
+        let sets = self.lock();
+        if sets.dropped {
+            return true;
+        }
+        // No set: no record of that generation was ever added.
+        sets.groups.get(&at).is_some_and(|set| set.contains(&h))
     }
 }
 
@@ -1514,6 +1576,13 @@ impl StateStore {
             dedupe.add(group, generation, chunk.iter().copied());
         }
         Ok(())
+    }
+
+    /// What the lookup filters hold (tests): conversation key hashes of all groups, and the
+    /// generations of `group` that have a dedupe filter.
+    #[doc(hidden)]
+    pub fn lookup_filters_held(&self, group: GroupId) -> (usize, usize) {
+        (self.inner.convs.lock().total, self.inner.dedupe.generations(group))
     }
 
     /// Smaller dedupe filters (tests: a few message ids then exercise their chains of blooms,
@@ -2938,7 +3007,8 @@ impl StateStore {
         self.inner.checkpoint(true)?;
         let new = old.checked_add(1).ok_or_else(|| StoreError::Encode("generation counter exhausted".into()))?;
         let new_prefix = keys::gen_prefix(group, new);
-        // Every DEDUPE record of the snapshot is filed below.
+        // Every CONV and DEDUPE record of the snapshot is filed below.
+        self.inner.convs.reset(group, new);
         self.inner.dedupe.reset(group, new);
         let next_prefix = new.checked_add(1).map(|g| keys::gen_prefix(group, g).to_vec());
         if let Some(end) = next_prefix {
@@ -3018,6 +3088,7 @@ impl StateStore {
             let _ = self.inner.overlay.flush(&self.inner.data);
         });
         rt.generation.store(new, Ordering::Release);
+        self.inner.convs.retain_only(group, new);
         self.inner.dedupe.retain_only(group, new);
         self.delete_range(keys::gen_prefix(group, old).to_vec()..new_prefix.to_vec())?;
         self.remove_segments(group, |g| g != new)?;
@@ -3399,9 +3470,30 @@ mod conv_filter_tests {
         assert!(f.may_exist(&conv("a")) && f.may_exist(&conv("b")));
         assert!(!f.may_exist(&conv("x")), "an ENV key does not add its conversation");
         assert!(!f.may_exist(&conv("c")));
+        assert!(!f.may_exist(&keys::conv_key(1, 2, b"a")), "another generation's set is its own");
         f.add([conv("c").as_slice()]);
         assert!(f.may_exist(&conv("c")) && !f.may_exist(&conv("d")));
         f.add([conv("d").as_slice()]);
         assert!(f.may_exist(&conv("never added")), "dropped past the limit");
+    }
+
+    /// Property: an install's new generation starts from the snapshot's keys, and the switch
+    /// frees the old generation's set, so installs do not fill the filter to its limit.
+    #[test]
+    fn an_install_frees_the_old_generations_set() {
+        let f = ConvFilter::new(4);
+        let conv = |generation: u32, c: &str| keys::conv_key(1, generation, c.as_bytes());
+        f.add([conv(1, "a").as_slice(), conv(1, "b").as_slice()]);
+        f.add([keys::conv_key(2, 1, b"other group").as_slice()]);
+        f.reset(1, 2);
+        f.add([conv(2, "a").as_slice()]);
+        assert!(f.may_exist(&conv(2, "a")) && !f.may_exist(&conv(2, "b")));
+        f.retain_only(1, 2);
+        assert!(!f.may_exist(&conv(1, "a")), "the old generation's set is gone");
+        assert!(f.may_exist(&keys::conv_key(2, 1, b"other group")), "other groups keep theirs");
+        // 2 hashes held now (the other group's and 2/a): two more fit in the limit of 4 (had
+        // the old set stayed, the first of them would pass it).
+        assert!(f.add([conv(2, "c").as_slice()]) && f.add([conv(2, "d").as_slice()]));
+        assert!(!f.may_exist(&conv(2, "never")));
     }
 }

@@ -222,7 +222,8 @@ fn a_damaged_index_log_file_stops_the_open_and_names_the_file() {
 /// Property: items of the index's kinds (CONV, DEDUPE, RUN) never reach sled
 /// (the checkpoint sends them to the index through a log item that the next checkpoint
 /// deletes), snapshots carry them all the same (runs as envelopes), and a store that
-/// installs such a snapshot answers retries as duplicates.
+/// installs such a snapshot (twice) answers retries as duplicates, its lookup filters holding
+/// the installed generation's keys only.
 #[tokio::test]
 async fn index_items_live_in_the_index_and_travel_in_snapshots() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -247,6 +248,9 @@ async fn index_items_live_in_the_index_and_travel_in_snapshots() {
     let snap = a.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
     let mut b = s2.group(GROUP).unwrap();
     b.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+    // Twice: each install starts a generation; the lookup filters keep only the new one's.
+    b.install_snapshot(&snap.meta, snap.snapshot.clone()).await.unwrap();
+    assert_eq!(s2.lookup_filters_held(GROUP), (4, 1), "the filters hold the installed generation's keys only");
     assert_eq!(s2.dump_group(GROUP).unwrap(), dump, "the installed state is the same");
     assert_eq!(s2.raw_key_count(GROUP), dump.len(), "nothing but the installed generation is left");
     apply(&mut a, tail.clone()).await;
