@@ -107,6 +107,26 @@ struct Filters {
     first_keys: usize,
 }
 
+/// Removes every generation of `group` but `keep` from a map of per-generation filters (the
+/// dedupe filters and the conversation filter's sets, at an install's switch); returns what
+/// `size` says the removed ones held.
+pub(crate) fn forget_other_generations<V>(
+    map: &mut HashMap<(GroupId, u32), V>,
+    group: GroupId,
+    keep: u32,
+    size: impl Fn(&V) -> usize,
+) -> usize {
+    let mut freed = 0;
+    map.retain(|(g, generation), v| {
+        let gone = *g == group && *generation != keep;
+        if gone {
+            freed += size(v);
+        }
+        !gone
+    });
+    freed
+}
+
 /// The dedupe filters of one state store (all its groups).
 pub(crate) struct DedupeFilters {
     seed: u64,
@@ -167,14 +187,7 @@ impl DedupeFilters {
     /// Forgets every generation of `group` but `keep` (after an install's switch).
     pub(crate) fn retain_only(&self, group: GroupId, keep: u32) {
         let mut f = self.lock();
-        let mut freed = 0;
-        f.groups.retain(|(g, generation), filter| {
-            let drop = *g == group && *generation != keep;
-            if drop {
-                freed += filter.bytes();
-            }
-            !drop
-        });
+        let freed = forget_other_generations(&mut f.groups, group, keep, GroupFilter::bytes);
         f.bytes -= freed;
     }
 

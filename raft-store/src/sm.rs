@@ -1159,16 +1159,8 @@ impl ConvFilter {
 
     /// Forgets every generation of `group` but `keep` (after an install's switch).
     fn retain_only(&self, group: GroupId, keep: u32) {
-        let mut guard = self.lock();
-        let sets = &mut *guard;
-        let mut freed = 0;
-        sets.groups.retain(|(g, generation), set| {
-            let gone = *g == group && *generation != keep;
-            if gone {
-                freed += set.len();
-            }
-            !gone
-        });
+        let mut sets = self.lock();
+        let freed = crate::dedupe_filter::forget_other_generations(&mut sets.groups, group, keep, KeyHashSet::len);
         sets.total -= freed;
     }
 
