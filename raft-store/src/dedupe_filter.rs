@@ -16,25 +16,27 @@
 //!   is known to be removed: `removed_below_ms` is the time before which housekeeping removed
 //!   every pair (it walks the dedupe time items in time order), lowered again when a pair is
 //!   filed with an earlier time (a leader whose clock is behind the last one's);
-//! - pairs the filter does not hold (at the cap, [`MAX_BYTES`]) leave the group "uncovered up
-//!   to" their newest commit time: until housekeeping has removed everything before a later
-//!   time, every key "may exist" and is looked up, as without the filter. Past the cap a group
-//!   holds no bloom and files nothing (it only moves that time); once housekeeping passes it,
-//!   the group holds no pair the filter does not know of, and filing starts again.
+//! - pairs the filter does not hold leave the group "uncovered up to" their newest commit
+//!   time: until housekeeping has removed everything before a later time, every key "may
+//!   exist" and is looked up, as without the filter. A group whose next bloom would pass the
+//!   cap ([`MAX_BYTES`], all groups together) drops its blooms (what they held becomes
+//!   uncovered) and starts a new chain, covered again once housekeeping passes the dropped
+//!   pairs (a window later); a key that finds no room even then (other groups hold the cap)
+//!   is not filed and moves the uncovered time itself.
 //!
-//! Memory: each bloom is sized for 1% false positives (~1.2 bytes a key); a group's first holds
-//! [`FIRST_KEYS`] keys, each next one twice as many up to [`MAX_KEYS`], so a lookup probes a
-//! handful of blooms. All groups together hold at most [`MAX_BYTES`] (~55 M keys: about half
-//! an hour of 30,000 new message ids a second, or a day of 600 a second, with the default
-//! 24-hour dedupe window).
+//! Memory: each bloom is sized for 1% false positives (~1.2 bytes a key) and allocated whole;
+//! a group's first holds [`FIRST_KEYS`] keys, each next one twice as many up to [`MAX_KEYS`]
+//! (~10 MB), so a lookup probes a handful of blooms, and blooms go whole, a window after their
+//! newest key. [`MAX_BYTES`] then holds about 45 M live keys: some 500 new message ids a second
+//! for the default 24-hour dedupe window, or about 25 minutes of 30,000 a second.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::types::GroupId;
 
-/// The blooms of all groups together hold at most this many bytes (~55 M keys): a group that
-/// would pass it drops its blooms and is uncovered up to their newest time.
+/// The blooms of all groups together hold at most this many bytes: a group whose next bloom
+/// would pass it drops its blooms (uncovered up to their newest time) and starts again.
 pub const MAX_BYTES: usize = 64 << 20;
 /// Keys of a group's first bloom.
 pub const FIRST_KEYS: usize = 64 << 10;
@@ -75,8 +77,6 @@ struct GroupFilter {
     blooms: Vec<Bloom>,
     /// Pairs committed at or before this time may exist without being in `blooms`.
     uncovered_to_ms: Option<u64>,
-    /// Past the cap: nothing is filed until `removed_below_ms` passes `uncovered_to_ms`.
-    off: bool,
     /// Every pair of the group committed before this time is removed.
     removed_below_ms: u64,
 }
@@ -91,8 +91,8 @@ impl GroupFilter {
     }
 
     /// Everything the blooms hold becomes uncovered, and the blooms go: returns their bytes.
-    fn drop_blooms(&mut self, at_ms: u64) -> usize {
-        let newest = self.blooms.iter().map(|b| b.max_ms).chain(self.uncovered_to_ms).chain([at_ms]).max();
+    fn drop_blooms(&mut self) -> usize {
+        let newest = self.blooms.iter().map(|b| b.max_ms).chain(self.uncovered_to_ms).max();
         self.uncovered_to_ms = newest;
         let freed = self.bytes();
         self.blooms.clear();
@@ -169,6 +169,13 @@ impl DedupeFilters {
         self.lock().groups.contains_key(&(group, generation))
     }
 
+    /// Forgets every filter (tests: before they are filled again with other limits).
+    pub(crate) fn clear(&self) {
+        let mut f = self.lock();
+        f.groups.clear();
+        f.bytes = 0;
+    }
+
     /// How many generations of `group` have a filter.
     pub(crate) fn generations(&self, group: GroupId) -> usize {
         self.lock().groups.keys().filter(|(g, _)| *g == group).count()
@@ -201,25 +208,27 @@ impl DedupeFilters {
             // A pair older than what housekeeping is known to have removed (a clock behind
             // the last leader's): the claim holds only below it now.
             g.removed_below_ms = g.removed_below_ms.min(at_ms);
-            if g.off {
-                g.uncovered_to_ms = g.uncovered_to_ms.max(Some(at_ms));
-                continue;
-            }
             if g.blooms.last().is_none_or(|b| b.keys >= b.capacity) {
-                let capacity =
+                let mut capacity =
                     g.blooms.last().map_or(f.first_keys, |b| (b.capacity * 2).min(MAX_KEYS.max(f.first_keys)));
-                let bytes = Bloom::bytes_for(capacity);
-                if f.bytes + bytes > f.max_bytes {
-                    let freed = g.drop_blooms(at_ms);
+                if f.bytes + Bloom::bytes_for(capacity) > f.max_bytes && !g.blooms.is_empty() {
+                    // Over the cap: this group's blooms go (what they held is uncovered until
+                    // housekeeping passes it) and its chain starts again.
+                    let freed = g.drop_blooms();
                     f.bytes -= freed;
-                    g.off = true;
+                    capacity = f.first_keys;
                     tracing::info!(
                         group,
                         generation,
                         freed_bytes = freed,
                         max_bytes = f.max_bytes,
-                        "more message ids than the dedupe filters hold: this group's dedupe lookups go to the state index until housekeeping has removed the pairs it holds now"
+                        "more message ids than the dedupe filters hold: this group's blooms were dropped, its dedupe lookups go to the state index until housekeeping has removed the pairs they held"
                     );
+                }
+                let bytes = Bloom::bytes_for(capacity);
+                if f.bytes + bytes > f.max_bytes {
+                    // No room even so (other groups hold the cap): not filed, so uncovered.
+                    g.uncovered_to_ms = g.uncovered_to_ms.max(Some(at_ms));
                     continue;
                 }
                 f.bytes += bytes;
@@ -254,10 +263,6 @@ impl DedupeFilters {
         let Some(g) = f.groups.get_mut(&(group, generation)) else { return };
         g.removed_below_ms = g.removed_below_ms.max(below_ms);
         let below = g.removed_below_ms;
-        if g.off && g.covered() {
-            // Every pair it did not file is gone: it can file again.
-            g.off = false;
-        }
         let mut freed = 0;
         g.blooms.retain(|b| {
             let gone = b.max_ms < below;
@@ -399,10 +404,15 @@ mod tests {
         f.removed_below(1, 1, 11);
         assert!(f.bytes() < before);
         assert_eq!(f.may_exist(1, 1, &[f.hash(b"c")]), vec![true]);
-        // A pair filed with an earlier time (a clock behind) is not dropped by the old claim.
-        f.add(1, 1, [(f.hash(b"d"), 5)]);
-        f.removed_below(1, 1, 6);
-        assert_eq!(f.may_exist(1, 1, &[f.hash(b"d")]), vec![true]);
+        // A pair filed with an earlier time (a clock behind) lowers the claim: a later
+        // housekeeping with an earlier cutoff does not drop its bloom on the old claim.
+        let g = DedupeFilters::with_limits(1, usize::MAX);
+        g.reset(1, 1);
+        g.add(1, 1, [(g.hash(b"x"), 100)]);
+        g.removed_below(1, 1, 50);
+        g.add(1, 1, [(g.hash(b"d"), 30)]);
+        g.removed_below(1, 1, 20);
+        assert_eq!(g.may_exist(1, 1, &[g.hash(b"d")]), vec![true], "d's pair (at 30) exists");
         // Another generation, and forgetting it.
         f.reset(1, 2);
         f.add(1, 2, [(f.hash(b"a"), 5)]);
@@ -412,26 +422,30 @@ mod tests {
     }
 
     #[test]
-    fn past_the_cap_a_group_files_nothing_until_housekeeping_passes_what_it_did_not_file() {
+    fn past_the_cap_a_group_starts_again_and_is_covered_once_housekeeping_passes_what_it_dropped() {
         let one = super::Bloom::bytes_for(1000);
         let f = DedupeFilters::with_limits(1000, one + one / 2);
         f.reset(1, 1);
         f.add(1, 1, (0..1000u32).map(|i| (f.hash(&i.to_be_bytes()), 50)));
         assert_eq!(f.bytes(), one);
-        // The next bloom (2,000 keys) does not fit: dropped, uncovered up to 60, off.
+        // The next bloom (2,000 keys) does not fit: the first goes (uncovered up to 50) and a
+        // new chain takes the key.
         f.add(1, 1, [(f.hash(b"late"), 60)]);
-        assert_eq!(f.bytes(), 0);
+        assert_eq!(f.bytes(), one);
         assert_eq!(f.may_exist(1, 1, &[f.hash(b"never")]), vec![true], "uncovered: everything may exist");
-        // Off: not filed, but uncovered up to 70 now.
         f.add(1, 1, [(f.hash(b"later"), 70)]);
-        assert_eq!(f.bytes(), 0);
-        f.removed_below(1, 1, 61);
-        assert_eq!(f.may_exist(1, 1, &[f.hash(b"never")]), vec![true], "70 is not passed yet");
-        f.removed_below(1, 1, 71);
-        f.add(1, 1, [(f.hash(b"again"), 80)]);
-        assert_eq!(f.bytes(), one, "filing again");
-        assert_eq!(f.may_exist(1, 1, &[f.hash(b"again")]), vec![true]);
+        f.removed_below(1, 1, 50);
+        assert_eq!(f.may_exist(1, 1, &[f.hash(b"never")]), vec![true], "50 itself is not passed yet");
+        f.removed_below(1, 1, 51);
+        assert_eq!(f.may_exist(1, 1, &[f.hash(b"late"), f.hash(b"later")]), vec![true, true]);
         let ruled_out = (0..100u32).filter(|i| !f.may_exist(1, 1, &[f.hash(&i.to_be_bytes())])[0]).count();
         assert!(ruled_out > 90, "covered again: only {ruled_out} of 100 new keys ruled out");
+        // Another group finds no room at all: its keys are not filed, and it is uncovered.
+        f.reset(2, 1);
+        f.add(2, 1, [(f.hash(b"g2"), 80)]);
+        assert_eq!(f.bytes(), one);
+        assert_eq!(f.may_exist(2, 1, &[f.hash(b"never")]), vec![true]);
+        f.removed_below(2, 1, 80);
+        assert_eq!(f.may_exist(2, 1, &[f.hash(b"g2")]), vec![true], "its unfiled pair (at 80) may exist");
     }
 }

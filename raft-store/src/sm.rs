@@ -1039,8 +1039,8 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
     }
 }
 
-/// At most this many CONV key hashes in [`ConvFilter`] (of every group's active generation,
-/// erased conversations' included; 10-21 bytes each, ~72 MiB at the cap and up to ~108 MiB
+/// At most this many CONV key hashes in [`ConvFilter`] (of every group's generation: the
+/// active one, and during an install the new one too; erased conversations' included; 10-21 bytes each, ~72 MiB at the cap and up to ~108 MiB
 /// while a set grows past its last doubling): past it the filter is dropped and every lookup
 /// goes to the state index, as without it, until the next open.
 const MAX_CONV_FILTER: usize = 4 << 20;
@@ -1578,10 +1578,15 @@ impl StateStore {
     }
 
     /// Smaller dedupe filters (tests: a few message ids then exercise their chains of blooms,
-    /// drops and cap).
+    /// drops and cap), filled again from the index with them. Before any apply.
     #[doc(hidden)]
-    pub fn set_dedupe_filter_limits(&self, first_keys: usize, max_bytes: usize) {
+    pub fn set_dedupe_filter_limits(&self, first_keys: usize, max_bytes: usize) -> Result<(), StoreError> {
         self.inner.dedupe.set_limits(first_keys, max_bytes);
+        self.inner.dedupe.clear();
+        for (group, generation) in self.heads()? {
+            self.fill_dedupe_filter(group, generation)?;
+        }
+        Ok(())
     }
 
     fn applied_state_at(&self, group: GroupId, generation: u32) -> Result<AppliedState, StoreError> {

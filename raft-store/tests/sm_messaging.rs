@@ -248,7 +248,7 @@ fn open(dir: &Path, filter: Option<(usize, usize)>) -> (StateStore, GroupStateMa
     let store = StateStore::open(dir, 8 << 20).unwrap();
     store.set_checkpoint_interval(std::time::Duration::from_secs(3600));
     if let Some((first, cap)) = filter {
-        store.set_dedupe_filter_limits(first, cap);
+        store.set_dedupe_filter_limits(first, cap).unwrap();
     }
     let sm = store.group(GROUP).unwrap();
     (store, sm)
