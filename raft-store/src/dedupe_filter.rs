@@ -107,6 +107,13 @@ struct Filters {
     first_keys: usize,
 }
 
+impl Filters {
+    /// After `bytes` changed: the gauge operators watch for the cap.
+    fn report(&self) {
+        metrics::gauge!("habar_dedupe_filter_bytes").set(self.bytes as f64);
+    }
+}
+
 /// Removes every generation of `group` but `keep` from a map of per-generation filters (the
 /// dedupe filters and the conversation filter's sets, at an install's switch); returns what
 /// `size` says the removed ones held.
@@ -174,6 +181,7 @@ impl DedupeFilters {
         let mut f = self.lock();
         f.groups.clear();
         f.bytes = 0;
+        f.report();
     }
 
     /// How many generations of `group` have a filter.
@@ -188,6 +196,7 @@ impl DedupeFilters {
         let mut f = self.lock();
         if let Some(old) = f.groups.insert((group, generation), GroupFilter::default()) {
             f.bytes -= old.bytes();
+            f.report();
         }
     }
 
@@ -196,6 +205,7 @@ impl DedupeFilters {
         let mut f = self.lock();
         let freed = forget_other_generations(&mut f.groups, group, keep, GroupFilter::bytes);
         f.bytes -= freed;
+        f.report();
     }
 
     /// Files `(hash, committed at)` pairs under the group. Without a filter for the group
@@ -204,6 +214,7 @@ impl DedupeFilters {
         let mut guard = self.lock();
         let f = &mut *guard;
         let Some(g) = f.groups.get_mut(&(group, generation)) else { return };
+        let mut changed = false;
         for (hash, at_ms) in pairs {
             // A pair older than what housekeeping is known to have removed (a clock behind
             // the last leader's): the claim holds only below it now.
@@ -217,6 +228,8 @@ impl DedupeFilters {
                     let freed = g.drop_blooms();
                     f.bytes -= freed;
                     capacity = f.first_keys;
+                    changed = true;
+                    metrics::counter!("habar_dedupe_filter_drops_total").increment(1);
                     tracing::info!(
                         group,
                         generation,
@@ -233,12 +246,16 @@ impl DedupeFilters {
                 }
                 f.bytes += bytes;
                 g.blooms.push(Bloom::new(capacity));
+                changed = true;
             }
             if let Some(b) = g.blooms.last_mut() {
                 b.bits.insert_hash(hash);
                 b.keys += 1;
                 b.max_ms = b.max_ms.max(at_ms);
             }
+        }
+        if changed {
+            f.report();
         }
     }
 
@@ -271,7 +288,10 @@ impl DedupeFilters {
             }
             !gone
         });
-        f.bytes -= freed;
+        if freed > 0 {
+            f.bytes -= freed;
+            f.report();
+        }
     }
 
     /// Bytes of all blooms.

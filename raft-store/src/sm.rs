@@ -1144,8 +1144,11 @@ impl ConvFilter {
                 "more conversation records than the lookup filter holds: dropped, lookups go to the state index"
             );
             *sets = ConvSets { dropped: true, ..ConvSets::default() };
+            metrics::gauge!("habar_conv_filter_dropped").set(1.0);
+            metrics::gauge!("habar_conv_filter_keys").set(0.0);
             return false;
         }
+        metrics::gauge!("habar_conv_filter_keys").set(sets.total as f64);
         true
     }
 
