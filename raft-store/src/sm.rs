@@ -1165,6 +1165,7 @@ impl ConvFilter {
         let mut sets = self.lock();
         let freed = crate::dedupe_filter::forget_other_generations(&mut sets.groups, group, keep, KeyHashSet::len);
         sets.total -= freed;
+        metrics::gauge!("habar_conv_filter_keys").set(sets.total as f64);
     }
 
     /// Whether a record under `key` (a CONV key) may exist.
