@@ -190,8 +190,29 @@ impl ChildNode {
 }
 
 impl Drop for ChildNode {
+    /// Kills the node; when a test fails (panics), first prints whether the node had exited
+    /// and the tail of its log, which goes with the test's temporary directory (a CI failure
+    /// of a node that died is otherwise unexplained).
     fn drop(&mut self) {
-        self.kill();
+        if std::thread::panicking() {
+            let state = match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => format!("had exited ({status})"),
+                Some(Ok(None)) => "was running".to_string(),
+                Some(Err(e)) => format!("state unknown ({e})"),
+                None => "was not running (killed by the test)".to_string(),
+            };
+            let log = std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!("--- node {} ({}) {state}; the last lines of its log:", self.id, self.addr);
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{line}");
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            // Not unwrapped: a second panic while the test's unwinds would abort the report.
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
