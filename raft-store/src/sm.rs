@@ -1096,13 +1096,6 @@ impl std::hash::Hasher for KeyHashHasher {
     }
 }
 
-/// The group and generation in a key's first bytes.
-fn key_generation(key: &[u8]) -> Option<(GroupId, u32)> {
-    let group = u32::from_be_bytes(key.get(1..5)?.try_into().ok()?);
-    let generation = u32::from_be_bytes(key.get(5..keys::GEN_PREFIX_LEN)?.try_into().ok()?);
-    Some((group, generation))
-}
-
 impl ConvFilter {
     fn new(limit: usize) -> Self {
         use std::hash::BuildHasher;
@@ -1125,7 +1118,7 @@ impl ConvFilter {
         let new: Vec<((GroupId, u32), u64)> = keys
             .into_iter()
             .filter(|k| k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_CONV))
-            .filter_map(|k| Some((key_generation(k)?, self.hash(k))))
+            .filter_map(|k| Some((keys::group_and_generation(k)?, self.hash(k))))
             .collect();
         let mut guard = self.lock();
         let sets = &mut *guard;
@@ -1171,7 +1164,7 @@ impl ConvFilter {
     /// Whether a record under `key` (a CONV key) may exist.
     fn may_exist(&self, key: &[u8]) -> bool {
         let h = self.hash(key);
-        let Some(at) = key_generation(key) else { return true };
+        let Some(at) = keys::group_and_generation(key) else { return true };
         let sets = self.lock();
         if sets.dropped {
             return true;
