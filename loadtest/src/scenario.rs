@@ -25,6 +25,10 @@ pub enum Popularity {
     Uniform,
     /// Zipf with `zipf_exponent`: a few big groups, many quiet 1:1 chats.
     Zipf,
+    /// Every conversation once, in a scattered order, before any twice (then again in the same
+    /// order): "a million conversations touched once each" with `count` = `conversations`.
+    #[serde(rename = "each-once")]
+    EachOnce,
 }
 
 /// One open-loop phase: `rate` envelopes/s for `secs` seconds (rate 0 = an outage: nothing

@@ -1,7 +1,9 @@
-//! What each operation touches: which conversation (uniform or Zipf popularity), how big
+//! What each operation touches: which conversation (uniform, Zipf or each once), how big
 //! its ciphertext is, and the send time carried in the ciphertext's first 8 bytes so that
 //! subscribers can measure publish-to-delivery latency.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 use std::time::UNIX_EPOCH;
 
@@ -16,6 +18,9 @@ use crate::scenario::Scenario;
 pub struct Workload {
     conversations: u64,
     zipf: Option<Zipf<f64>>,
+    /// Each once: draws so far (all publishers), and the step through the conversations
+    /// (coprime with their number, so `conversations` draws visit each exactly once).
+    each_once: Option<(AtomicU64, u64)>,
     min: usize,
     max: usize,
     /// Conversation names are `<prefix>-<index>`: unique per run, so verification reads
@@ -28,18 +33,38 @@ pub fn unix_nanos() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
+/// A step near 0.618 n that shares no factor with `n`: `k * step mod n` for k in 0..n is then a
+/// permutation of 0..n that scatters neighbours (names, shards) apart.
+fn coprime_step(n: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let mut step = ((n as f64 * 0.618_033_988_75) as u64).max(1);
+    while gcd(step, n) != 1 {
+        step += 1;
+    }
+    step
+}
+
 impl Workload {
     pub fn new(s: &Scenario, run_id: u64) -> anyhow::Result<Self> {
         let zipf = match s.popularity {
-            Popularity::Uniform => None,
+            Popularity::Uniform | Popularity::EachOnce => None,
             Popularity::Zipf => Some(
                 Zipf::new(s.conversations, s.zipf_exponent)
                     .map_err(|e| anyhow::anyhow!("scenario field `zipf_exponent`: {e}"))?,
             ),
         };
+        let each_once =
+            (s.popularity == Popularity::EachOnce).then(|| (AtomicU64::new(0), coprime_step(s.conversations)));
         Ok(Workload {
             conversations: s.conversations,
             zipf,
+            each_once,
             min: s.ciphertext_min_bytes,
             max: s.ciphertext_max_bytes,
             prefix: format!("load-{run_id:016x}"),
@@ -49,10 +74,14 @@ impl Workload {
 
     /// A conversation index in `0..conversations`.
     pub fn conversation(&self, rng: &mut impl Rng) -> u32 {
-        let i = match &self.zipf {
+        let i = match (&self.zipf, &self.each_once) {
             // Zipf samples 1..=n, the most popular first.
-            Some(z) => (z.sample(rng) as u64).saturating_sub(1),
-            None => rng.gen_range(0..self.conversations),
+            (Some(z), _) => (z.sample(rng) as u64).saturating_sub(1),
+            (None, Some((drawn, step))) => {
+                let k = drawn.fetch_add(1, Ordering::Relaxed) % self.conversations;
+                ((k as u128 * *step as u128) % self.conversations as u128) as u64
+            }
+            (None, None) => rng.gen_range(0..self.conversations),
         };
         i.min(self.conversations - 1) as u32
     }
@@ -106,6 +135,27 @@ mod tests {
             counts[u.conversation(&mut rng) as usize] += 1;
         }
         assert!(counts.iter().all(|c| *c > 40 && *c < 200));
+    }
+
+    #[test]
+    fn each_once_visits_every_conversation_once_before_any_twice() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for n in [1u64, 2, 10, 1000, 1024, 999_983] {
+            let s = Scenario { popularity: Popularity::EachOnce, conversations: n, ..Scenario::default() };
+            let w = Workload::new(&s, 9).unwrap();
+            let mut seen = vec![false; n as usize];
+            let first: Vec<u32> = (0..n).map(|_| w.conversation(&mut rng)).collect();
+            for &c in &first {
+                assert!(!seen[c as usize], "conversation {c} of {n} drawn twice in the first pass");
+                seen[c as usize] = true;
+            }
+            let again: Vec<u32> = (0..n.min(100)).map(|_| w.conversation(&mut rng)).collect();
+            assert_eq!(again[..], first[..again.len()], "the second pass repeats the first's order");
+            if n >= 1000 {
+                let adjacent = first.windows(2).filter(|p| p[0].abs_diff(p[1]) == 1).count();
+                assert!(adjacent < (n / 100) as usize, "neighbouring names are scattered: {adjacent}");
+            }
+        }
     }
 
     #[test]
