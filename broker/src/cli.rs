@@ -125,14 +125,14 @@ pub enum Cmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let result = match cli.command {
+        // A node's runtime follows its settings (`worker_threads`): they are loaded first.
+        Cmd::Serve { config, print_config, settings } => NodeConfig::load(config.as_deref(), *settings)
+            .map_err(anyhow::Error::from)
+            .and_then(|cfg| runtime(cfg.worker_threads)?.block_on(serve(cfg, print_config))),
+        command => runtime(0).and_then(|rt| rt.block_on(run(Cli { command }))),
     };
-    match rt.block_on(run(cli)) {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // `{:#}` joins the context chain into one line; keep it one line even if a
@@ -141,6 +141,22 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The tokio runtime: `worker_threads` threads (0: one per CPU core), or with 1 a
+/// current-thread runtime, which runs every task on the calling thread (no hand-over
+/// between workers: the fewest thread switches per request).
+fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    b.enable_all().build().map_err(|e| anyhow::anyhow!("starting the runtime: {e}"))
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this is called
@@ -217,32 +233,35 @@ fn read_bounded(r: impl std::io::Read, what: &str) -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// `habar serve`: prints the settings, or runs the node until SIGINT or SIGTERM.
+async fn serve(cfg: NodeConfig, print_config: bool) -> anyhow::Result<()> {
+    if print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("setting `log`: {e}"))?;
+    // Colours only on a terminal, not in log files (`habar dev` writes n<i>.log).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    if let Some(addr) = cfg.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| anyhow::anyhow!("setting `metrics_listen`: cannot serve metrics on {addr}: {e}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
+    let shutdown = shutdown_signal();
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("setting `listen`: cannot bind {}: {e}", cfg.listen))?;
+    tracing::info!(id = cfg.id, listen = %cfg.listen, advertise = %cfg.advertise_addr(), "starting node");
+    crate::server::serve(cfg, listener, shutdown).await
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { config, print_config, settings } => {
-            let cfg = NodeConfig::load(config.as_deref(), *settings)?;
-            if print_config {
-                print!("{}", cfg.to_toml()?);
-                return Ok(());
-            }
-            let filter =
-                tracing_subscriber::EnvFilter::try_new(&cfg.log).map_err(|e| anyhow::anyhow!("setting `log`: {e}"))?;
-            // Colours only on a terminal, not in log files (`habar dev` writes n<i>.log).
-            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-            if let Some(addr) = cfg.metrics_listen {
-                metrics_exporter_prometheus::PrometheusBuilder::new()
-                    .with_http_listener(addr)
-                    .install()
-                    .map_err(|e| anyhow::anyhow!("setting `metrics_listen`: cannot serve metrics on {addr}: {e}"))?;
-                tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-            }
-            let shutdown = shutdown_signal();
-            let listener = tokio::net::TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("setting `listen`: cannot bind {}: {e}", cfg.listen))?;
-            tracing::info!(id = cfg.id, listen = %cfg.listen, advertise = %cfg.advertise_addr(), "starting node");
-            crate::server::serve(cfg, listener, shutdown).await
+            serve(NodeConfig::load(config.as_deref(), *settings)?, print_config).await
         }
         Cmd::Dev(args) => crate::dev::run(args).await,
         Cmd::Publish { client, conversation, message_id, sender, text, file, expires_at_ms } => {

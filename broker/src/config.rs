@@ -165,6 +165,11 @@ pub struct NodeConfig {
     /// A WAL fdatasync, a state-machine apply or a Raft entry's commit slower than this is
     /// logged as a warning (at most once a second per kind); 0 turns the warnings off.
     pub slow_warn_ms: u64,
+    /// Threads that run the node's async work (gRPC, Raft); 0 = one per CPU core. 1 runs it
+    /// all on one thread (a current-thread runtime: no hand-over between workers), the choice
+    /// when several nodes share a machine (`habar dev` and `habar-load --spawn` set it).
+    /// Applies, checkpoints and the WAL's fsyncs have their own threads either way.
+    pub worker_threads: usize,
     /// `tracing` filter, e.g. `info` or `habar_broker=debug,openraft=warn`.
     pub log: String,
     /// Test only: shifts this node's raw clock (a machine with a wrong clock).
@@ -211,6 +216,7 @@ impl Default for NodeConfig {
             max_clock_skew_ms: 500,
             min_free_disk_bytes: 128 << 20,
             slow_warn_ms: 100,
+            worker_threads: 0,
             log: "info,openraft=warn".into(),
             test_clock_offset_ms: 0,
             test_lose_unsynced_wal_writes: false,
@@ -325,6 +331,10 @@ pub struct ConfigLayer {
     /// Warn of an fdatasync, apply or commit slower than this, ms (0: off).
     #[arg(long, env = "HABAR_SLOW_WARN_MS")]
     pub slow_warn_ms: Option<u64>,
+    /// Threads for the node's async work (0: one per core; 1: one thread for all, best when
+    /// several nodes share a machine).
+    #[arg(long, env = "HABAR_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// tracing filter (e.g. `info`, `habar_broker=debug`).
     #[arg(long, env = "HABAR_LOG")]
     pub log: Option<String>,
@@ -361,7 +371,7 @@ impl NodeConfig {
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, max_pending_publish_bytes, read_default_limit,
             read_max_limit, request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
             subscribe_buffer_events, subscribe_stall_timeout_ms, subscribe_keepalive_ms,
-            subscribe_max_conversations, max_clock_skew_ms, min_free_disk_bytes, slow_warn_ms, log, test_clock_offset_ms,
+            subscribe_max_conversations, max_clock_skew_ms, min_free_disk_bytes, slow_warn_ms, worker_threads, log, test_clock_offset_ms,
             test_lose_unsynced_wal_writes);
         Ok(())
     }
@@ -441,6 +451,9 @@ impl NodeConfig {
                     format!("`{a}` differs from this node's initial_cluster entry `{}={own}`", self.id),
                 ));
             }
+        }
+        if self.worker_threads > 1024 {
+            return Err(invalid("worker_threads", format!("{} is outside 0..=1024", self.worker_threads)));
         }
         if self.max_ciphertext_bytes == 0 || self.max_ciphertext_bytes > 32 << 20 {
             return Err(invalid(
@@ -698,6 +711,10 @@ mod tests {
                 "setting `election_timeout_max_ms`: 400 must be above election_timeout_min_ms (500)",
             ),
             (ConfigLayer { heartbeat_interval_ms: Some(0), ..layer("1=a:1") }, "heartbeat_interval_ms"),
+            (
+                ConfigLayer { worker_threads: Some(2000), ..layer("1=a:1") },
+                "setting `worker_threads`: 2000 is outside 0..=1024",
+            ),
             (layer(""), "setting `initial_cluster`: is empty"),
             (layer("2=a:1"), "`2=a:1` does not contain this node's id 1"),
             (layer("1=a"), "`a` in `1=a` is not `host:port`"),

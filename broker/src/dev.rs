@@ -174,6 +174,11 @@ impl DevNode {
         writeln!(log, "=== habar dev: starting node {} at unix ms {now_ms}: habar {}", self.id, self.args.join(" "))
             .with_context(|| format!("writing {}", self.log.display()))?;
         let mut cmd = Command::new(exe);
+        // The nodes share this machine: one runtime thread each (the setting
+        // `worker_threads`), unless the environment says otherwise.
+        if std::env::var_os("HABAR_WORKER_THREADS").is_none() {
+            cmd.env("HABAR_WORKER_THREADS", "1");
+        }
         cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         #[cfg(unix)]
         {

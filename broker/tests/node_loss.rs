@@ -29,6 +29,8 @@ async fn busiest_leader(endpoint: &str) -> u64 {
 /// acknowledged envelope: publishing continues through the others after an election, every
 /// acknowledged envelope is readable at its acknowledged seq, and the killed node restarts
 /// and catches up, also by snapshot when the others purged their logs past its position.
+/// The nodes run on one runtime thread each (`--worker-threads 1`, as `habar dev` and
+/// `habar-load --spawn` run them); the other child-process tests run the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_the_busiest_leader_loses_no_acknowledged_envelope() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,7 +38,16 @@ async fn sigkill_of_the_busiest_leader_loses_no_acknowledged_envelope() {
     let mut nodes = child_cluster(
         dir.path(),
         3,
-        &["--shards", "4", "--snapshot-logs-since-last", "50", "--max-in-snapshot-log-to-keep", "0"],
+        &[
+            "--shards",
+            "4",
+            "--snapshot-logs-since-last",
+            "50",
+            "--max-in-snapshot-log-to-keep",
+            "0",
+            "--worker-threads",
+            "1",
+        ],
     );
     for n in nodes.iter_mut() {
         n.start();

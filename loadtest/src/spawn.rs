@@ -67,7 +67,13 @@ impl SpawnedCluster {
             let id = i as u64 + 1;
             let data = path.join(format!("n{id}"));
             let log = std::fs::File::create(path.join(format!("n{id}.log"))).context("node log")?;
-            let child = Command::new(habar)
+            let mut cmd = Command::new(habar);
+            // The nodes share this machine: one runtime thread each (the node's setting
+            // `worker_threads`), unless the environment or `--node-arg` says otherwise.
+            if std::env::var_os("HABAR_WORKER_THREADS").is_none() {
+                cmd.env("HABAR_WORKER_THREADS", "1");
+            }
+            let child = cmd
                 .arg("serve")
                 .args(["--id", &id.to_string(), "--listen", addr, "--initial-cluster", &initial])
                 .arg("--data-dir")
