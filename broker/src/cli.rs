@@ -258,6 +258,8 @@ async fn serve(cfg: NodeConfig, print_config: bool) -> anyhow::Result<()> {
     crate::server::serve(cfg, listener, shutdown).await
 }
 
+/// Runs a subcommand on the caller's runtime. `main` runs `serve` itself, on the runtime its
+/// `worker_threads` asks for; here `serve` uses whatever runtime calls it.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { config, print_config, settings } => {

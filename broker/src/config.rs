@@ -165,10 +165,12 @@ pub struct NodeConfig {
     /// A WAL fdatasync, a state-machine apply or a Raft entry's commit slower than this is
     /// logged as a warning (at most once a second per kind); 0 turns the warnings off.
     pub slow_warn_ms: u64,
-    /// Threads that run the node's async work (gRPC, Raft); 0 = one per CPU core. 1 runs it
-    /// all on one thread (a current-thread runtime: no hand-over between workers), the choice
-    /// when several nodes share a machine (`habar dev` and `habar-load --spawn` set it).
-    /// Applies, checkpoints and the WAL's fsyncs have their own threads either way.
+    /// Threads that run the node's async work (gRPC, Raft); 0 = one per CPU core (or tokio's
+    /// `TOKIO_WORKER_THREADS`). 1 runs it all on one thread (a current-thread runtime: no
+    /// hand-over between workers), the choice when several nodes share a machine (`habar dev`
+    /// and `habar-load --spawn` set it). Applies, checkpoints, snapshots and the WAL's group
+    /// fdatasyncs have their own threads either way; the fdatasync that seals a full WAL
+    /// segment (every `wal_segment_bytes`) runs in the appending task.
     pub worker_threads: usize,
     /// `tracing` filter, e.g. `info` or `habar_broker=debug,openraft=warn`.
     pub log: String,

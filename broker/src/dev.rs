@@ -174,11 +174,6 @@ impl DevNode {
         writeln!(log, "=== habar dev: starting node {} at unix ms {now_ms}: habar {}", self.id, self.args.join(" "))
             .with_context(|| format!("writing {}", self.log.display()))?;
         let mut cmd = Command::new(exe);
-        // The nodes share this machine: one runtime thread each (the setting
-        // `worker_threads`), unless the environment says otherwise.
-        if std::env::var_os("HABAR_WORKER_THREADS").is_none() {
-            cmd.env("HABAR_WORKER_THREADS", "1");
-        }
         cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         #[cfg(unix)]
         {
@@ -314,6 +309,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut cluster = Cluster {
         nodes: (1..=layout.nodes)
             .map(|id| {
+                // `HABAR_WORKER_THREADS` if set, else 1.
+                let worker_threads = std::env::var("HABAR_WORKER_THREADS").unwrap_or_else(|_| "1".into());
                 let addr = layout.addr(id);
                 let node_dir = dir.join(format!("n{id}"));
                 DevNode {
@@ -330,6 +327,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                         initial.clone(),
                         "--shards".into(),
                         layout.shards.to_string(),
+                        // The nodes share this machine: one runtime thread each. A flag, so
+                        // the log header and the restart hint show it.
+                        "--worker-threads".into(),
+                        worker_threads.clone(),
                     ],
                     addr,
                     log: dir.join(format!("n{id}.log")),

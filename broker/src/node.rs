@@ -502,7 +502,10 @@ impl Node {
     pub async fn compact_after_erasure(&self) {
         // Roll first: the segment that holds the erasure (and everything before it) stops
         // being written, so once every group purged past it, it is deleted.
-        if let Err(e) = self.wal.roll() {
+        // Off the runtime: the roll fdatasyncs the segment it seals.
+        let wal = self.wal.clone();
+        let rolled = tokio::task::spawn_blocking(move || wal.roll()).await;
+        if let Err(e) = rolled.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
             tracing::warn!(error = %e, "rolling the WAL after an erasure failed");
             return;
         }

@@ -30,7 +30,7 @@ async fn busiest_leader(endpoint: &str) -> u64 {
 /// acknowledged envelope is readable at its acknowledged seq, and the killed node restarts
 /// and catches up, also by snapshot when the others purged their logs past its position.
 /// The nodes run on one runtime thread each (`--worker-threads 1`, as `habar dev` and
-/// `habar-load --spawn` run them); the other child-process tests run the default.
+/// `habar-load --spawn` run them); most other child-process tests run the default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkill_of_the_busiest_leader_loses_no_acknowledged_envelope() {
     let dir = tempfile::tempdir().unwrap();

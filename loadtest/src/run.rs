@@ -203,7 +203,7 @@ impl Ctx {
     async fn op(self: &Arc<Self>, seed: u64) -> (Kind, Result<u64, String>) {
         let mut rng = StdRng::seed_from_u64(self.scenario.seed ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if self.scenario.read_share > 0.0 && rng.gen_bool(self.scenario.read_share) {
-            let conv = self.workload.conversation(&mut rng);
+            let conv = self.workload.conversation_to_read(&mut rng);
             let req = pb::ReadRequest {
                 conversation_id: self.workload.name(conv),
                 direction: pb::Direction::Backward as i32,

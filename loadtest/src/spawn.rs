@@ -69,7 +69,8 @@ impl SpawnedCluster {
             let log = std::fs::File::create(path.join(format!("n{id}.log"))).context("node log")?;
             let mut cmd = Command::new(habar);
             // The nodes share this machine: one runtime thread each (the node's setting
-            // `worker_threads`), unless the environment or `--node-arg` says otherwise.
+            // `worker_threads`), unless HABAR_WORKER_THREADS or `--node-arg=--worker-threads=N`
+            // says otherwise (a config file's `worker_threads` does not: the environment wins).
             if std::env::var_os("HABAR_WORKER_THREADS").is_none() {
                 cmd.env("HABAR_WORKER_THREADS", "1");
             }

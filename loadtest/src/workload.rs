@@ -86,6 +86,15 @@ impl Workload {
         i.min(self.conversations - 1) as u32
     }
 
+    /// A conversation to read: as [`Workload::conversation`], but each-once draws uniformly
+    /// (reads must not use up the publishes' single pass).
+    pub fn conversation_to_read(&self, rng: &mut impl Rng) -> u32 {
+        if self.each_once.is_some() {
+            return rng.gen_range(0..self.conversations) as u32;
+        }
+        self.conversation(rng)
+    }
+
     pub fn name(&self, index: u32) -> String {
         format!("{}-{index}", self.prefix)
     }
@@ -144,7 +153,13 @@ mod tests {
             let s = Scenario { popularity: Popularity::EachOnce, conversations: n, ..Scenario::default() };
             let w = Workload::new(&s, 9).unwrap();
             let mut seen = vec![false; n as usize];
-            let first: Vec<u32> = (0..n).map(|_| w.conversation(&mut rng)).collect();
+            let first: Vec<u32> = (0..n)
+                .map(|_| {
+                    // Reads in between draw elsewhere: they do not use up the pass.
+                    assert!(u64::from(w.conversation_to_read(&mut rng)) < n);
+                    w.conversation(&mut rng)
+                })
+                .collect();
             for &c in &first {
                 assert!(!seen[c as usize], "conversation {c} of {n} drawn twice in the first pass");
                 seen[c as usize] = true;
