@@ -40,15 +40,23 @@ fn file_then_environment_then_flags_each_override_the_one_before() {
          heartbeat_interval_ms = 70\n\
          election_timeout_min_ms = 700\n\
          election_timeout_max_ms = 2000\n\
-         read_max_limit = 500\n",
+         read_max_limit = 500\n\
+         worker_threads = 4\n",
     )
     .unwrap();
     let f = file.to_str().unwrap();
     let cfg = print_config(
         &["--config", f, "--election-timeout-min-ms", "900"],
-        &[("HABAR_ELECTION_TIMEOUT_MIN_MS", "800"), ("HABAR_HEARTBEAT_INTERVAL_MS", "80"), ("HABAR_SHARDS", "4")],
+        &[
+            ("HABAR_ELECTION_TIMEOUT_MIN_MS", "800"),
+            ("HABAR_HEARTBEAT_INTERVAL_MS", "80"),
+            ("HABAR_SHARDS", "4"),
+            // What habar-load --spawn sets for its nodes.
+            ("HABAR_WORKER_THREADS", "1"),
+        ],
     )
     .unwrap();
+    assert_eq!(cfg.worker_threads, 1, "environment over file");
     assert_eq!(cfg.id, 2, "file over default");
     assert_eq!(cfg.read_max_limit, 500, "file over default");
     assert_eq!(cfg.shards, 4, "environment over file");
