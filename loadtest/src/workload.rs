@@ -15,12 +15,21 @@ use rand_distr::Zipf;
 use crate::scenario::Popularity;
 use crate::scenario::Scenario;
 
+/// How conversations are drawn (the scenario's `popularity`).
+enum Draw {
+    Uniform,
+    Zipf(Zipf<f64>),
+    /// Draws so far (all publishers), and the step through the conversations (coprime with
+    /// their number, so `conversations` draws visit each exactly once).
+    EachOnce {
+        drawn: AtomicU64,
+        step: u64,
+    },
+}
+
 pub struct Workload {
     conversations: u64,
-    zipf: Option<Zipf<f64>>,
-    /// Each once: draws so far (all publishers), and the step through the conversations
-    /// (coprime with their number, so `conversations` draws visit each exactly once).
-    each_once: Option<(AtomicU64, u64)>,
+    draw: Draw,
     min: usize,
     max: usize,
     /// Conversation names are `<prefix>-<index>`: unique per run, so verification reads
@@ -52,19 +61,17 @@ fn coprime_step(n: u64) -> u64 {
 
 impl Workload {
     pub fn new(s: &Scenario, run_id: u64) -> anyhow::Result<Self> {
-        let zipf = match s.popularity {
-            Popularity::Uniform | Popularity::EachOnce => None,
-            Popularity::Zipf => Some(
+        let draw = match s.popularity {
+            Popularity::Uniform => Draw::Uniform,
+            Popularity::Zipf => Draw::Zipf(
                 Zipf::new(s.conversations, s.zipf_exponent)
                     .map_err(|e| anyhow::anyhow!("scenario field `zipf_exponent`: {e}"))?,
             ),
+            Popularity::EachOnce => Draw::EachOnce { drawn: AtomicU64::new(0), step: coprime_step(s.conversations) },
         };
-        let each_once =
-            (s.popularity == Popularity::EachOnce).then(|| (AtomicU64::new(0), coprime_step(s.conversations)));
         Ok(Workload {
             conversations: s.conversations,
-            zipf,
-            each_once,
+            draw,
             min: s.ciphertext_min_bytes,
             max: s.ciphertext_max_bytes,
             prefix: format!("load-{run_id:016x}"),
@@ -74,14 +81,14 @@ impl Workload {
 
     /// A conversation index in `0..conversations`.
     pub fn conversation(&self, rng: &mut impl Rng) -> u32 {
-        let i = match (&self.zipf, &self.each_once) {
+        let i = match &self.draw {
             // Zipf samples 1..=n, the most popular first.
-            (Some(z), _) => (z.sample(rng) as u64).saturating_sub(1),
-            (None, Some((drawn, step))) => {
+            Draw::Zipf(z) => (z.sample(rng) as u64).saturating_sub(1),
+            Draw::EachOnce { drawn, step } => {
                 let k = drawn.fetch_add(1, Ordering::Relaxed) % self.conversations;
                 ((k as u128 * *step as u128) % self.conversations as u128) as u64
             }
-            (None, None) => rng.gen_range(0..self.conversations),
+            Draw::Uniform => rng.gen_range(0..self.conversations),
         };
         i.min(self.conversations - 1) as u32
     }
@@ -89,10 +96,10 @@ impl Workload {
     /// A conversation to read: as [`Workload::conversation`], but each-once draws uniformly
     /// (reads must not use up the publishes' single pass).
     pub fn conversation_to_read(&self, rng: &mut impl Rng) -> u32 {
-        if self.each_once.is_some() {
-            return rng.gen_range(0..self.conversations) as u32;
+        match self.draw {
+            Draw::EachOnce { .. } => rng.gen_range(0..self.conversations) as u32,
+            _ => self.conversation(rng),
         }
-        self.conversation(rng)
     }
 
     pub fn name(&self, index: u32) -> String {
