@@ -1040,9 +1040,10 @@ fn open_sled(path: &Path, cache_capacity: u64) -> Result<sled::Db, StoreError> {
 }
 
 /// At most this many CONV key hashes in [`ConvFilter`] (of every group's generation: the
-/// active one, and during an install the new one too; erased conversations' included; 10-21 bytes each, ~72 MiB at the cap and up to ~108 MiB
-/// while a set grows past its last doubling): past it the filter is dropped and every lookup
-/// goes to the state index, as without it, until the next open.
+/// active one, and during an install the new one too; erased conversations' included; 10-21
+/// bytes each, ~72 MiB at the cap and up to ~108 MiB while a set grows past its last
+/// doubling): past it the filter is dropped and every lookup goes to the state index, as
+/// without it, until the next open.
 const MAX_CONV_FILTER: usize = 4 << 20;
 
 /// Which conversation records may exist: per group and generation, the 64-bit hashes (xxh3,
