@@ -22,10 +22,12 @@
 //! applied id, and replaying the Raft log from there gives the same state.
 //!
 //! Keys and values are the state machine's keys and values (`keys.rs`), unchanged, in
-//! `<sm>/index`, keyspace `state.v1`. The first layout (2026-12-04, DEDUPE items only) was
-//! `<sm>/dedupe`, keyspace `dedupe.v1`, created with options this one no longer uses (fjall
-//! keeps a keyspace's options from its creation): the open moves its items here
-//! ([`StateIndex::copy_from`]) and deletes it.
+//! `<sm>/index.v2`, keyspace `state.v2`. fjall keeps a keyspace's options from its
+//! creation, so a change to them needs a new keyspace: the open moves the items of an
+//! earlier layout ([`LEGACY`]) here ([`StateIndex::copy_from`]) and deletes it. The first
+//! (2026-12-04, DEDUPE items only) was `<sm>/dedupe`, keyspace `dedupe.v1`; the second
+//! (2026-12-04 to 12-05) `<sm>/index`, keyspace `state.v1`, with fjall's default leveled
+//! compaction (L0 threshold 4, 64 MiB tables).
 
 use std::ops::Bound;
 use std::ops::RangeBounds;
@@ -54,13 +56,35 @@ const CACHE_BYTES: u64 = 8 << 20;
 /// sixth session saw 1.1-2.8 s write halts, when the index held dedupe pairs only.)
 const WORKER_THREADS: usize = 1;
 
+/// Memtables flushed (L0 tables) before fjall merges them into L1: 16, not fjall's 4. Every
+/// L0 table overlaps the whole of L1 (dedupe keys are spread over the key range), so each
+/// L0 -> L1 merge rewrites all of L1; at the default 4 that was every ~8 s at full load, on
+/// every node at once, and each merge halved the closed loop's rate for about a second
+/// (docs/BENCHMARKS.md, "2026-12-05, eleventh session"). fjall slows writes at 20 L0
+/// tables and halts them at 30: 16 leaves room for the flushes during one merge.
+const L0_THRESHOLD: u8 = 16;
+/// The size of a compacted table: 16 MiB, not fjall's 64. L1's size is this times
+/// [`L0_THRESHOLD`] (256 MiB): with 64 MiB tables it would be 1 GiB, and every merge into a
+/// full L1 that much bigger.
+const TABLE_TARGET_BYTES: u64 = 16 << 20;
+
 /// The index's directory in the state machine's, and its keyspace.
-pub const DIR: &str = "index";
-const KEYSPACE: &str = "state.v1";
-/// The first layout's directory and keyspace (moved at open).
-pub const LEGACY_DIR: &str = "dedupe";
-const LEGACY_KEYSPACE: &str = "dedupe.v1";
-/// Items per fjall batch when the open moves the first layout's items or a generation's
+pub const DIR: &str = "index.v2";
+const KEYSPACE: &str = "state.v2";
+
+/// An earlier layout of the index: its directory in the state machine's and its keyspace.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub dir: &'static str,
+    keyspace: &'static str,
+}
+
+/// Earlier layouts, oldest first: the open moves each one found into the current one.
+/// Oldest first, because a crash inside the move from the first to the second left both,
+/// the second holding the newer values.
+pub const LEGACY: [Layout; 2] =
+    [Layout { dir: "dedupe", keyspace: "dedupe.v1" }, Layout { dir: "index", keyspace: "state.v1" }];
+/// Items per fjall batch when the open moves an earlier layout's items or a generation's
 /// items are deleted.
 const MOVE_CHUNK: usize = 4096;
 
@@ -101,18 +125,18 @@ impl StateIndex {
     /// fjall holds its keyspace lock still aborts the process (fjall's drop then panics on
     /// the poisoned lock). Either way the node does not start on a damaged index.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_named(dir, KEYSPACE)
+        Self::open_named(dir, KEYSPACE, true)
     }
 
-    /// Opens (or creates) an index of the first layout (keyspace `dedupe.v1`): to move its
-    /// items, and for upgrade tests.
+    /// Opens (or creates) an index of an earlier layout: to move its items, and for upgrade
+    /// tests (one it creates has fjall's default compaction, as those layouts had).
     #[doc(hidden)]
-    pub fn open_legacy(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_named(dir, LEGACY_KEYSPACE)
+    pub fn open_legacy(dir: &Path, layout: Layout) -> Result<Self, StoreError> {
+        Self::open_named(dir, layout.keyspace, false)
     }
 
-    fn open_named(dir: &Path, keyspace: &str) -> Result<Self, StoreError> {
-        match std::panic::catch_unwind(|| Self::open_inner(dir, keyspace)) {
+    fn open_named(dir: &Path, keyspace: &str, current: bool) -> Result<Self, StoreError> {
+        match std::panic::catch_unwind(|| Self::open_inner(dir, keyspace, current)) {
             Ok(r) => r,
             Err(_) => Err(StoreError::Corrupt {
                 what: dir.display().to_string(),
@@ -122,7 +146,7 @@ impl StateIndex {
         }
     }
 
-    fn open_inner(dir: &Path, keyspace: &str) -> Result<Self, StoreError> {
+    fn open_inner(dir: &Path, keyspace: &str, current: bool) -> Result<Self, StoreError> {
         let db = fjall::Database::builder(dir)
             .manual_journal_persist(true)
             .cache_size(CACHE_BYTES)
@@ -133,7 +157,7 @@ impl StateIndex {
         // later open: a change to them needs a new keyspace name (and a move of the pairs).
         let ks = db
             .keyspace(keyspace, || {
-                fjall::KeyspaceCreateOptions::default()
+                let options = fjall::KeyspaceCreateOptions::default()
                     .manual_journal_persist(true)
                     .max_memtable_size(MEMTABLE_BYTES)
                     // Lookups often miss (a new message id, a new conversation): keep the
@@ -145,7 +169,16 @@ impl StateIndex {
                     // read whole for every publish: closed-loop throughput fell from ~25,000
                     // to ~7,000 env/s after 30 s (docs/BENCHMARKS.md, "2026-12-04, sixth session").
                     .filter_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
-                    .index_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true))
+                    .index_block_partitioning_policy(fjall::config::PartitioningPolicy::all(true));
+                if current {
+                    options.compaction_strategy(std::sync::Arc::new(
+                        fjall::compaction::Leveled::default()
+                            .with_l0_threshold(L0_THRESHOLD)
+                            .with_table_target_size(TABLE_TARGET_BYTES),
+                    ))
+                } else {
+                    options
+                }
             })
             .map_err(fj)?;
         Ok(StateIndex { db, ks })

@@ -1181,36 +1181,39 @@ type AppliedState = (Option<LogId>, StoredMembership);
 /// seq), and how many erasures it applied.
 type Applied = (Vec<CommandResponse>, Vec<(String, u64)>, u64);
 
-/// Opens the state index in `<dir>/index`, first moving the items of an index of the first
-/// layout (`<dir>/dedupe`, whose fjall options were fixed when it was created) into it:
-/// copied and persisted, then that directory is renamed (atomic; the parent fsynced) and
-/// deleted. A crash leaves either the old directory whole (the next open copies again:
-/// harmless, nothing was applied meanwhile) or the renamed one, which the next open deletes.
+/// Opens the state index in `<dir>/index.v2` ([`index::DIR`]), first moving the items of
+/// each index of an earlier layout found ([`index::LEGACY`], oldest first; fjall fixed their
+/// options when it created them) into it: copied and persisted, then that directory is
+/// renamed (atomic; the parent fsynced) and deleted. A crash leaves either the old directory
+/// whole (the next open copies again: harmless, nothing was applied meanwhile; the index
+/// log is applied after every move) or the renamed one, which the next open deletes.
 fn open_index(dir: &Path) -> Result<StateIndex, StoreError> {
-    // Its directory entry durable before the old index can go.
+    // Its directory entry durable before an old index can go.
     let path = dir.join(index::DIR);
     crate::repair::create_dir_durably(&path).map_err(io_err(&path))?;
     let index = StateIndex::open(&path)?;
-    let legacy = dir.join(index::LEGACY_DIR);
-    let moved = dir.join(format!("{}.moved", index::LEGACY_DIR));
-    let remove_moved = || -> Result<(), StoreError> {
-        if moved.exists() {
-            std::fs::remove_dir_all(&moved).map_err(io_err(&moved))?;
-        }
-        Ok(())
-    };
-    // One a crash left (also before a rename over it would fail on a non-empty directory).
-    remove_moved()?;
-    if legacy.exists() {
-        let old = StateIndex::open_legacy(&legacy)?;
-        let n = index.copy_from(&old)?;
-        drop(old);
-        crash_point("legacy_index_copied", || {});
-        std::fs::rename(&legacy, &moved).map_err(io_err(&legacy))?;
-        crate::repair::sync_dir(dir)?;
-        crash_point("legacy_index_renamed", || {});
+    for layout in index::LEGACY {
+        let legacy = dir.join(layout.dir);
+        let moved = dir.join(format!("{}.moved", layout.dir));
+        let remove_moved = || -> Result<(), StoreError> {
+            if moved.exists() {
+                std::fs::remove_dir_all(&moved).map_err(io_err(&moved))?;
+            }
+            Ok(())
+        };
+        // One a crash left (also before a rename over it would fail on a non-empty directory).
         remove_moved()?;
-        tracing::info!(items = n, from = %legacy.display(), "moved the first layout's state index");
+        if legacy.exists() {
+            let old = StateIndex::open_legacy(&legacy, layout)?;
+            let n = index.copy_from(&old)?;
+            drop(old);
+            crash_point("legacy_index_copied", || {});
+            std::fs::rename(&legacy, &moved).map_err(io_err(&legacy))?;
+            crate::repair::sync_dir(dir)?;
+            crash_point("legacy_index_renamed", || {});
+            remove_moved()?;
+            tracing::info!(items = n, from = %legacy.display(), "moved an earlier layout's state index");
+        }
     }
     Ok(index)
 }

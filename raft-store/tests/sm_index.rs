@@ -259,41 +259,47 @@ async fn index_items_live_in_the_index_and_travel_in_snapshots() {
     assert_eq!(s2.dump_group(GROUP).unwrap(), s1.dump_group(GROUP).unwrap());
 }
 
-/// An older layout to upgrade from: which kinds of the index it kept in sled, whether it
-/// kept the rest in the first layout's index directory (`<sm>/dedupe`), and where the
+/// An older layout to upgrade from: which kinds of the index it kept in sled, which earlier
+/// index directories ([`index::LEGACY`], by position) hold the rest, and where the
 /// upgrading open is aborted.
 struct Layout {
     name: &'static str,
     in_sled: &'static [u8],
-    dedupe_dir: bool,
+    old_dirs: &'static [usize],
     crash: Option<&'static str>,
 }
 
-const LAYOUTS: [Layout; 6] = [
+const CONV_RUN: &[u8] = &[keys::KIND_CONV, keys::KIND_RUN];
+
+const LAYOUTS: [Layout; 10] = [
     // Before 2026-12-04: everything in sled. Crash inside the move of the runs (the third
     // kind moved: CONV, DEDUPE, RUN).
-    Layout { name: "all-in-sled", in_sled: &index::INDEX_KINDS, dedupe_dir: false, crash: None },
-    Layout { name: "all-in-sled-crash", in_sled: &index::INDEX_KINDS, dedupe_dir: false, crash: Some("index_moved#3") },
+    Layout { name: "all-in-sled", in_sled: &index::INDEX_KINDS, old_dirs: &[], crash: None },
+    Layout { name: "all-in-sled-crash", in_sled: &index::INDEX_KINDS, old_dirs: &[], crash: Some("index_moved#3") },
     // 2026-12-04 (ac52f0d): dedupe pairs in `<sm>/dedupe`, conversations and runs in sled.
-    Layout { name: "dedupe-dir", in_sled: &[keys::KIND_CONV, keys::KIND_RUN], dedupe_dir: true, crash: None },
+    Layout { name: "dedupe-dir", in_sled: CONV_RUN, old_dirs: &[0], crash: None },
     Layout {
         name: "dedupe-dir-crash-after-copy",
-        in_sled: &[keys::KIND_CONV, keys::KIND_RUN],
-        dedupe_dir: true,
+        in_sled: CONV_RUN,
+        old_dirs: &[0],
         crash: Some("legacy_index_copied"),
     },
     Layout {
         name: "dedupe-dir-crash-after-rename",
-        in_sled: &[keys::KIND_CONV, keys::KIND_RUN],
-        dedupe_dir: true,
+        in_sled: CONV_RUN,
+        old_dirs: &[0],
         crash: Some("legacy_index_renamed"),
     },
-    Layout {
-        name: "dedupe-dir-crash-in-runs",
-        in_sled: &[keys::KIND_CONV, keys::KIND_RUN],
-        dedupe_dir: true,
-        crash: Some("index_moved#2"),
-    },
+    Layout { name: "dedupe-dir-crash-in-runs", in_sled: CONV_RUN, old_dirs: &[0], crash: Some("index_moved#2") },
+    // 2026-12-04 to 12-05: everything in `<sm>/index`, keyspace `state.v1` (fjall's default
+    // compaction).
+    Layout { name: "index-v1", in_sled: &[], old_dirs: &[1], crash: None },
+    Layout { name: "index-v1-crash-after-copy", in_sled: &[], old_dirs: &[1], crash: Some("legacy_index_copied") },
+    Layout { name: "index-v1-crash-after-rename", in_sled: &[], old_dirs: &[1], crash: Some("legacy_index_renamed") },
+    // A node of 2026-12-04 that crashed inside its move from the first layout to the
+    // second (both directories, conversations and runs still in sled), upgraded; aborted
+    // again after the second copy.
+    Layout { name: "dedupe-and-index-v1", in_sled: CONV_RUN, old_dirs: &[0, 1], crash: Some("legacy_index_copied#2") },
 ];
 
 /// The dedupe pair of message 1 (conversation "b", which the log never erases).
@@ -301,22 +307,25 @@ fn stale_pair() -> Vec<u8> {
     keys::dedupe_key(GROUP, 1, b"b", &env("b", 1).message_id)
 }
 
-/// Turns `<dst>/index` into an index of the first layout: `<dst>/dedupe`, keyspace
-/// `dedupe.v1`.
-fn to_dedupe_dir(dst: &Path) {
+/// Turns `<dst>/index.v2` into indexes of earlier layouts: a copy in each directory
+/// `old_dirs` names (with that layout's keyspace), and the current one deleted.
+fn to_old_dirs(dst: &Path, old_dirs: &[usize]) {
     let new = StateIndex::open(&dst.join(index::DIR)).unwrap();
-    let old = StateIndex::open_legacy(&dst.join(index::LEGACY_DIR)).unwrap();
-    assert!(old.copy_from(&new).unwrap() > 0);
-    drop((new, old));
+    for i in old_dirs {
+        let layout = index::LEGACY[*i];
+        let old = StateIndex::open_legacy(&dst.join(layout.dir), layout).unwrap();
+        assert!(old.copy_from(&new).unwrap() > 0);
+    }
+    drop(new);
     std::fs::remove_dir_all(dst.join(index::DIR)).unwrap();
 }
 
-/// Property: a store of an older layout (items of the index's kinds in sled; the dedupe
-/// pairs in the first layout's index directory) opens with everything moved into the index,
-/// also when the open is aborted inside the move (after a chunk reached the index, before
-/// sled's copies went; after the old directory was copied, before it went): retries stay
-/// duplicates, envelopes read back from their runs, and the state is the same as a store
-/// that never had the older layout.
+/// Property: a store of an older layout (items of the index's kinds in sled; the rest in
+/// an earlier layout's index directory, or two) opens with everything moved into the
+/// index, also when the open is aborted inside the move (after a chunk reached the index,
+/// before sled's copies went; after an old directory was copied, before it went; after it
+/// was renamed): retries stay duplicates, envelopes read back from their runs, and the
+/// state is the same as a store that never had the older layout.
 #[test]
 fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
     if let Ok(dst) = std::env::var("HABAR_SM_INDEX_UPGRADE_DST") {
@@ -336,13 +345,22 @@ fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
             rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().take(30).collect()));
             let moved = store.move_index_into_sled_for_tests(layout.in_sled).unwrap();
             let in_sled = |kind| store.sled_items_of_kind(GROUP, kind).unwrap();
-            assert_eq!(in_sled(keys::KIND_CONV), 4, "{name}: the older layout");
-            assert!(in_sled(keys::KIND_RUN) > 0, "{name}: the older layout");
-            assert_eq!(in_sled(keys::KIND_DEDUPE), if layout.dedupe_dir { 0 } else { 90 }, "{name}: the older layout");
+            let of_layout = |kind| layout.in_sled.contains(&kind);
+            assert_eq!(
+                in_sled(keys::KIND_CONV),
+                if of_layout(keys::KIND_CONV) { 4 } else { 0 },
+                "{name}: the older layout"
+            );
+            assert_eq!(in_sled(keys::KIND_RUN) > 0, of_layout(keys::KIND_RUN), "{name}: the older layout");
+            assert_eq!(
+                in_sled(keys::KIND_DEDUPE),
+                if of_layout(keys::KIND_DEDUPE) { 90 } else { 0 },
+                "{name}: the older layout"
+            );
             assert_eq!(moved, layout.in_sled.iter().map(|k| in_sled(*k)).sum::<usize>(), "{name}: every item moved");
             assert_eq!(in_sled(keys::KIND_INDEX_LOG), 0, "{name}: and no index log");
-            if layout.dedupe_dir {
-                // A layout of that day had the last checkpoint's dedupe log in sled, its
+            if !layout.old_dirs.is_empty() {
+                // A layout with an index directory had the last checkpoint's dedupe log in sled, its
                 // writes maybe not in the index: one for a pair whose value the old index
                 // has wrong below. The open must apply it after the copy.
                 let (k, v) = store
@@ -355,9 +373,10 @@ fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
                 store.write_index_log_for_tests(GROUP, &[(stale_pair(), Some(v))]).unwrap();
             }
         }
-        if layout.dedupe_dir {
-            to_dedupe_dir(&dst);
-            let old = StateIndex::open_legacy(&dst.join(index::LEGACY_DIR)).unwrap();
+        if let Some(oldest) = layout.old_dirs.first() {
+            to_old_dirs(&dst, layout.old_dirs);
+            let oldest = index::LEGACY[*oldest];
+            let old = StateIndex::open_legacy(&dst.join(oldest.dir), oldest).unwrap();
             old.apply([(stale_pair().as_slice(), Some(keys::encode_value(&[0u8; 16]).as_slice()))]).unwrap();
             old.persist().unwrap();
         }
@@ -372,8 +391,10 @@ fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
         for kind in index::INDEX_KINDS {
             assert_eq!(store.sled_items_of_kind(GROUP, kind).unwrap(), 0, "{name}: kind {kind} moved out of sled");
         }
-        for gone in ["dedupe", "dedupe.moved"] {
-            assert!(!dst.join(gone).exists(), "{name}: {gone} deleted");
+        for layout in index::LEGACY {
+            for gone in [layout.dir.to_string(), format!("{}.moved", layout.dir)] {
+                assert!(!dst.join(&gone).exists(), "{name}: {gone} deleted");
+            }
         }
         rt.block_on(apply(&mut store.group(GROUP).unwrap(), log().into_iter().skip(30).collect()));
         assert_eq!(reads(&store), reads(&reference), "{name}: retries are duplicates, runs read back");

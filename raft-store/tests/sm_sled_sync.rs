@@ -162,7 +162,7 @@ fn no_checkpoint_relies_on_sled_writes_before_they_are_fsynced() {
     let db_file = db_file.to_str().unwrap();
     let blobs_dir = dst.join("db").join("blobs");
     let blobs_dir = blobs_dir.to_str().unwrap();
-    let index_dir = dst.join("index");
+    let index_dir = dst.join(habar_raft_store::index::DIR);
     let index_dir = index_dir.to_str().unwrap();
     let index_logs = dst.join("index-log.");
     let index_logs = index_logs.to_str().unwrap();
