@@ -121,6 +121,7 @@ pub struct NodeConfig {
     pub election_timeout_max_ms: u64,
     pub install_snapshot_timeout_ms: u64,
     pub snapshot_logs_since_last: u64,
+    pub snapshot_growth_percent: u64,
     pub max_in_snapshot_log_to_keep: u64,
     pub max_payload_entries: u64,
     pub sled_cache_capacity_bytes: u64,
@@ -196,6 +197,7 @@ impl Default for NodeConfig {
             election_timeout_max_ms: 600,
             install_snapshot_timeout_ms: 10_000,
             snapshot_logs_since_last: 20_000,
+            snapshot_growth_percent: 100,
             max_in_snapshot_log_to_keep: 1_000,
             max_payload_entries: 300,
             sled_cache_capacity_bytes: habar_raft_store::sm::DEFAULT_CACHE_CAPACITY,
@@ -264,9 +266,13 @@ pub struct ConfigLayer {
     /// Time allowed for one snapshot transfer message, ms.
     #[arg(long, env = "HABAR_INSTALL_SNAPSHOT_TIMEOUT_MS")]
     pub install_snapshot_timeout_ms: Option<u64>,
-    /// Build a snapshot after this many applied entries since the last one.
+    /// Build a snapshot after this many applied entries since the last one (at least).
     #[arg(long, env = "HABAR_SNAPSHOT_LOGS_SINCE_LAST")]
     pub snapshot_logs_since_last: Option<u64>,
+    /// And only once the log since the last snapshot holds this percentage of that
+    /// snapshot's size in bytes (0: on the entry count alone).
+    #[arg(long, env = "HABAR_SNAPSHOT_GROWTH_PERCENT")]
+    pub snapshot_growth_percent: Option<u64>,
     /// Entries kept in the log behind a snapshot (for slow followers).
     #[arg(long, env = "HABAR_MAX_IN_SNAPSHOT_LOG_TO_KEEP")]
     pub max_in_snapshot_log_to_keep: Option<u64>,
@@ -368,7 +374,7 @@ impl NodeConfig {
         }
         merge_fields!(self, layer; id, listen, data_dir, shards, heartbeat_interval_ms,
             election_timeout_min_ms, election_timeout_max_ms, install_snapshot_timeout_ms,
-            snapshot_logs_since_last, max_in_snapshot_log_to_keep, max_payload_entries,
+            snapshot_logs_since_last, snapshot_growth_percent, max_in_snapshot_log_to_keep, max_payload_entries,
             sled_cache_capacity_bytes, wal_segment_bytes, max_ciphertext_bytes,
             max_envelopes_per_request, max_sender_bytes, max_request_bytes, max_pending_publish_bytes, read_default_limit,
             read_max_limit, request_timeout_ms, dedupe_window_ms, maintenance_interval_ms, maintenance_max_removals,
@@ -569,6 +575,12 @@ impl NodeConfig {
         if self.snapshot_logs_since_last == 0 {
             return Err(invalid("snapshot_logs_since_last", "must be above 0"));
         }
+        if self.snapshot_growth_percent > 10_000 {
+            return Err(invalid(
+                "snapshot_growth_percent",
+                format!("{} is outside 0..=10000", self.snapshot_growth_percent),
+            ));
+        }
         if self.request_timeout_ms == 0 {
             return Err(invalid("request_timeout_ms", "must be above 0"));
         }
@@ -750,6 +762,10 @@ mod tests {
             (ConfigLayer { max_payload_entries: Some(0), ..layer("1=a:1") }, "max_payload_entries"),
             (ConfigLayer { install_snapshot_timeout_ms: Some(0), ..layer("1=a:1") }, "install_snapshot_timeout_ms"),
             (ConfigLayer { snapshot_logs_since_last: Some(0), ..layer("1=a:1") }, "snapshot_logs_since_last"),
+            (
+                ConfigLayer { snapshot_growth_percent: Some(10_001), ..layer("1=a:1") },
+                "setting `snapshot_growth_percent`: 10001 is outside 0..=10000",
+            ),
             (ConfigLayer { request_timeout_ms: Some(0), ..layer("1=a:1") }, "request_timeout_ms"),
         ];
         for (l, want) in cases {

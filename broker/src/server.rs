@@ -49,7 +49,9 @@ pub fn raft_config(cfg: &NodeConfig) -> anyhow::Result<Arc<openraft::Config>> {
         election_timeout_max: cfg.election_timeout_max_ms,
         install_snapshot_timeout: cfg.install_snapshot_timeout_ms,
         max_payload_entries: cfg.max_payload_entries,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs_since_last),
+        // The node decides when a shard builds a snapshot (`Node::trigger_due_snapshots`:
+        // entries and bytes since the last one), openraft does not.
+        snapshot_policy: SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: cfg.max_in_snapshot_log_to_keep,
         enable_pre_vote: Some(true),
         // A restarted leader must win a new election (standard Raft). Restoring leadership
@@ -203,6 +205,22 @@ fn spawn_maintenance(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// How often the node checks whether a shard's snapshot is due.
+const SNAPSHOT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Starts the snapshot builds that are due (`Node::trigger_due_snapshots`), once a second.
+fn spawn_snapshot_trigger(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SNAPSHOT_CHECK_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tried = vec![None; node.rafts.len()];
+        loop {
+            tick.tick().await;
+            node.trigger_due_snapshots(&mut tried).await;
+        }
+    })
+}
+
 /// Compacts this node's WAL and snapshots after each applied erasure.
 fn spawn_erasure_compactor(node: Arc<Node>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -320,6 +338,7 @@ pub async fn serve_node(
     let probe = spawn_liveness_probe(node.clone());
     let maintenance = spawn_maintenance(node.clone());
     let compactor = spawn_erasure_compactor(node.clone());
+    let snapshots = spawn_snapshot_trigger(node.clone());
     tracing::info!(%addr, id = node.id, shards = node.shards(), "habar node serving");
 
     let res = tonic::transport::Server::builder()
@@ -347,6 +366,7 @@ pub async fn serve_node(
     disk_watch.abort();
     maintenance.abort();
     compactor.abort();
+    snapshots.abort();
     for raft in &node.rafts {
         let _ = raft.shutdown().await;
     }

@@ -167,3 +167,59 @@ async fn bad_input_is_rejected_naming_the_field_and_appends_nothing() {
     let ok = c.publish(pb::PublishRequest { envelopes: vec![good], ephemeral: false }).await.unwrap().into_inner();
     assert_eq!(ok.appended[0].seq, 1);
 }
+
+/// Property: a shard's first snapshot comes on the entry count (`snapshot_logs_since_last`);
+/// the next not while the log since holds less than `snapshot_growth_percent` of that
+/// snapshot's bytes (however many entries), and then it comes. (Without the growth rule
+/// each build copies the whole state again after a fixed number of entries.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_snapshots_again_only_once_its_log_grew_by_the_set_share() {
+    let cluster = start_cluster_with(1, 1, |cfg| {
+        cfg.snapshot_logs_since_last = 10;
+        cfg.snapshot_growth_percent = 100;
+    })
+    .await;
+    let node = cluster.nodes[0].node.clone();
+    let mut c = broker(&cluster.nodes[0].endpoint()).await;
+    let mut n = 0u64;
+    // One request at a time (one entry each): four envelopes of `size` bytes.
+    let mut publish = async |size: usize| {
+        let envs: Vec<pb::Envelope> = (0..4)
+            .map(|_| {
+                n += 1;
+                let mut e = envelope(&format!("conv-{}", n % 7), n);
+                e.ciphertext = vec![n as u8; size].into();
+                e
+            })
+            .collect();
+        c.publish(pb::PublishRequest { envelopes: envs, ephemeral: false }).await.unwrap();
+    };
+    let snapshot = || node.store.current_snapshot_size(0);
+    let wait_for = async |past: Option<u64>| {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(s) = snapshot().filter(|(i, _)| past.is_none_or(|p| *i > p)) {
+                return s;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "no snapshot after {past:?} within 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    for _ in 0..12 {
+        publish(1024).await;
+    }
+    let (first, bytes) = wait_for(None).await;
+    // Entries well past the count, in small requests: a log far below the snapshot's bytes.
+    for _ in 0..30 {
+        publish(16).await;
+    }
+    assert!(node.wal.bytes_after(0, first) < bytes / 2, "the small requests outgrew half the snapshot");
+    // Three of the node's checks (one a second): none starts a build.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(snapshot(), Some((first, bytes)), "no snapshot before the log holds 100% of the last one's bytes");
+    while node.wal.bytes_after(0, first) < bytes {
+        publish(1024).await;
+    }
+    let (second, _) = wait_for(Some(first)).await;
+    assert!(second > first);
+}

@@ -43,6 +43,9 @@ async fn sigkill_of_the_busiest_leader_loses_no_acknowledged_envelope() {
             "4",
             "--snapshot-logs-since-last",
             "50",
+            // Every 50 entries, however little the state grew: snapshots to catch up from.
+            "--snapshot-growth-percent",
+            "0",
             "--max-in-snapshot-log-to-keep",
             "0",
             "--worker-threads",

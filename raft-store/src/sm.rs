@@ -1886,6 +1886,14 @@ impl StateStore {
         })
     }
 
+    /// The last log index and the size in bytes of the group's current snapshot, if it has
+    /// one (a group not opened yet has none here).
+    pub fn current_snapshot_size(&self, group: GroupId) -> Option<(u64, u64)> {
+        let rt = self.inner.groups.lock().unwrap_or_else(|p| p.into_inner()).get(&group).cloned()?;
+        let (meta, data) = rt.current_snapshot()?;
+        Some((meta.last_log_id.map_or(0, |l| l.index), data.len()))
+    }
+
     /// The conversation's last seq (0 if it has none).
     pub fn last_seq(&self, group: GroupId, conversation_id: &str) -> Result<u64, StoreError> {
         self.at_stable_generation(group, |generation| self.last_seq_at(group, generation, conversation_id.as_bytes()))

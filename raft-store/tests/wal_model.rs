@@ -1,6 +1,7 @@
 //! Property: whatever sequence of appends, truncations, purges, votes and reopens runs
 //! against the WAL (with tiny segments, so rotation and segment deletion happen often),
-//! its contents always equal those of a simple in-memory model.
+//! its contents (and the bytes it counts after each index) always equal those of a simple
+//! in-memory model.
 
 use std::collections::BTreeMap;
 
@@ -119,6 +120,14 @@ proptest! {
                 prop_assert_eq!(st.last, m.last());
                 prop_assert_eq!(st.last_purged, m.purged);
                 prop_assert_eq!(&st.vote, &m.vote);
+                // The log's bytes after each index: each held entry's body (its payload,
+                // index, term and the record's kind and group), purged ones not counted.
+                let body = |p: &Vec<u8>| (p.len() + habar_raft_store::wal::record::BODY_PREFIX_LEN + 16) as u64;
+                let first = m.entries.keys().next().copied().unwrap_or(1);
+                for after in first.saturating_sub(2)..=m.last().map_or(0, |(i, _)| i) + 1 {
+                    let want: u64 = m.entries.range(after + 1..).map(|(_, (_, p))| body(p)).sum();
+                    prop_assert_eq!(wal.bytes_after(*g, after), want, "group {} after {}", g, after);
+                }
             }
         }
     }

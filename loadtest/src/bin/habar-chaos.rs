@@ -131,8 +131,13 @@ async fn main_async(args: Args) -> anyhow::Result<ChaosReport> {
     }
     if faults.iter().any(|k| matches!(k, FaultKind::CorruptWal | FaultKind::CorruptSnapshot)) {
         // Corruption faults need something to damage: several WAL segments and snapshot
-        // files within a short run. Flags the caller gave win.
-        for (flag, value) in [("--wal-segment-bytes", "1048576"), ("--snapshot-logs-since-last", "200")] {
+        // files within a short run (a snapshot every 200 entries, however little the state
+        // grew). Flags the caller gave win.
+        for (flag, value) in [
+            ("--wal-segment-bytes", "1048576"),
+            ("--snapshot-logs-since-last", "200"),
+            ("--snapshot-growth-percent", "0"),
+        ] {
             if !node_args.iter().any(|a| a == flag || a.starts_with(&format!("{flag}="))) {
                 node_args.push(format!("{flag}={value}"));
             }

@@ -123,6 +123,9 @@ struct Loc {
     offset: u64,
     body_len: u32,
     term: u64,
+    /// Bytes of the group's entry bodies from the first this process saw through this one
+    /// (set by `GroupLog::push`): the bytes between two entries are a subtraction.
+    end: u64,
 }
 
 /// A group's log as the WAL indexes it in memory: locations only, never payloads.
@@ -131,6 +134,8 @@ struct GroupLog {
     /// Index of `locs[0]`; when `locs` is empty, the index the next entry will have.
     first_index: u64,
     locs: VecDeque<Loc>,
+    /// `end` of the last entry purged from `locs` (0 before any).
+    purged_end: u64,
     last_purged: Option<(u64, u64)>,
     vote: Option<Vec<u8>>,
     committed: Option<Vec<u8>>,
@@ -155,7 +160,9 @@ impl GroupLog {
         }
         self.last_purged = Some((index, term));
         while !self.locs.is_empty() && self.first_index <= index {
-            self.locs.pop_front();
+            if let Some(l) = self.locs.pop_front() {
+                self.purged_end = l.end;
+            }
             self.first_index += 1;
         }
         if self.locs.is_empty() {
@@ -163,7 +170,7 @@ impl GroupLog {
         }
     }
 
-    fn push(&mut self, group: GroupId, index: u64, loc: Loc) -> Result<(), WalError> {
+    fn push(&mut self, group: GroupId, index: u64, mut loc: Loc) -> Result<(), WalError> {
         if self.last_purged.is_some_and(|(i, _)| index <= i) {
             // Stale: at or before the purge point (replay of a record purged later).
             return Ok(());
@@ -180,8 +187,22 @@ impl GroupLog {
                 return Err(WalError::Hole { group, index, last: next - 1 });
             }
         }
+        loc.end = self.locs.back().map_or(self.purged_end, |l| l.end) + u64::from(loc.body_len);
         self.locs.push_back(loc);
         Ok(())
+    }
+
+    /// Bytes of the bodies of the entries held after `index` (all held if `index` is
+    /// before the first).
+    fn bytes_after(&self, index: u64) -> u64 {
+        let Some(last) = self.locs.back() else { return 0 };
+        if index < self.first_index {
+            return last.end - self.purged_end;
+        }
+        match self.locs.get((index - self.first_index) as usize) {
+            Some(l) => last.end - l.end,
+            None => 0,
+        }
     }
 
     fn meta(&self, group: GroupId) -> GroupMeta {
@@ -417,7 +438,7 @@ impl Wal {
                 st.buf = buf;
                 return Err(WalError::RecordTooLarge { len: body_len, limit: sh.cfg.max_record_bytes });
             }
-            new_locs.push((index, Loc { seg, offset: base + start as u64, body_len: body_len as u32, term }));
+            new_locs.push((index, Loc { seg, offset: base + start as u64, body_len: body_len as u32, term, end: 0 }));
         }
         let n = new_locs.len() as u64;
         // Index first (checks for holes) on a copy, so a rejected batch changes nothing.
@@ -693,6 +714,13 @@ impl Wal {
         }
     }
 
+    /// Bytes of the bodies of `group`'s entries after `index` that the log holds (purged
+    /// ones not counted; those replayed at open are): how much log a snapshot at `index`
+    /// would leave behind.
+    pub fn bytes_after(&self, group: GroupId, index: u64) -> u64 {
+        self.shared().lock().groups.get(&group).map_or(0, |g| g.bytes_after(index))
+    }
+
     /// Groups that have anything in the log.
     pub fn groups(&self) -> Vec<GroupId> {
         let mut v: Vec<GroupId> = self.shared().lock().groups.keys().copied().collect();
@@ -840,7 +868,7 @@ fn apply_replayed(
 ) -> Result<(), WalError> {
     match body {
         Body::Entry { group, index, term, .. } => {
-            groups.entry(group).or_default().push(group, index, Loc { seg, offset, body_len, term })?
+            groups.entry(group).or_default().push(group, index, Loc { seg, offset, body_len, term, end: 0 })?
         }
         Body::Truncate { group, from } => groups.entry(group).or_default().truncate_from(from),
         Body::Purge { group, index, term } => groups.entry(group).or_default().purge(index, term),
