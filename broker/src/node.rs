@@ -498,28 +498,39 @@ impl Node {
 
     /// Starts a snapshot build of each shard on this node for which one is due
     /// ([`SnapshotRule::due`]). `tried[g]`: the applied index at which shard `g` was last
-    /// triggered without a newer snapshot yet (openraft drops a trigger while a build runs,
-    /// and a failed build leaves the old snapshot): not triggered again before
-    /// `snapshot_logs_since_last` more entries, as openraft's own policy would.
-    pub async fn trigger_due_snapshots(&self, tried: &mut [Option<u64>]) {
+    /// triggered and its snapshot's index then, while no other snapshot has appeared
+    /// (openraft drops a trigger while a build runs, and a failed build leaves the old
+    /// snapshot): not triggered again before `snapshot_logs_since_last` more entries, as
+    /// openraft's own policy would; any new snapshot (the build's, or one that was under way)
+    /// ends the wait.
+    pub async fn trigger_due_snapshots(&self, tried: &mut [Option<(u64, Option<u64>)>]) {
+        let rule = SnapshotRule {
+            min_entries: self.cfg.snapshot_logs_since_last,
+            growth_percent: self.cfg.snapshot_growth_percent,
+        };
+        // The WAL is shared: the shard with the oldest held entry keeps every later segment
+        // on disk, whatever the others purged. When the WAL outgrows `growth_percent` of the
+        // node's state (its snapshots), that shard's growth condition is waived.
+        let snapshots: Vec<Option<(u64, u64)>> =
+            (0..self.rafts.len()).map(|g| self.store.current_snapshot_size(g as GroupId)).collect();
+        let state_bytes: u64 = snapshots.iter().flatten().map(|(_, bytes)| bytes).sum();
+        let (wal_bytes, oldest) = self.wal.retention();
+        let wal_over = rule.wal_over(wal_bytes, state_bytes);
         for (g, raft) in self.rafts.iter().enumerate() {
             let Some(applied) = raft.metrics().borrow_watched().last_applied.map(|l| l.index) else { continue };
-            let snapshot = self.store.current_snapshot_size(g as GroupId);
+            let snapshot = snapshots.get(g).copied().flatten();
             let Some(slot) = tried.get_mut(g) else { continue };
-            if slot.is_some_and(|t| snapshot.is_some_and(|(index, _)| index >= t)) {
+            if slot.is_some_and(|(_, before)| snapshot.map(|(index, _)| index) != before) {
                 *slot = None;
             }
             let log_bytes = snapshot.map_or(0, |(index, _)| self.wal.bytes_after(g as GroupId, index));
-            let rule = SnapshotRule {
-                min_entries: self.cfg.snapshot_logs_since_last,
-                growth_percent: self.cfg.snapshot_growth_percent,
-            };
-            if !rule.due(applied, snapshot, *slot, log_bytes) {
+            let pinning = wal_over && oldest == Some(g as GroupId);
+            if !rule.due(applied, snapshot, slot.map(|(at, _)| at), log_bytes, pinning) {
                 continue;
             }
-            tracing::debug!(shard = g, applied, ?snapshot, log_bytes, "snapshot due");
+            tracing::debug!(shard = g, applied, ?snapshot, log_bytes, pinning, wal_bytes, "snapshot due");
             match raft.trigger().snapshot().await {
-                Ok(()) => *slot = Some(applied),
+                Ok(()) => *slot = Some((applied, snapshot.map(|(index, _)| index))),
                 Err(e) => tracing::warn!(shard = g, error = %e, "snapshot not triggered"),
             }
         }
@@ -678,8 +689,17 @@ pub struct SnapshotRule {
 impl SnapshotRule {
     /// `applied`: the last applied index; `snapshot`: the current snapshot's last index and
     /// size in bytes; `tried`: the applied index of a trigger not followed by a snapshot yet;
-    /// `log_bytes`: the bytes of the log's entries after the snapshot's index.
-    pub fn due(&self, applied: u64, snapshot: Option<(u64, u64)>, tried: Option<u64>, log_bytes: u64) -> bool {
+    /// `log_bytes`: the bytes of the log's entries after the snapshot's index; `pinning`:
+    /// the shard keeps a WAL that outgrew the state on disk ([`SnapshotRule::wal_over`]),
+    /// which waives the growth condition.
+    pub fn due(
+        &self,
+        applied: u64,
+        snapshot: Option<(u64, u64)>,
+        tried: Option<u64>,
+        log_bytes: u64,
+        pinning: bool,
+    ) -> bool {
         // Entries since index `base` (`None`: since the log's start, index 0 included).
         let base = snapshot.map(|(index, _)| index).max(tried);
         let entries = match base {
@@ -690,11 +710,19 @@ impl SnapshotRule {
             return false;
         }
         match snapshot {
-            Some((_, bytes)) if self.growth_percent > 0 => {
+            Some((_, bytes)) if self.growth_percent > 0 && !pinning => {
                 u128::from(log_bytes) * 100 >= u128::from(bytes) * u128::from(self.growth_percent)
             }
             _ => true,
         }
+    }
+
+    /// Whether a WAL of `wal_bytes` outgrew `growth_percent` of a node state of `state_bytes`
+    /// (the sum of its shards' snapshots; never with the growth rule off or no snapshot).
+    pub fn wal_over(&self, wal_bytes: u64, state_bytes: u64) -> bool {
+        self.growth_percent > 0
+            && state_bytes > 0
+            && u128::from(wal_bytes) * 100 > u128::from(state_bytes) * u128::from(self.growth_percent)
     }
 }
 
@@ -708,9 +736,9 @@ mod snapshot_rule_tests {
     /// whatever the bytes.
     #[test]
     fn the_first_snapshot_is_due_on_the_entry_count() {
-        assert!(!RULE.due(98, None, None, 0));
-        assert!(RULE.due(99, None, None, 0));
-        assert!(RULE.due(99, None, None, u64::MAX));
+        assert!(!RULE.due(98, None, None, 0, false));
+        assert!(RULE.due(99, None, None, 0, false));
+        assert!(RULE.due(99, None, None, u64::MAX, false));
     }
 
     /// Property: a later one needs both the entries and a log of `growth_percent` of the
@@ -718,16 +746,31 @@ mod snapshot_rule_tests {
     #[test]
     fn a_later_snapshot_needs_the_entries_and_the_growth() {
         let snap = Some((1_000, 10_000));
-        assert!(!RULE.due(1_099, snap, None, 1_000_000), "too few entries");
-        assert!(!RULE.due(1_100, snap, None, 4_999), "log below 50% of 10,000 bytes");
-        assert!(RULE.due(1_100, snap, None, 5_000));
+        assert!(!RULE.due(1_099, snap, None, 1_000_000, false), "too few entries");
+        assert!(!RULE.due(1_100, snap, None, 4_999, false), "log below 50% of 10,000 bytes");
+        assert!(RULE.due(1_100, snap, None, 5_000, false));
         let entries_only = SnapshotRule { growth_percent: 0, ..RULE };
-        assert!(entries_only.due(1_100, snap, None, 0));
-        assert!(!entries_only.due(1_099, snap, None, 0));
+        assert!(entries_only.due(1_100, snap, None, 0, false));
+        assert!(!entries_only.due(1_099, snap, None, 0, false));
         // No overflow at the extremes.
         let big = SnapshotRule { min_entries: 1, growth_percent: 10_000 };
-        assert!(!big.due(u64::MAX, Some((0, u64::MAX)), None, u64::MAX));
-        assert!(big.due(u64::MAX, Some((0, 1)), None, 100));
+        assert!(!big.due(u64::MAX, Some((0, u64::MAX)), None, u64::MAX, false));
+        assert!(big.due(u64::MAX, Some((0, 1)), None, 100, false));
+    }
+
+    /// Property: a shard whose oldest entry keeps a WAL that outgrew the state on disk is due
+    /// without the growth, still not before `min_entries`; the WAL is "over" only past
+    /// `growth_percent` of the state, and never with the rule off or no state.
+    #[test]
+    fn a_shard_pinning_an_outgrown_wal_is_due_without_the_growth() {
+        let snap = Some((1_000, 10_000));
+        assert!(!RULE.due(1_100, snap, None, 10, false));
+        assert!(RULE.due(1_100, snap, None, 10, true));
+        assert!(!RULE.due(1_099, snap, None, 10, true), "the entries still count");
+        assert!(!RULE.wal_over(500, 1_000), "50% of the state is not over 50%");
+        assert!(RULE.wal_over(501, 1_000));
+        assert!(!RULE.wal_over(u64::MAX, 0), "no snapshot, no state to compare with");
+        assert!(!SnapshotRule { growth_percent: 0, ..RULE }.wal_over(u64::MAX, 1));
     }
 
     /// Property: after a trigger that produced no snapshot (a build under way or failed),
@@ -735,7 +778,7 @@ mod snapshot_rule_tests {
     #[test]
     fn a_trigger_without_a_snapshot_waits_for_more_entries() {
         let snap = Some((1_000, 10_000));
-        assert!(!RULE.due(1_150, snap, Some(1_100), 1_000_000));
-        assert!(RULE.due(1_200, snap, Some(1_100), 1_000_000));
+        assert!(!RULE.due(1_150, snap, Some(1_100), 1_000_000, false));
+        assert!(RULE.due(1_200, snap, Some(1_100), 1_000_000, false));
     }
 }

@@ -305,7 +305,7 @@ struct Inner {
     live: Mutex<HashMap<(GroupId, u32), BTreeMap<u64, u64>>>,
     /// Segments of RUN items that applies deleted since the last checkpoint froze.
     dropped: Mutex<HashMap<(GroupId, u32), Vec<u64>>>,
-    /// `<dir>/index`: the items of the index's kinds (conversations, runs, dedupe pairs),
+    /// `<dir>/index.v2`: the items of the index's kinds (conversations, runs, dedupe pairs),
     /// out of sled (`index.rs`).
     index: StateIndex,
     /// Which conversation records may exist (lookups of the others skip the state index).
@@ -2835,8 +2835,8 @@ impl StateStore {
     /// the index's part of the state from the view, runs read from the pinned segments;
     /// then the file is fsynced and becomes the group's current snapshot. If it fails (a
     /// full disk, a damaged segment), the error is logged and the current snapshot, if the
-    /// group has one, is returned in its place (openraft keeps its newer one and tries again
-    /// after `snapshot_logs_since_last` more entries): the node keeps serving. (With none,
+    /// group has one, is returned in its place (openraft keeps its newer one, and the node
+    /// triggers again after `snapshot_logs_since_last` more entries): the node keeps serving. (With none,
     /// the error reaches openraft, which stops the node.)
     fn finish_snapshot(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         let group = build.group;
@@ -3423,8 +3423,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<SnapshotBuilder> {
-        // Never refused (not even while another group builds): openraft counts the next try
-        // from this one, so a refused group would wait another `snapshot_logs_since_last`
+        // Never refused (not even while another group builds): the node counts the next try
+        // from this one (`Node::trigger_due_snapshots`), so a refused group would wait another `snapshot_logs_since_last`
         // entries, and under uniform load could lose every time. The second halves take
         // turns instead (`Inner::build_turn`).
         // Begun here, where openraft holds the state machine exclusively, so the file is a

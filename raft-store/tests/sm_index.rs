@@ -260,47 +260,75 @@ async fn index_items_live_in_the_index_and_travel_in_snapshots() {
 }
 
 /// An older layout to upgrade from: which kinds of the index it kept in sled, which earlier
-/// index directories ([`index::LEGACY`], by position) hold the rest, and where the
+/// index directories (of [`index::LEGACY`], oldest first) hold the rest, and where the
 /// upgrading open is aborted.
 struct Layout {
     name: &'static str,
     in_sled: &'static [u8],
-    old_dirs: &'static [usize],
+    old_dirs: &'static [&'static str],
     crash: Option<&'static str>,
 }
 
 const CONV_RUN: &[u8] = &[keys::KIND_CONV, keys::KIND_RUN];
 
-const LAYOUTS: [Layout; 10] = [
+const LAYOUTS: [Layout; 11] = [
     // Before 2026-12-04: everything in sled. Crash inside the move of the runs (the third
     // kind moved: CONV, DEDUPE, RUN).
     Layout { name: "all-in-sled", in_sled: &index::INDEX_KINDS, old_dirs: &[], crash: None },
     Layout { name: "all-in-sled-crash", in_sled: &index::INDEX_KINDS, old_dirs: &[], crash: Some("index_moved#3") },
     // 2026-12-04 (ac52f0d): dedupe pairs in `<sm>/dedupe`, conversations and runs in sled.
-    Layout { name: "dedupe-dir", in_sled: CONV_RUN, old_dirs: &[0], crash: None },
+    Layout { name: "dedupe-dir", in_sled: CONV_RUN, old_dirs: &["dedupe"], crash: None },
     Layout {
         name: "dedupe-dir-crash-after-copy",
         in_sled: CONV_RUN,
-        old_dirs: &[0],
+        old_dirs: &["dedupe"],
         crash: Some("legacy_index_copied"),
     },
     Layout {
         name: "dedupe-dir-crash-after-rename",
         in_sled: CONV_RUN,
-        old_dirs: &[0],
+        old_dirs: &["dedupe"],
         crash: Some("legacy_index_renamed"),
     },
-    Layout { name: "dedupe-dir-crash-in-runs", in_sled: CONV_RUN, old_dirs: &[0], crash: Some("index_moved#2") },
+    Layout { name: "dedupe-dir-crash-in-runs", in_sled: CONV_RUN, old_dirs: &["dedupe"], crash: Some("index_moved#2") },
     // 2026-12-04 to 12-05: everything in `<sm>/index`, keyspace `state.v1` (fjall's default
     // compaction).
-    Layout { name: "index-v1", in_sled: &[], old_dirs: &[1], crash: None },
-    Layout { name: "index-v1-crash-after-copy", in_sled: &[], old_dirs: &[1], crash: Some("legacy_index_copied") },
-    Layout { name: "index-v1-crash-after-rename", in_sled: &[], old_dirs: &[1], crash: Some("legacy_index_renamed") },
+    Layout { name: "index-v1", in_sled: &[], old_dirs: &["index"], crash: None },
+    Layout {
+        name: "index-v1-crash-after-copy",
+        in_sled: &[],
+        old_dirs: &["index"],
+        crash: Some("legacy_index_copied"),
+    },
+    Layout {
+        name: "index-v1-crash-after-rename",
+        in_sled: &[],
+        old_dirs: &["index"],
+        crash: Some("legacy_index_renamed"),
+    },
     // A node of 2026-12-04 that crashed inside its move from the first layout to the
     // second (both directories, conversations and runs still in sled), upgraded; aborted
-    // again after the second copy.
-    Layout { name: "dedupe-and-index-v1", in_sled: CONV_RUN, old_dirs: &[0, 1], crash: Some("legacy_index_copied#2") },
+    // again after the second copy, or after the first directory went. The first
+    // directory holds an older value than the second (no index log covers it): the newer
+    // must win, so the oldest is moved first.
+    Layout {
+        name: "dedupe-and-index-v1",
+        in_sled: CONV_RUN,
+        old_dirs: &["dedupe", "index"],
+        crash: Some("legacy_index_copied#2"),
+    },
+    Layout {
+        name: "dedupe-and-index-v1-renamed",
+        in_sled: CONV_RUN,
+        old_dirs: &["dedupe", "index"],
+        crash: Some("legacy_index_renamed#1"),
+    },
 ];
+
+/// The earlier layout kept in directory `dir`.
+fn legacy(dir: &str) -> index::Layout {
+    *index::LEGACY.iter().find(|l| l.dir == dir).unwrap()
+}
 
 /// The dedupe pair of message 1 (conversation "b", which the log never erases).
 fn stale_pair() -> Vec<u8> {
@@ -309,10 +337,10 @@ fn stale_pair() -> Vec<u8> {
 
 /// Turns `<dst>/index.v2` into indexes of earlier layouts: a copy in each directory
 /// `old_dirs` names (with that layout's keyspace), and the current one deleted.
-fn to_old_dirs(dst: &Path, old_dirs: &[usize]) {
+fn to_old_dirs(dst: &Path, old_dirs: &[&str]) {
     let new = StateIndex::open(&dst.join(index::DIR)).unwrap();
-    for i in old_dirs {
-        let layout = index::LEGACY[*i];
+    for dir in old_dirs {
+        let layout = legacy(dir);
         let old = StateIndex::open_legacy(&dst.join(layout.dir), layout).unwrap();
         assert!(old.copy_from(&new).unwrap() > 0);
     }
@@ -359,10 +387,11 @@ fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
             );
             assert_eq!(moved, layout.in_sled.iter().map(|k| in_sled(*k)).sum::<usize>(), "{name}: every item moved");
             assert_eq!(in_sled(keys::KIND_INDEX_LOG), 0, "{name}: and no index log");
-            if !layout.old_dirs.is_empty() {
-                // A layout with an index directory had the last checkpoint's dedupe log in sled, its
-                // writes maybe not in the index: one for a pair whose value the old index
-                // has wrong below. The open must apply it after the copy.
+            if layout.old_dirs.len() == 1 {
+                // A layout with an index directory had the last checkpoint's dedupe log in
+                // sled, its writes maybe not in the index: one for a pair whose value the old
+                // index has wrong below. The open must apply it after the copy. (With two
+                // directories the second has the right value instead.)
                 let (k, v) = store
                     .dump_group(GROUP)
                     .unwrap()
@@ -375,7 +404,7 @@ fn a_store_of_an_older_layout_moves_its_items_into_the_index() {
         }
         if let Some(oldest) = layout.old_dirs.first() {
             to_old_dirs(&dst, layout.old_dirs);
-            let oldest = index::LEGACY[*oldest];
+            let oldest = legacy(oldest);
             let old = StateIndex::open_legacy(&dst.join(oldest.dir), oldest).unwrap();
             old.apply([(stale_pair().as_slice(), Some(keys::encode_value(&[0u8; 16]).as_slice()))]).unwrap();
             old.persist().unwrap();

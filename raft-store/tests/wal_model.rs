@@ -132,3 +132,39 @@ proptest! {
         }
     }
 }
+
+/// Property: `retention` names the group whose oldest held entry is in the oldest segment
+/// (the one keeping every later segment on disk) and counts the full segments kept from
+/// there (not the active one, which no purge frees); the count falls once the purges let
+/// the segments go.
+#[test]
+fn retention_names_the_group_that_keeps_the_oldest_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(cfg(dir.path())).unwrap();
+    assert_eq!(wal.retention(), (0, None), "no entry, no group");
+    let payload = [7u8; 100];
+    let lsn = wal.append(1, [(1, 1, &payload[..])], None).unwrap();
+    wal.wait_durable_blocking(lsn).unwrap();
+    for i in 1..=30 {
+        let lsn = wal.append(2, [(i, 1, &payload[..])], None).unwrap();
+        wal.wait_durable_blocking(lsn).unwrap();
+    }
+    let (before, oldest) = wal.retention();
+    assert_eq!(oldest, Some(1), "group 1's one entry is in the first segment");
+    assert!(before >= 3 * 512 && before % 512 == 0, "several full segments: {before} bytes");
+    let lsn = wal.purge(1, 1, 1).unwrap();
+    wal.wait_durable_blocking(lsn).unwrap();
+    wal.delete_obsolete_segments().unwrap();
+    let (after, oldest) = wal.retention();
+    assert_eq!(oldest, Some(2));
+    assert_eq!(after, before, "group 2 still holds the first segment's entries");
+    assert_eq!(wal.retention().0, (wal.segments().len() as u64 - 1) * 512);
+    let lsn = wal.purge(2, 25, 1).unwrap();
+    wal.wait_durable_blocking(lsn).unwrap();
+    wal.delete_obsolete_segments().unwrap();
+    let (after, _) = wal.retention();
+    assert!(after < before, "segments deleted: {after} < {before}");
+    let lsn = wal.purge(2, 30, 1).unwrap();
+    wal.wait_durable_blocking(lsn).unwrap();
+    assert_eq!(wal.retention(), (0, None), "no entry held: nothing kept");
+}

@@ -721,6 +721,18 @@ impl Wal {
         self.shared().lock().groups.get(&group).map_or(0, |g| g.bytes_after(index))
     }
 
+    /// The bytes of the full segments that held entries keep on disk (counted at the
+    /// segment size: from the one with the oldest held entry to the active one, which no
+    /// purge frees), and the group whose oldest held entry lies in the oldest of them (the
+    /// first that must purge for any of them to go; `None` if no group holds an entry).
+    pub fn retention(&self) -> (u64, Option<GroupId>) {
+        let sh = self.shared();
+        let st = sh.lock();
+        let oldest = st.groups.iter().filter_map(|(g, l)| l.locs.front().map(|f| (f.seg, *g))).min();
+        let kept = oldest.map_or(0, |(seg, _)| st.segments.range(seg..st.active_seq).count() as u64);
+        (kept * sh.cfg.segment_bytes, oldest.map(|(_, g)| g))
+    }
+
     /// Groups that have anything in the log.
     pub fn groups(&self) -> Vec<GroupId> {
         let mut v: Vec<GroupId> = self.shared().lock().groups.keys().copied().collect();
