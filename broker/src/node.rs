@@ -677,9 +677,11 @@ impl Node {
 /// snapshot of at least that percentage of its size. A snapshot copies the whole state
 /// (every envelope), so on the entry count alone a shard whose state keeps growing copies
 /// more and more per entry written (the closed loop on the reference machine: 0.5 GiB per
-/// shard after ~3 minutes, another every ~3 minutes, each larger); with the growth rule each build is paid for by as many bytes
-/// written, so the copying stays in proportion to the writes (at 100%: at most ~2 bytes
-/// copied per byte written), at the cost of keeping up to that share of the state as log.
+/// shard after ~3 minutes, another every ~3 minutes, each larger); with the growth rule
+/// each build is paid for by as many bytes written, so the copying stays in proportion to
+/// the writes (at 100%: at most ~2 bytes copied per byte written), at the cost of keeping
+/// about that share of the state as log (more when a shard's entry count is not reached:
+/// [`SnapshotRule::wal_over`] bounds the rest).
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotRule {
     pub min_entries: u64,
