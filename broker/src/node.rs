@@ -680,8 +680,9 @@ impl Node {
 /// shard after ~3 minutes, another every ~3 minutes, each larger); with the growth rule
 /// each build is paid for by as many bytes written, so the copying stays in proportion to
 /// the writes (at 100%: at most ~2 bytes copied per byte written), at the cost of keeping
-/// about that share of the state as log (more when a shard's entry count is not reached:
-/// [`SnapshotRule::wal_over`] bounds the rest).
+/// about that share of the state as log ([`SnapshotRule::wal_over`] waives the growth
+/// condition for the shard that keeps the shared WAL past it; a shard with fewer than
+/// `min_entries` entries since its snapshot still keeps it, as before).
 #[derive(Debug, Clone, Copy)]
 pub struct SnapshotRule {
     pub min_entries: u64,
