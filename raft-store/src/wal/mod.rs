@@ -264,6 +264,12 @@ impl State {
         self.segments[&self.active_seq].file.clone()
     }
 
+    /// The segment of the oldest entry any group holds, and that group: no segment before it
+    /// is needed, and it cannot go before that group purges.
+    fn oldest_held(&self) -> Option<(u64, GroupId)> {
+        self.groups.iter().filter_map(|(g, l)| l.locs.front().map(|f| (f.seg, *g))).min()
+    }
+
     fn check_poisoned(&self) -> Result<(), WalError> {
         match &self.poisoned {
             Some(reason) => Err(WalError::Poisoned(reason.clone())),
@@ -635,13 +641,7 @@ impl Wal {
         let sh = self.shared();
         let victims: Vec<(u64, PathBuf)> = {
             let mut st = sh.lock();
-            let min_live = st
-                .groups
-                .values()
-                .filter_map(|g| g.locs.front().map(|l| l.seg))
-                .min()
-                .unwrap_or(st.active_seq)
-                .min(st.active_seq);
+            let min_live = st.oldest_held().map_or(st.active_seq, |(seg, _)| seg).min(st.active_seq);
             // The segment `min_live` must start with a durable checkpoint: it does unless it
             // is segment 1, which has nothing before it anyway; and it is durable because
             // it was written before the purge record the caller waited for.
@@ -728,7 +728,7 @@ impl Wal {
     pub fn retention(&self) -> (u64, Option<GroupId>) {
         let sh = self.shared();
         let st = sh.lock();
-        let oldest = st.groups.iter().filter_map(|(g, l)| l.locs.front().map(|f| (f.seg, *g))).min();
+        let oldest = st.oldest_held();
         let kept = oldest.map_or(0, |(seg, _)| st.segments.range(seg..st.active_seq).count() as u64);
         (kept * sh.cfg.segment_bytes, oldest.map(|(_, g)| g))
     }
