@@ -2836,8 +2836,8 @@ impl StateStore {
     /// then the file is fsynced and becomes the group's current snapshot. If it fails (a
     /// full disk, a damaged segment), the error is logged and the current snapshot, if the
     /// group has one, is returned in its place (openraft keeps its newer one, and the node
-    /// triggers again after `snapshot_logs_since_last` more entries): the node keeps serving. (With none,
-    /// the error reaches openraft, which stops the node.)
+    /// triggers again after `snapshot_logs_since_last` more entries): the node keeps
+    /// serving. (With none, the error reaches openraft, which stops the node.)
     fn finish_snapshot(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         let group = build.group;
         let index = build.meta.last_log_id.map_or(0, |l| l.index);
@@ -3424,9 +3424,9 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
 
     async fn try_create_snapshot_builder(&mut self, _force: bool) -> Option<SnapshotBuilder> {
         // Never refused (not even while another group builds): the node counts the next try
-        // from this one (`Node::trigger_due_snapshots`), so a refused group would wait another `snapshot_logs_since_last`
-        // entries, and under uniform load could lose every time. The second halves take
-        // turns instead (`Inner::build_turn`).
+        // from this one (`Node::trigger_due_snapshots`), so a refused group would wait
+        // another `snapshot_logs_since_last` entries, and under uniform load could lose every
+        // time. The second halves take turns instead (`Inner::build_turn`).
         // Begun here, where openraft holds the state machine exclusively, so the file is a
         // consistent point-in-time copy of the group; applies of this group wait only for
         // the first half (checkpoints and sled's part), not for the runs.
