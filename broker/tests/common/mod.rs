@@ -136,22 +136,39 @@ pub async fn read_all(client: &mut BrokerClient<Channel>, conversation: &str, st
     let mut out = Vec::new();
     let mut from = 1;
     loop {
-        let r = client
-            .read(pb::ReadRequest {
-                conversation_id: conversation.into(),
-                from_seq: from,
-                limit: 1000,
-                allow_stale: stale,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let req = pb::ReadRequest {
+            conversation_id: conversation.into(),
+            from_seq: from,
+            limit: 1000,
+            allow_stale: stale,
+            ..Default::default()
+        };
+        let r = read_retrying(client, req).await;
         if r.envelopes.is_empty() {
             return out;
         }
         from = r.envelopes.last().unwrap().seq + 1;
         out.extend(r.envelopes);
+    }
+}
+
+/// One read, tried again while the answer is transient (`Unavailable`: a leader change or a
+/// node still starting; `DeadlineExceeded`) for up to 30 s; any other error, or a transient
+/// one past that, fails the test with its status. Tests that kill and restart nodes read
+/// through such changes; what they check is the content, not that no read met an election.
+pub async fn read_retrying(client: &mut BrokerClient<Channel>, req: pb::ReadRequest) -> pb::ReadResponse {
+    let start = Instant::now();
+    loop {
+        match client.read(req.clone()).await {
+            Ok(r) => return r.into_inner(),
+            Err(s)
+                if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                    && start.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("read of {:?} from seq {}: {s}", req.conversation_id, req.from_seq),
+        }
     }
 }
 
