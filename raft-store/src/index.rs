@@ -102,6 +102,8 @@ pub type WriteRef<'a> = (&'a [u8], Option<&'a [u8]>);
 pub struct StateIndex {
     db: fjall::Database,
     ks: fjall::Keyspace,
+    /// Views open now ([`StateIndex::views_open`]).
+    views: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn fj(e: fjall::Error) -> StoreError {
@@ -181,7 +183,7 @@ impl StateIndex {
                 }
             })
             .map_err(fj)?;
-        Ok(StateIndex { db, ks })
+        Ok(StateIndex { db, ks, views: Default::default() })
     }
 
     /// The value stored under `key`, if any.
@@ -201,11 +203,18 @@ impl StateIndex {
         }
     }
 
-    /// A read-only view of the index as it is now, unchanged by later writes (fjall keeps
-    /// the versions it needs until the view is dropped): what a snapshot build reads after
-    /// the group's state machine is released.
+    /// A read-only view of the index as it is now, unchanged by later writes: what a
+    /// snapshot build reads after the group's state machine is released. Costly to keep:
+    /// until it is dropped fjall keeps every memtable it flushes meanwhile in memory (its
+    /// version history, from the view's sequence number on), so drop it as soon as it is read.
     pub fn view(&self) -> IndexView {
-        IndexView { snap: self.db.snapshot(), ks: self.ks.clone() }
+        self.views.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        IndexView { snap: self.db.snapshot(), ks: self.ks.clone(), views: self.views.clone() }
+    }
+
+    /// How many views ([`StateIndex::view`]) are open now.
+    pub fn views_open(&self) -> usize {
+        self.views.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Applies `writes` atomically (in memory and fjall's journal buffer: not durable until
@@ -273,6 +282,13 @@ impl StateIndex {
 pub struct IndexView {
     snap: fjall::Snapshot,
     ks: fjall::Keyspace,
+    views: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for IndexView {
+    fn drop(&mut self) {
+        self.views.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl IndexView {

@@ -294,6 +294,7 @@ impl Overlay {
                 extra(&mut batch);
                 Ok::<_, sled::Error>((batch, ()))
             },
+            |()| {},
             |()| Ok(()),
             flush,
         )
@@ -309,6 +310,9 @@ impl Overlay {
     /// (a key deleted and written again between two checkpoints): a builder that leaves such
     /// a put out of the batch must delete the key in it, or sled's older value would stay.
     ///
+    /// `landing` runs with what `build` returned under the gate's write side, just before
+    /// the batch lands: no read under [`Overlay::shared`] sees one without the other.
+    ///
     /// `after` runs once the batch landed (and sled is flushed, if `flush`), still before
     /// any other checkpoint can start and before the frozen layer is dropped, with what
     /// `build` handed it; what it returns comes back with the number of writes. If it fails, the frozen layer stays, but unlike after a failed
@@ -319,6 +323,7 @@ impl Overlay {
         &self,
         tree: &sled::Tree,
         build: impl FnOnce(&Pending, &HashSet<Vec<u8>>) -> Result<(sled::Batch, A), E>,
+        landing: impl FnOnce(&A),
         after: impl FnOnce(A) -> Result<R, E>,
         flush: bool,
     ) -> Result<(usize, R), E> {
@@ -345,7 +350,10 @@ impl Overlay {
             (frozen, l.frozen_redone.clone())
         };
         let (batch, then) = build(&frozen, &redone)?;
-        self.exclusive(|| tree.apply_batch(batch))?;
+        self.exclusive(|| {
+            landing(&then);
+            tree.apply_batch(batch)
+        })?;
         if flush {
             self.flush(tree)?;
         }
@@ -364,6 +372,14 @@ impl Overlay {
     /// command that must see every item a checkpoint writes, and none appear meanwhile.
     pub fn hold_checkpoints(&self) -> MutexGuard<'_, ()> {
         self.checkpointing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `read` (reads of the tree directly, not merged with the overlay) while no batch
+    /// of [`Overlay::exclusive`] lands: sled's iterators are not isolated from one (see the
+    /// module's doc). Keep it short: checkpoints wait for it.
+    pub fn shared<T>(&self, read: impl FnOnce() -> T) -> T {
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        read()
     }
 
     /// Runs `write` (a bulk write to the tree) while no range read is in progress and no

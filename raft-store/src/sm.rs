@@ -18,10 +18,12 @@ use std::collections::HashMap;
 use std::collections::HashSet;
 use std::fs;
 use std::io;
+use std::ops::Bound;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -80,6 +82,9 @@ use crate::types::MESSAGE_ID_LEN;
 pub const DEFAULT_CACHE_CAPACITY: u64 = 48 << 20;
 /// Bound on the records of one sled batch while installing a snapshot.
 const INSTALL_BATCH_RECORDS: usize = 2048;
+/// Dedupe time items a snapshot build reads from sled at a time, under the overlay's gate
+/// (`StateStore::write_dedupe_times`): checkpoints wait for one chunk at most.
+const DEDUPE_TIMES_CHUNK: usize = 1024;
 /// Where damaged snapshot files go, beside `snapshots/` (never read again).
 pub const QUARANTINE_DIR: &str = "quarantine";
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
@@ -333,7 +338,16 @@ struct Inner {
     /// time on a node. Builds of every group come due together under uniform load (the same
     /// log index on every group), and each reads and writes the group's whole state.
     build_turn: tokio::sync::Semaphore,
+    /// Index views open when the last snapshot build began copying its runs (for tests: its
+    /// own view is dropped by then). `usize::MAX` before the first.
+    build_views_at_runs: AtomicUsize,
+    /// Snapshot builds that have yet to read their group's dedupe times (`KeptDeletes`): a
+    /// checkpoint keeps for them the items of that kind it deletes from sled.
+    keeping: Mutex<Vec<((GroupId, u32), KeptItems)>>,
 }
+
+/// Dedupe time items (DEDUPE_TIME) a checkpoint deleted from sled, with their values.
+type KeptItems = Arc<Mutex<Vec<(Vec<u8>, sled::IVec)>>>;
 
 impl Inner {
     /// A key's value as the state machine sees it (the overlay over sled, or over the
@@ -398,6 +412,12 @@ impl Inner {
         let done = self.overlay.checkpoint_with(
             &self.data,
             |frozen, redone| self.checkpoint_batch(frozen, redone),
+            // As the batch lands (and not before or after, for `write_dedupe_times`).
+            |after| {
+                for (kept, k, v) in &after.kept {
+                    kept.lock().unwrap_or_else(|p| p.into_inner()).push((k.clone(), v.clone()));
+                }
+            },
             |after| self.after_checkpoint(after),
             flush,
         );
@@ -538,6 +558,26 @@ impl Inner {
         Ok(stages)
     }
 
+    /// A dedupe time item this checkpoint deletes: its value (in sled until the batch
+    /// lands), for every build of its group that has yet to read that kind (`KeptDeletes`).
+    fn keep_deleted(
+        &self,
+        keeping: &[((GroupId, u32), KeptItems)],
+        k: &[u8],
+        after: &mut After,
+    ) -> Result<(), StoreError> {
+        let at = keys::group_and_generation(k);
+        let mut builds = keeping.iter().filter(|(b, _)| Some(*b) == at).peekable();
+        if builds.peek().is_none() {
+            return Ok(());
+        }
+        let Some(v) = self.data.get(k)? else { return Ok(()) };
+        for (_, kept) in builds {
+            after.kept.push((kept.clone(), k.to_vec(), v.clone()));
+        }
+        Ok(())
+    }
+
     /// The batch of a checkpoint: the frozen writes, except that the bodies of envelopes
     /// that do not expire move to their group's envelope segment, a run per conversation
     /// (`runs.rs`), written and fdatasynced before the batch; the batch carries one RUN item
@@ -570,6 +610,9 @@ impl Inner {
         let mut moving: Vec<(&[u8], u64, &[u8])> = Vec::new();
         let mut synced: Vec<(GroupId, u32, crate::envseg::Durable)> = Vec::new();
         let mut added_runs: HashMap<(GroupId, u32), Vec<u64>> = HashMap::new();
+        // Builds that have yet to read their group's dedupe times from sled (registered
+        // before any write after their log position was applied, so before it froze).
+        let keeping = self.keeping.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for (k, v) in frozen.iter() {
             if index::in_index(k) {
                 let at = keys::group_and_generation(k)
@@ -589,7 +632,12 @@ impl Inner {
                     }
                     None => batch.insert(k.as_slice(), v.as_slice()),
                 },
-                None => batch.remove(k.as_slice()),
+                None => {
+                    if !keeping.is_empty() && k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_DEDUPE_TIME) {
+                        self.keep_deleted(&keeping, k, &mut after)?;
+                    }
+                    batch.remove(k.as_slice())
+                }
             }
         }
         let segments_started = Instant::now();
@@ -861,6 +909,9 @@ struct After {
     delete: Vec<((GroupId, u32), Vec<u64>)>,
     /// The groups whose runs to zero the batch took up (listed, or in a deleted segment).
     zeroed_groups: Vec<(GroupId, u32)>,
+    /// Dedupe time items the batch deletes, with their values, for the builds that keep
+    /// them (`KeptDeletes`): handed over as the batch lands.
+    kept: Vec<(KeptItems, Vec<u8>, sled::IVec)>,
 }
 
 /// The seq of an envelope a checkpoint moves into a run: an ENV item whose envelope does
@@ -1328,6 +1379,8 @@ impl StateStore {
                 build_done: std::sync::Condvar::new(),
                 revisit: Mutex::new(HashSet::new()),
                 build_turn: tokio::sync::Semaphore::new(1),
+                build_views_at_runs: AtomicUsize::new(usize::MAX),
+                keeping: Mutex::new(Vec::new()),
             }),
         };
         store.remove_inactive_generations()?;
@@ -2100,6 +2153,13 @@ impl StateStore {
         self.inner.build_turn.acquire().await.expect("the build turn semaphore is never closed")
     }
 
+    /// For tests: how many views of the state index were open when the last snapshot build
+    /// began copying its runs' envelopes (`usize::MAX`: no build yet).
+    #[doc(hidden)]
+    pub fn build_views_at_runs_for_tests(&self) -> usize {
+        self.inner.build_views_at_runs.load(Ordering::Acquire)
+    }
+
     /// A writer for a snapshot streamed in from a peer.
     pub fn snapshot_writer(&self, group: GroupId) -> Result<SnapshotWriter, StoreError> {
         SnapshotWriter::create(&self.inner.snap_dir, group)
@@ -2806,6 +2866,8 @@ impl StateStore {
         // Pinned before anything of the group is applied again: from here on, checkpoints
         // neither zero nor delete what the view's runs point to.
         let pin = BuildPin::new(&self.inner, (group, generation));
+        // And from here on, checkpoints keep the dedupe time items they delete for this build.
+        let kept = KeptDeletes::new(&self.inner, (group, generation));
         let view = self.inner.index.view();
         // The applied state from sled, like the data: the file's meta and its records come
         // from one state.
@@ -2819,8 +2881,15 @@ impl StateStore {
         // sled directly, without the overlay's gate: after those checkpoints the overlay holds
         // nothing of this group and nothing of it is applied meanwhile, so no batch lands in
         // this range during the scan, and other groups' checkpoints need not wait for it.
+        // Not the dedupe times (one item per entry of the dedupe window, most of sled's part):
+        // the second half reads those (`write_dedupe_times`).
         let mut ex = Exporter::new(self, group, generation, Some(&view));
-        for item in self.inner.data.range(crate::overlay::prefix_range(&keys::gen_prefix(group, generation))) {
+        let (start, end) = crate::overlay::prefix_range(&keys::gen_prefix(group, generation));
+        let times = keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME);
+        let after_times = keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME + 1);
+        let before = self.inner.data.range((start, Bound::Excluded(times)));
+        let after = self.inner.data.range((Bound::Included(after_times), end));
+        for item in before.chain(after) {
             let (k, v) = item?;
             if !index::in_index(&k) {
                 ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
@@ -2828,7 +2897,7 @@ impl StateStore {
         }
         let sled_records = file.records();
         let held = started.elapsed();
-        Ok(SnapshotBuild { group, generation, meta, file, view, sled_records, held, _pin: pin, _tmp })
+        Ok(SnapshotBuild { group, generation, meta, file, view, sled_records, held, kept, _pin: pin, _tmp })
     }
 
     /// The second half of a snapshot build (`begin_snapshot`), without the state machine:
@@ -2855,14 +2924,38 @@ impl StateStore {
     /// `finish_snapshot`'s work: writes, fsyncs and publishes the file; unpins.
     fn write_rest(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
         let started = Instant::now();
-        let SnapshotBuild { group, generation, meta, mut file, view, sled_records, held, _pin, _tmp } = build;
+        let SnapshotBuild { group, generation, meta, mut file, view, sled_records, held, kept, _pin, _tmp } = build;
         let mut ex = Exporter::new(self, group, generation, None);
+        // Two passes, so that the view is dropped before the bulk of the work: while it is
+        // open fjall keeps every memtable it flushes meanwhile (`StateIndex::view`), and
+        // copying the runs' envelopes out of the segments is most of a build's time (with
+        // the view open throughout, a node's memtables held 100+ MiB during builds:
+        // docs/BENCHMARKS.md, "2026-12-05, thirteenth session"). First every record of the
+        // view but the runs, whose RUN items (where a run lies, ~50 bytes each) go to a
+        // spill file in the snapshot file's format; then the runs, from the spill file. RUN
+        // is the view's last kind, so the records come in the same order as from one pass.
+        let spill_path = self.inner.snap_dir.join(format!("g{group}-{generation}-{}.runs.tmp", unix_nanos()));
+        let _spill_tmp = TmpFile(spill_path.clone());
+        let mut spill = SnapshotFileWriter::create(spill_path.clone(), group, &meta)?;
         for item in view.range(crate::overlay::prefix_range(&keys::gen_prefix(group, generation))) {
             let (k, v) = item?;
+            if k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_RUN) {
+                spill.record(&k, &v)?;
+            } else {
+                ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
+            }
+        }
+        drop(view);
+        let view_held = started.elapsed();
+        let times = self.write_dedupe_times(group, generation, &meta, kept, &mut file)?;
+        self.inner.build_views_at_runs.store(self.inner.index.views_open(), Ordering::Release);
+        let runs = spill.records();
+        spill.close()?;
+        let mut spilled = SnapshotReader::open(&spill_path)?;
+        while let Some((k, v)) = spilled.next_record()? {
             ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
         }
         let records = file.records();
-        drop(view);
         let data = file.finish()?;
         let path = data.path().with_extension("snap");
         // Still pinned: an install of the group waits for the pin, so it publishes its
@@ -2876,15 +2969,79 @@ impl StateStore {
             records,
             sled_records,
             bytes = data.len(),
+            runs,
+            dedupe_times = times,
             held_ms = crate::slow::ms(held),
+            view_ms = crate::slow::ms(view_held),
             ms = crate::slow::ms(started.elapsed()),
-            "snapshot built (`held_ms`: the first half, which held the group's state machine; `ms`: the rest, which did not)"
+            "snapshot built (`held_ms`: the first half, which held the group's state machine; `ms`: the rest, which did not; `view_ms`: of the rest, how long it read the state index's view)"
         );
         if published {
             return Ok((meta, SnapshotData::new(path, data.len())));
         }
         let current = rt.current_snapshot();
         current.ok_or_else(|| StoreError::Encode("a newer snapshot replaced this build's and is gone".into()))
+    }
+
+    /// A snapshot build's dedupe time items (DEDUPE_TIME: which message ids each entry
+    /// added, for the dedupe window's trim), read from sled after the first half released
+    /// the group's state machine. There are as many as entries in the dedupe window (a
+    /// day's by default); read in the first half they made it, which the group's applies
+    /// wait for, grow with the window (1.8-2.6 s at 50,000 entries: docs/BENCHMARKS.md).
+    /// The file gets the items of the build's log position: those in sled whose entry is at
+    /// or before it (later ones were added after it), and those the trims of entries
+    /// applied since deleted (`kept`). Read in chunks, each under the overlay's gate, with
+    /// the items deleted by the batches landed before it (handed to `kept` as each lands,
+    /// under the gate's other side): an item deleted before the scan reached its place is
+    /// taken from `kept`, one deleted after was read from sled. Returns how many.
+    fn write_dedupe_times(
+        &self,
+        group: GroupId,
+        generation: u32,
+        meta: &SnapshotMeta,
+        kept: KeptDeletes,
+        file: &mut SnapshotFileWriter,
+    ) -> Result<u64, StoreError> {
+        const P: usize = keys::GEN_PREFIX_LEN;
+        let last = meta.last_log_id.map_or(0, |l| l.index);
+        let at_or_before = |k: &[u8]| -> Result<bool, StoreError> {
+            match keys::decode_key(k).map_err(|e| corrupt_key(k, e))? {
+                keys::Key::DedupeTime { index, .. } => Ok(index <= last),
+                _ => Err(corrupt_key(k, keys::DecodeError("not a dedupe time item".into()))),
+            }
+        };
+        let prefix = keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME);
+        let (mut from, end) = crate::overlay::prefix_range(&prefix);
+        let mut n = 0u64;
+        loop {
+            let (chunk, deleted) = self.inner.overlay.shared(|| {
+                let chunk = self
+                    .inner
+                    .data
+                    .range((from.clone(), end.clone()))
+                    .take(DEDUPE_TIMES_CHUNK)
+                    .collect::<Result<Vec<_>, _>>();
+                (chunk, kept.take())
+            });
+            // Deleted before this read: from sled's part not yet read, so not read.
+            for (k, v) in deleted {
+                let passed = matches!(&from, Bound::Excluded(read) if k.as_slice() <= read.as_slice());
+                if !passed && at_or_before(&k)? {
+                    file.record(&k[P..], &v)?;
+                    n += 1;
+                }
+            }
+            let chunk = chunk?;
+            let Some((last_key, _)) = chunk.last() else { break };
+            from = Bound::Excluded(last_key.to_vec());
+            for (k, v) in &chunk {
+                if at_or_before(k)? {
+                    file.record(&k[P..], v)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// The group's current snapshot after checking every CRC of its file. A damaged file is
@@ -3278,6 +3435,8 @@ struct SnapshotBuild {
     generation: u32,
     meta: SnapshotMeta,
     file: SnapshotFileWriter,
+    /// The dedupe time items checkpoints deleted since the first half.
+    kept: KeptDeletes,
     /// The state index when the first half ran.
     view: index::IndexView,
     /// Records the first half wrote (sled's).
@@ -3323,6 +3482,33 @@ impl Drop for BuildPin {
         }
         drop(b);
         self.inner.build_done.notify_all();
+    }
+}
+
+/// Has checkpoints keep, for one snapshot build, the dedupe time items of its group they
+/// delete from sled (`Inner::keeping`), from its first half until it has read that kind
+/// (`StateStore::write_dedupe_times`), or it is dropped.
+struct KeptDeletes {
+    inner: Arc<Inner>,
+    kept: KeptItems,
+}
+
+impl KeptDeletes {
+    fn new(inner: &Arc<Inner>, at: (GroupId, u32)) -> Self {
+        let kept = KeptItems::default();
+        inner.keeping.lock().unwrap_or_else(|p| p.into_inner()).push((at, kept.clone()));
+        KeptDeletes { inner: inner.clone(), kept }
+    }
+
+    /// What was kept since the last call.
+    fn take(&self) -> Vec<(Vec<u8>, sled::IVec)> {
+        std::mem::take(&mut *self.kept.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for KeptDeletes {
+    fn drop(&mut self) {
+        self.inner.keeping.lock().unwrap_or_else(|p| p.into_inner()).retain(|(_, k)| !Arc::ptr_eq(k, &self.kept));
     }
 }
 

@@ -135,7 +135,20 @@ impl SnapshotFileWriter {
     }
 
     /// Writes the trailer and fsyncs the file.
-    pub fn finish(mut self) -> Result<SnapshotData, StoreError> {
+    pub fn finish(self) -> Result<SnapshotData, StoreError> {
+        let (path, len, file) = self.trailer()?;
+        file.sync_all().map_err(io_err(&path))?;
+        Ok(SnapshotData { path, len })
+    }
+
+    /// Writes the trailer, without an fsync: for a file read back by the process that wrote
+    /// it and never after a restart (a snapshot build's spill file).
+    pub fn close(self) -> Result<(), StoreError> {
+        self.trailer().map(|_| ())
+    }
+
+    /// Writes the trailer and flushes the buffer: the path, the file's length and the file.
+    fn trailer(mut self) -> Result<(PathBuf, u64, File), StoreError> {
         let mut t = [0u8; 16];
         t[..4].copy_from_slice(&TRAILER_MARK.to_le_bytes());
         t[4..12].copy_from_slice(&self.count.to_le_bytes());
@@ -143,8 +156,7 @@ impl SnapshotFileWriter {
         self.out.write_all(&t).map_err(io_err(&self.path))?;
         let file =
             self.out.into_inner().map_err(|e| StoreError::Io { path: self.path.clone(), source: e.into_error() })?;
-        file.sync_all().map_err(io_err(&self.path))?;
-        Ok(SnapshotData { path: self.path, len: self.len + 16 })
+        Ok((self.path, self.len + 16, file))
     }
 }
 

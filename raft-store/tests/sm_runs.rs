@@ -138,7 +138,8 @@ fn occurrences(dir: &Path, needle: &[u8]) -> usize {
 /// Property: after checkpoints, sled holds no ENV item for an envelope that does not expire
 /// (one RUN item per conversation and checkpoint instead), and every read, the replica dump
 /// and a snapshot are the same as on a store that never checkpointed; a snapshot built from
-/// runs installs on another store to the same state.
+/// runs installs on another store to the same state, and its build drops its view of the
+/// state index before it copies the runs (leaving no spill file).
 #[tokio::test]
 async fn runs_read_and_travel_like_items() {
     let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -168,7 +169,17 @@ async fn runs_read_and_travel_like_items() {
     assert_eq!(with_runs.read(GROUP, "c\u{0}2", 40, 3).unwrap(), without.read(GROUP, "c\u{0}2", 40, 3).unwrap());
 
     // A snapshot built from runs: installed elsewhere, the same state (as items there).
+    assert_eq!(with_runs.build_views_at_runs_for_tests(), usize::MAX, "no build yet");
     let snap = a.try_create_snapshot_builder(true).await.unwrap().build_snapshot().await.unwrap();
+    // The build read the state index's view (which keeps fjall's flushed memtables in
+    // memory) before it copied the runs' envelopes, not throughout.
+    assert_eq!(with_runs.build_views_at_runs_for_tests(), 0, "the view is dropped before the runs are copied");
+    let left: Vec<_> = std::fs::read_dir(snap.snapshot.path().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| !n.ends_with(".snap"))
+        .collect();
+    assert!(left.is_empty(), "no spill or temporary file left: {left:?}");
     let target = open(d3.path());
     let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
     target
@@ -185,6 +196,100 @@ async fn runs_read_and_travel_like_items() {
     drop(with_runs);
     let again = open(d1.path());
     assert_eq!(read_all(&again), reads, "after a reopen");
+}
+
+/// Property: a snapshot carries the dedupe times (DEDUPE_TIME, which the dedupe window's
+/// trim reads) of its log position, though its build reads them from sled after the group's
+/// applies resumed: the items a trim applied after that position deletes are in it, those
+/// of entries appended after it are not; installed, the group equals one that applied only
+/// the entries up to the position.
+#[tokio::test]
+async fn a_snapshot_carries_the_dedupe_times_of_its_position_while_trims_and_appends_go_on() {
+    const WINDOW: u64 = 1_000_000;
+    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (store, reference) = (open(d1.path()), open(d2.path()));
+    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
+    // Entries 1..=40, committed at 1_001..=1_040 ms; in sled after the checkpoint.
+    apply(&mut sm, appends(1, 40)).await;
+    apply(&mut r, appends(1, 40)).await;
+    store.checkpoint().unwrap();
+    assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 40);
+
+    // The first half at entry 40; then a trim of the entries before 1_021 ms, 10 more
+    // entries, and a checkpoint that deletes the trimmed items from sled, before the
+    // second half reads them.
+    let mut builder = sm.try_create_snapshot_builder(false).await.unwrap();
+    let trim = Command::Maintain { now_ms: 1_021 + WINDOW, dedupe_window_ms: WINDOW, max_removals: 10_000 };
+    apply(&mut sm, vec![Entry { log_id: LogId::new_term_index(1, 41), payload: EntryPayload::Normal(trim) }]).await;
+    apply(&mut sm, appends(42, 10)).await;
+    store.checkpoint().unwrap();
+    assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 40 - 20 + 10, "trimmed and added");
+    let snap = builder.build_snapshot().await.unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(1, 40)));
+
+    let target = open(d3.path());
+    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
+    target
+        .group(GROUP)
+        .unwrap()
+        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
+        .await
+        .unwrap();
+    target.checkpoint().unwrap();
+    assert_eq!(target.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 40, "the position's dedupe times");
+    assert_eq!(target.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "the state at entry 40");
+}
+
+/// Property: the same while trims land during the second half's scan of the dedupe times
+/// (several chunks of them, trims and checkpoints on another thread): every item of the
+/// position exactly once in the file, however the trims and the scan interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_carries_each_dedupe_time_of_its_position_once_while_trims_land_during_its_scan() {
+    const WINDOW: u64 = 1_000_000;
+    const N: u64 = 2_500;
+    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (store, reference) = (open(d1.path()), open(d2.path()));
+    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
+    apply(&mut sm, appends(1, N)).await;
+    apply(&mut r, appends(1, N)).await;
+    store.checkpoint().unwrap();
+
+    let mut builder = sm.try_create_snapshot_builder(false).await.unwrap();
+    let trims = {
+        let (store, mut sm) = (store.clone(), sm.clone());
+        tokio::spawn(async move {
+            // Each trims the next 100 entries' items (committed at 1_001 + ... ms).
+            for i in 0..N / 100 {
+                let now_ms = 1_001 + (i + 1) * 100 + WINDOW;
+                let trim = Command::Maintain { now_ms, dedupe_window_ms: WINDOW, max_removals: 10_000 };
+                let e = Entry { log_id: LogId::new_term_index(1, N + 1 + i), payload: EntryPayload::Normal(trim) };
+                apply(&mut sm, vec![e]).await;
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || s.checkpoint().unwrap()).await.unwrap();
+            }
+        })
+    };
+    let snap = builder.build_snapshot().await.unwrap();
+    trims.await.unwrap();
+    assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 0, "all trimmed by now");
+
+    let mut reader = habar_raft_store::snapshot::SnapshotReader::open(snap.snapshot.path()).unwrap();
+    let mut records = std::collections::HashSet::new();
+    while let Some((k, _)) = reader.next_record().unwrap() {
+        assert!(records.insert(k.clone()), "record {k:?} is in the file twice");
+    }
+    let expected = reference.dump_group(GROUP).unwrap();
+    assert_eq!(records.len(), expected.len(), "the file holds the position's records, each once");
+
+    let target = open(d3.path());
+    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
+    target
+        .group(GROUP)
+        .unwrap()
+        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
+        .await
+        .unwrap();
+    assert_eq!(target.dump_group(GROUP).unwrap(), expected, "the state at the position");
 }
 
 /// Property: an erasure leaves none of the conversation's ciphertext in the envelope
