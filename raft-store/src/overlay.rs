@@ -310,8 +310,9 @@ impl Overlay {
     /// (a key deleted and written again between two checkpoints): a builder that leaves such
     /// a put out of the batch must delete the key in it, or sled's older value would stay.
     ///
-    /// `landing` runs with what `build` returned under the gate's write side, just before
-    /// the batch lands: no read under [`Overlay::shared`] sees one without the other.
+    /// `landing` runs with what `build` returned under the gate's write side, once the batch
+    /// landed (not if it failed): no read under [`Overlay::shared`] sees one without the
+    /// other.
     ///
     /// `after` runs once the batch landed (and sled is flushed, if `flush`), still before
     /// any other checkpoint can start and before the frozen layer is dropped, with what
@@ -351,8 +352,9 @@ impl Overlay {
         };
         let (batch, then) = build(&frozen, &redone)?;
         self.exclusive(|| {
+            tree.apply_batch(batch)?;
             landing(&then);
-            tree.apply_batch(batch)
+            Ok::<_, sled::Error>(())
         })?;
         if flush {
             self.flush(tree)?;

@@ -83,8 +83,10 @@ pub const DEFAULT_CACHE_CAPACITY: u64 = 48 << 20;
 /// Bound on the records of one sled batch while installing a snapshot.
 const INSTALL_BATCH_RECORDS: usize = 2048;
 /// Dedupe time items a snapshot build reads from sled at a time, under the overlay's gate
-/// (`StateStore::write_dedupe_times`): checkpoints wait for one chunk at most.
-const DEDUPE_TIMES_CHUNK: usize = 1024;
+/// (`StateStore::write_dedupe_times`): checkpoints wait for one chunk at most (and, since
+/// a waiting writer blocks new readers, merged reads too), read on the build's thread at a
+/// low priority; small enough that this stays a few milliseconds with sled's pages cold.
+const DEDUPE_TIMES_CHUNK: usize = 128;
 /// Where damaged snapshot files go, beside `snapshots/` (never read again).
 pub const QUARANTINE_DIR: &str = "quarantine";
 const INSTALL_BATCH_BYTES: usize = 8 << 20;
@@ -334,16 +336,32 @@ struct Inner {
     /// Groups whose zeroing or segment deletions a checkpoint left for after a build: the
     /// next checkpoint takes them up even if it carries none of their writes.
     revisit: Mutex<HashSet<(GroupId, u32)>>,
-    /// One permit: the second halves of snapshot builds (`finish_snapshot`) run one at a
-    /// time on a node. Builds of every group come due together under uniform load (the same
-    /// log index on every group), and each reads and writes the group's whole state.
+    /// One permit: the run copies of snapshot builds (`write_runs`, the second phase of a
+    /// second half: every envelope read and written again, the fsync, the publish) run one
+    /// at a time on a node. Builds of every group come due together under uniform load (the
+    /// same log index on every group), and each reads and writes the group's whole state.
     build_turn: tokio::sync::Semaphore,
+    /// One permit: the first phases of those second halves (`read_view`: the view of the
+    /// state index and the dedupe times) run one at a time on a node, apart from the run
+    /// copies, so that a build's view is not kept open while other builds copy their runs.
+    view_turn: tokio::sync::Semaphore,
     /// Index views open when the last snapshot build began copying its runs (for tests: its
     /// own view is dropped by then). `usize::MAX` before the first.
     build_views_at_runs: AtomicUsize,
     /// Snapshot builds that have yet to read their group's dedupe times (`KeptDeletes`): a
     /// checkpoint keeps for them the items of that kind it deletes from sled.
     keeping: Mutex<Vec<((GroupId, u32), KeptItems)>>,
+    /// For tests: where a build's scan of the dedupe times stops for the test
+    /// (`StateStore::pause_dedupe_scan_for_tests`).
+    scan_pause: Mutex<Option<ScanPause>>,
+}
+
+/// A stop of a build's dedupe time scan after `after_chunks` chunks: it tells `reached` and
+/// waits for `resume`.
+struct ScanPause {
+    after_chunks: usize,
+    reached: std::sync::mpsc::Sender<()>,
+    resume: std::sync::mpsc::Receiver<()>,
 }
 
 /// Dedupe time items (DEDUPE_TIME) a checkpoint deleted from sled, with their values.
@@ -1379,8 +1397,10 @@ impl StateStore {
                 build_done: std::sync::Condvar::new(),
                 revisit: Mutex::new(HashSet::new()),
                 build_turn: tokio::sync::Semaphore::new(1),
+                view_turn: tokio::sync::Semaphore::new(1),
                 build_views_at_runs: AtomicUsize::new(usize::MAX),
                 keeping: Mutex::new(Vec::new()),
+                scan_pause: Mutex::new(None),
             }),
         };
         store.remove_inactive_generations()?;
@@ -2146,8 +2166,8 @@ impl StateStore {
         Ok(())
     }
 
-    /// For tests: holds the node's turn to write the second half of a snapshot build, so
-    /// that a build started meanwhile waits for it.
+    /// For tests: holds the node's turn to copy a snapshot build's runs (the second phase
+    /// of its second half), so that a build started meanwhile waits for it.
     #[doc(hidden)]
     pub async fn hold_build_turn_for_tests(&self) -> tokio::sync::SemaphorePermit<'_> {
         self.inner.build_turn.acquire().await.expect("the build turn semaphore is never closed")
@@ -2159,6 +2179,31 @@ impl StateStore {
     pub fn build_views_at_runs_for_tests(&self) -> usize {
         self.inner.build_views_at_runs.load(Ordering::Acquire)
     }
+
+    /// For tests: the next snapshot build's scan of its dedupe times stops after `chunks`
+    /// chunks (of `DEDUPE_TIMES_CHUNK` items; outside the overlay's gate), says so on the
+    /// first channel, and goes on once the second one gets a message (or is dropped).
+    #[doc(hidden)]
+    pub fn pause_dedupe_scan_for_tests(
+        &self,
+        chunks: usize,
+    ) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (reached, reached_rx) = std::sync::mpsc::channel();
+        let (resume_tx, resume) = std::sync::mpsc::channel();
+        *self.inner.scan_pause.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(ScanPause { after_chunks: chunks, reached, resume });
+        (reached_rx, resume_tx)
+    }
+
+    /// How many views of the state index are open now: for tests.
+    #[doc(hidden)]
+    pub fn index_views_open_for_tests(&self) -> usize {
+        self.inner.index.views_open()
+    }
+
+    /// Items a build's scan of its dedupe times reads from sled at a time: for tests.
+    #[doc(hidden)]
+    pub const DEDUPE_TIMES_CHUNK: usize = DEDUPE_TIMES_CHUNK;
 
     /// A writer for a snapshot streamed in from a peer.
     pub fn snapshot_writer(&self, group: GroupId) -> Result<SnapshotWriter, StoreError> {
@@ -2901,16 +2946,27 @@ impl StateStore {
     }
 
     /// The second half of a snapshot build (`begin_snapshot`), without the state machine:
-    /// the index's part of the state from the view, runs read from the pinned segments;
-    /// then the file is fsynced and becomes the group's current snapshot. If it fails (a
-    /// full disk, a damaged segment), the error is logged and the current snapshot, if the
-    /// group has one, is returned in its place (openraft keeps its newer one, and the node
-    /// triggers again after `snapshot_logs_since_last` more entries): the node keeps
-    /// serving. (With none, the error reaches openraft, which stops the node.)
+    /// its two phases in one call ([`StateStore::read_view`], [`StateStore::write_runs`]);
+    /// a failure is handled by [`StateStore::or_current`].
     fn finish_snapshot(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
-        let group = build.group;
-        let index = build.meta.last_log_id.map_or(0, |l| l.index);
-        match self.write_rest(rt, build) {
+        let (group, index) = (build.group, build.meta.last_log_id.map_or(0, |l| l.index));
+        let built = self.read_view(build).and_then(|read| self.write_runs(rt, read));
+        self.or_current(rt, group, index, built)
+    }
+
+    /// A second half that failed (a full disk, a damaged segment): the error is logged and
+    /// the current snapshot, if the group has one, is returned in its place (openraft keeps
+    /// its newer one, and the node triggers again after `snapshot_logs_since_last` more
+    /// entries): the node keeps serving. (With none, the error reaches openraft, which stops
+    /// the node.)
+    fn or_current(
+        &self,
+        rt: &GroupRt,
+        group: GroupId,
+        index: u64,
+        built: Result<(SnapshotMeta, SnapshotData), StoreError>,
+    ) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
+        match built {
             Ok(built) => Ok(built),
             Err(e) => {
                 let current = rt.current_snapshot();
@@ -2921,22 +2977,22 @@ impl StateStore {
         }
     }
 
-    /// `finish_snapshot`'s work: writes, fsyncs and publishes the file; unpins.
-    fn write_rest(&self, rt: &GroupRt, build: SnapshotBuild) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
+    /// The second half's first phase: the records of the view (all but the runs' envelopes)
+    /// and the dedupe times. Split from the second phase ([`StateStore::write_runs`]) so that
+    /// the view is dropped before the bulk of the work, copying the runs' envelopes out of
+    /// the segments, and not kept while other groups' builds do theirs (the phases take
+    /// separate turns: `Inner::view_turn`, `Inner::build_turn`): while it is open fjall keeps
+    /// every memtable it flushes meanwhile (`StateIndex::view`; with the view open for the
+    /// whole build, a node's memtables held 100+ MiB during builds: docs/BENCHMARKS.md,
+    /// "2026-12-05, thirteenth session"). The view's RUN items (where a run lies, ~50 bytes
+    /// each) go to a spill file in the snapshot file's format, for the second phase.
+    fn read_view(&self, build: SnapshotBuild) -> Result<ViewRead, StoreError> {
         let started = Instant::now();
         let SnapshotBuild { group, generation, meta, mut file, view, sled_records, held, kept, _pin, _tmp } = build;
         let mut ex = Exporter::new(self, group, generation, None);
-        // Two passes, so that the view is dropped before the bulk of the work: while it is
-        // open fjall keeps every memtable it flushes meanwhile (`StateIndex::view`), and
-        // copying the runs' envelopes out of the segments is most of a build's time (with
-        // the view open throughout, a node's memtables held 100+ MiB during builds:
-        // docs/BENCHMARKS.md, "2026-12-05, thirteenth session"). First every record of the
-        // view but the runs, whose RUN items (where a run lies, ~50 bytes each) go to a
-        // spill file in the snapshot file's format; then the runs, from the spill file. RUN
-        // is the view's last kind, so the records come in the same order as from one pass.
         let spill_path = self.inner.snap_dir.join(format!("g{group}-{generation}-{}.runs.tmp", unix_nanos()));
-        let _spill_tmp = TmpFile(spill_path.clone());
-        let mut spill = SnapshotFileWriter::create(spill_path.clone(), group, &meta)?;
+        let spill_tmp = TmpFile(spill_path.clone());
+        let mut spill = SnapshotFileWriter::create_unsynced(spill_path.clone(), group, &meta)?;
         for item in view.range(crate::overlay::prefix_range(&keys::gen_prefix(group, generation))) {
             let (k, v) = item?;
             if k.get(keys::GEN_PREFIX_LEN) == Some(&keys::KIND_RUN) {
@@ -2947,14 +3003,55 @@ impl StateStore {
         }
         drop(view);
         let view_held = started.elapsed();
-        let times = self.write_dedupe_times(group, generation, &meta, kept, &mut file)?;
-        self.inner.build_views_at_runs.store(self.inner.index.views_open(), Ordering::Release);
+        let dedupe_times = self.write_dedupe_times(group, generation, &meta, kept, &mut file)?;
         let runs = spill.records();
         spill.close()?;
-        let mut spilled = SnapshotReader::open(&spill_path)?;
+        Ok(ViewRead {
+            group,
+            generation,
+            meta,
+            file,
+            removed: ex.removed,
+            spill: spill_tmp,
+            runs,
+            dedupe_times,
+            sled_records,
+            held,
+            view_held,
+            took: started.elapsed(),
+            _pin,
+            _tmp,
+        })
+    }
+
+    /// The second half's second phase: every run's envelopes (from the spill file's RUN
+    /// items and the pinned segments); then the file is fsynced and becomes the group's
+    /// current snapshot; unpins.
+    fn write_runs(&self, rt: &GroupRt, read: ViewRead) -> Result<(SnapshotMeta, SnapshotData), StoreError> {
+        let started = Instant::now();
+        let ViewRead {
+            group,
+            generation,
+            meta,
+            mut file,
+            removed,
+            spill,
+            runs,
+            dedupe_times,
+            sled_records,
+            held,
+            view_held,
+            took,
+            _pin,
+            _tmp,
+        } = read;
+        self.inner.build_views_at_runs.store(self.inner.index.views_open(), Ordering::Release);
+        let mut ex = Exporter { removed, ..Exporter::new(self, group, generation, None) };
+        let mut spilled = SnapshotReader::open(&spill.0)?;
         while let Some((k, v)) = spilled.next_record()? {
             ex.item(&k, &v, &mut |k, v| file.record(k, v))?;
         }
+        drop((spilled, spill));
         let records = file.records();
         let data = file.finish()?;
         let path = data.path().with_extension("snap");
@@ -2970,11 +3067,11 @@ impl StateStore {
             sled_records,
             bytes = data.len(),
             runs,
-            dedupe_times = times,
+            dedupe_times,
             held_ms = crate::slow::ms(held),
             view_ms = crate::slow::ms(view_held),
-            ms = crate::slow::ms(started.elapsed()),
-            "snapshot built (`held_ms`: the first half, which held the group's state machine; `ms`: the rest, which did not; `view_ms`: of the rest, how long it read the state index's view)"
+            ms = crate::slow::ms(took + started.elapsed()),
+            "snapshot built (`held_ms`: the first half, which held the group's state machine; `ms`: the second half, which did not, its waits for its turns left out; `view_ms`: of the second half, how long the state index's view was read)"
         );
         if published {
             return Ok((meta, SnapshotData::new(path, data.len())));
@@ -3012,7 +3109,7 @@ impl StateStore {
         };
         let prefix = keys::kind_prefix(group, generation, keys::KIND_DEDUPE_TIME);
         let (mut from, end) = crate::overlay::prefix_range(&prefix);
-        let mut n = 0u64;
+        let (mut n, mut chunks) = (0u64, 0usize);
         loop {
             let (chunk, deleted) = self.inner.overlay.shared(|| {
                 let chunk = self
@@ -3039,6 +3136,15 @@ impl StateStore {
                     file.record(&k[P..], v)?;
                     n += 1;
                 }
+            }
+            chunks += 1;
+            let pause = {
+                let mut p = self.inner.scan_pause.lock().unwrap_or_else(|p| p.into_inner());
+                p.take_if(|p| p.after_chunks == chunks)
+            };
+            if let Some(p) = pause {
+                let _ = p.reached.send(());
+                let _ = p.resume.recv();
             }
         }
         Ok(n)
@@ -3448,6 +3554,28 @@ struct SnapshotBuild {
     _tmp: TmpFile,
 }
 
+/// A snapshot build between the phases of its second half (`StateStore::read_view`,
+/// `write_runs`): the view is gone; the runs are to copy.
+struct ViewRead {
+    group: GroupId,
+    generation: u32,
+    meta: SnapshotMeta,
+    file: SnapshotFileWriter,
+    /// The conversations' `removed_below` marks read from the view (`Exporter::removed`).
+    removed: HashMap<Vec<u8>, u64>,
+    /// The spill file of the view's RUN items (removed when dropped).
+    spill: TmpFile,
+    runs: u64,
+    dedupe_times: u64,
+    sled_records: u64,
+    held: Duration,
+    view_held: Duration,
+    /// How long the first phase took.
+    took: Duration,
+    _pin: BuildPin,
+    _tmp: TmpFile,
+}
+
 /// Deletes its path when dropped (nothing if the file was renamed away meanwhile).
 struct TmpFile(PathBuf);
 
@@ -3527,19 +3655,25 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // One at a time on a node, on a thread of its own at a lower priority: the node's
             // applies, WAL writes and RPCs get the CPU first, and the build takes what they
             // leave.
+            // Its two phases take separate turns (`Inner::view_turn`, `build_turn`).
             Some(b) => {
                 let inner = self.sm.store.inner.clone();
-                let _turn = inner.build_turn.acquire().await.map_err(io::Error::other)?;
                 let (store, rt) = (self.sm.store.clone(), self.sm.rt.clone());
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                std::thread::Builder::new()
-                    .name("habar-snapshot".into())
-                    .spawn(move || {
-                        lower_thread_priority(SNAPSHOT_NICE);
-                        let _ = tx.send(store.finish_snapshot(&rt, b));
-                    })
-                    .map_err(io::Error::other)?;
-                let built = rx.await.map_err(io::Error::other)?;
+                let (group, index) = (b.group, b.meta.last_log_id.map_or(0, |l| l.index));
+                let read = {
+                    let _turn = inner.view_turn.acquire().await.map_err(io::Error::other)?;
+                    let store = store.clone();
+                    on_build_thread(move || store.read_view(b)).await?
+                };
+                let built = match read {
+                    Ok(read) => {
+                        let _turn = inner.build_turn.acquire().await.map_err(io::Error::other)?;
+                        let (store, rt) = (store.clone(), rt.clone());
+                        on_build_thread(move || store.write_runs(&rt, read)).await?
+                    }
+                    Err(e) => Err(e),
+                };
+                let built = store.or_current(&rt, group, index, built);
                 self.sm
                     .blocking(|s, _, _| {
                         s.after_build();
@@ -3552,6 +3686,20 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         Ok(Snapshot { meta, snapshot: data })
     }
+}
+
+/// Runs `work` on a thread of its own at a lower priority (`SNAPSHOT_NICE`): a snapshot
+/// build's, so that the node's applies, WAL writes and RPCs get the CPU first.
+async fn on_build_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("habar-snapshot".into())
+        .spawn(move || {
+            lower_thread_priority(SNAPSHOT_NICE);
+            let _ = tx.send(work());
+        })
+        .map_err(io::Error::other)?;
+    rx.await.map_err(io::Error::other)
 }
 
 impl RaftStateMachine<TypeConfig> for GroupStateMachine {

@@ -240,9 +240,59 @@ async fn a_snapshot_carries_the_dedupe_times_of_its_position_while_trims_and_app
     assert_eq!(target.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "the state at entry 40");
 }
 
+/// Property: the same when a trim lands in the middle of the second half's scan of the
+/// dedupe times (stopped there by the test), deleting items the scan has read and items it
+/// has not reached: each item of the position is in the file exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_carries_each_dedupe_time_once_when_a_trim_lands_mid_scan() {
+    const WINDOW: u64 = 1_000_000;
+    let chunk = StateStore::DEDUPE_TIMES_CHUNK as u64;
+    let n = 3 * chunk;
+    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (store, reference) = (open(d1.path()), open(d2.path()));
+    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
+    apply(&mut sm, appends(1, n)).await;
+    apply(&mut r, appends(1, n)).await;
+    store.checkpoint().unwrap();
+
+    let (reached, resume) = store.pause_dedupe_scan_for_tests(1);
+    let mut builder = sm.try_create_snapshot_builder(false).await.unwrap();
+    let build = tokio::spawn(async move { builder.build_snapshot().await.unwrap() });
+    // The scan has read the first chunk (entries 1..=chunk, committed at 1_001.. ms); a
+    // trim of the entries before chunk + 50 deletes all of them and 50 it has not reached.
+    tokio::task::spawn_blocking(move || reached.recv().unwrap()).await.unwrap();
+    let trim =
+        Command::Maintain { now_ms: 1_001 + chunk + 50 + WINDOW, dedupe_window_ms: WINDOW, max_removals: 10_000 };
+    apply(&mut sm, vec![Entry { log_id: LogId::new_term_index(1, n + 1), payload: EntryPayload::Normal(trim) }]).await;
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.checkpoint().unwrap()).await.unwrap();
+    let left = store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap() as u64;
+    assert_eq!(left, n - chunk - 50, "the trim reached behind and ahead of the scan");
+    resume.send(()).unwrap();
+    let snap = build.await.unwrap();
+
+    let mut reader = habar_raft_store::snapshot::SnapshotReader::open(snap.snapshot.path()).unwrap();
+    let mut records = std::collections::HashSet::new();
+    while let Some((k, _)) = reader.next_record().unwrap() {
+        assert!(records.insert(k.clone()), "record {k:?} is in the file twice");
+    }
+    let expected = reference.dump_group(GROUP).unwrap();
+    assert_eq!(records.len(), expected.len(), "the file holds the position's records, each once");
+    let target = open(d3.path());
+    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
+    target
+        .group(GROUP)
+        .unwrap()
+        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
+        .await
+        .unwrap();
+    assert_eq!(target.dump_group(GROUP).unwrap(), expected, "the state at the position");
+}
+
 /// Property: the same while trims land during the second half's scan of the dedupe times
-/// (several chunks of them, trims and checkpoints on another thread): every item of the
-/// position exactly once in the file, however the trims and the scan interleave.
+/// (several chunks of them, trims and checkpoints on another thread, interleaved with the
+/// scan as the threads run; the test above fixes one interleaving): every item of the
+/// position exactly once in the file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_carries_each_dedupe_time_of_its_position_once_while_trims_land_during_its_scan() {
     const WINDOW: u64 = 1_000_000;
@@ -290,6 +340,38 @@ async fn a_snapshot_carries_each_dedupe_time_of_its_position_once_while_trims_la
         .await
         .unwrap();
     assert_eq!(target.dump_group(GROUP).unwrap(), expected, "the state at the position");
+}
+
+/// Property: builds waiting for the node's turn to copy their runs do not keep their views
+/// of the state index open (fjall keeps its flushed memtables while one is): each reads its
+/// view in a turn of its own, apart from the run copies.
+#[tokio::test]
+async fn builds_waiting_to_copy_their_runs_hold_no_view_of_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let (mut a, mut b) = (store.group(GROUP).unwrap(), store.group(GROUP + 1).unwrap());
+    apply(&mut a, appends(1, 30)).await;
+    apply(&mut b, appends(1, 20)).await;
+    store.checkpoint().unwrap();
+    let turn = store.hold_build_turn_for_tests().await;
+    let (mut ba, mut bb) =
+        (a.try_create_snapshot_builder(false).await.unwrap(), b.try_create_snapshot_builder(false).await.unwrap());
+    assert_eq!(store.index_views_open_for_tests(), 2, "each first half takes a view");
+    let builds = [
+        tokio::spawn(async move { ba.build_snapshot().await.unwrap() }),
+        tokio::spawn(async move { bb.build_snapshot().await.unwrap() }),
+    ];
+    let start = std::time::Instant::now();
+    while store.index_views_open_for_tests() > 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "views still open while the builds wait");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(builds.iter().all(|b| !b.is_finished()), "both wait for the turn to copy their runs");
+    drop(turn);
+    for b in builds {
+        b.await.unwrap();
+    }
+    assert_eq!(store.build_views_at_runs_for_tests(), 0);
 }
 
 /// Property: an erasure leaves none of the conversation's ciphertext in the envelope
