@@ -181,13 +181,7 @@ async fn runs_read_and_travel_like_items() {
         .collect();
     assert!(left.is_empty(), "no spill or temporary file left: {left:?}");
     let target = open(d3.path());
-    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
-    target
-        .group(GROUP)
-        .unwrap()
-        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
-        .await
-        .unwrap();
+    install(&target, &snap).await;
     assert_eq!(target.dump_group(GROUP).unwrap(), without.dump_group(GROUP).unwrap(), "installed from runs");
     assert_eq!(read_all(&target), reads);
 
@@ -228,16 +222,37 @@ async fn a_snapshot_carries_the_dedupe_times_of_its_position_while_trims_and_app
     assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(1, 40)));
 
     let target = open(d3.path());
-    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
-    target
-        .group(GROUP)
-        .unwrap()
-        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
-        .await
-        .unwrap();
+    install(&target, &snap).await;
     target.checkpoint().unwrap();
     assert_eq!(target.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 40, "the position's dedupe times");
     assert_eq!(target.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "the state at entry 40");
+}
+
+/// Installs `snap` (a file of another store's) into `target`'s group.
+async fn install(target: &StateStore, snap: &habar_raft_store::types::Snapshot<SnapshotData>) {
+    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
+    let data = SnapshotData::new(snap.snapshot.path().to_path_buf(), len);
+    target.group(GROUP).unwrap().install_snapshot(&snap.meta, data).await.unwrap();
+}
+
+/// Checks that the snapshot's file holds each record of `reference`'s group once (no key
+/// twice, as many as `reference` holds) and that, installed on a new store in `dir`, the
+/// group equals `reference`'s.
+async fn holds_each_record_once_and_installs(
+    snap: &habar_raft_store::types::Snapshot<SnapshotData>,
+    reference: &StateStore,
+    dir: &Path,
+) {
+    let mut reader = habar_raft_store::snapshot::SnapshotReader::open(snap.snapshot.path()).unwrap();
+    let mut records = std::collections::HashSet::new();
+    while let Some((k, _)) = reader.next_record().unwrap() {
+        assert!(records.insert(k.clone()), "record {k:?} is in the file twice");
+    }
+    let expected = reference.dump_group(GROUP).unwrap();
+    assert_eq!(records.len(), expected.len(), "the file holds the position's records, each once");
+    let target = open(dir);
+    install(&target, snap).await;
+    assert_eq!(target.dump_group(GROUP).unwrap(), expected, "the state at the position");
 }
 
 /// Property: the same when a trim lands in the middle of the second half's scan of the
@@ -271,22 +286,7 @@ async fn a_snapshot_carries_each_dedupe_time_once_when_a_trim_lands_mid_scan() {
     resume.send(()).unwrap();
     let snap = build.await.unwrap();
 
-    let mut reader = habar_raft_store::snapshot::SnapshotReader::open(snap.snapshot.path()).unwrap();
-    let mut records = std::collections::HashSet::new();
-    while let Some((k, _)) = reader.next_record().unwrap() {
-        assert!(records.insert(k.clone()), "record {k:?} is in the file twice");
-    }
-    let expected = reference.dump_group(GROUP).unwrap();
-    assert_eq!(records.len(), expected.len(), "the file holds the position's records, each once");
-    let target = open(d3.path());
-    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
-    target
-        .group(GROUP)
-        .unwrap()
-        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
-        .await
-        .unwrap();
-    assert_eq!(target.dump_group(GROUP).unwrap(), expected, "the state at the position");
+    holds_each_record_once_and_installs(&snap, &reference, d3.path()).await;
 }
 
 /// Property: the same while trims land during the second half's scan of the dedupe times
@@ -323,23 +323,7 @@ async fn a_snapshot_carries_each_dedupe_time_of_its_position_once_while_trims_la
     trims.await.unwrap();
     assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 0, "all trimmed by now");
 
-    let mut reader = habar_raft_store::snapshot::SnapshotReader::open(snap.snapshot.path()).unwrap();
-    let mut records = std::collections::HashSet::new();
-    while let Some((k, _)) = reader.next_record().unwrap() {
-        assert!(records.insert(k.clone()), "record {k:?} is in the file twice");
-    }
-    let expected = reference.dump_group(GROUP).unwrap();
-    assert_eq!(records.len(), expected.len(), "the file holds the position's records, each once");
-
-    let target = open(d3.path());
-    let len = std::fs::metadata(snap.snapshot.path()).unwrap().len();
-    target
-        .group(GROUP)
-        .unwrap()
-        .install_snapshot(&snap.meta, SnapshotData::new(snap.snapshot.path().to_path_buf(), len))
-        .await
-        .unwrap();
-    assert_eq!(target.dump_group(GROUP).unwrap(), expected, "the state at the position");
+    holds_each_record_once_and_installs(&snap, &reference, d3.path()).await;
 }
 
 /// Property: builds waiting for the node's turn to copy their runs do not keep their views
