@@ -2892,11 +2892,12 @@ impl StateStore {
 
     /// The first half of a snapshot build, where openraft holds the group's state machine
     /// (nothing of it is applied meanwhile): makes sled and the state index hold the group's
-    /// whole state, takes a view of the index, pins the group's envelope segments, and
-    /// writes sled's part of the state to the file (sled has no views). The rest, the bulk
-    /// (conversations, dedupe pairs and every envelope in runs), is written by
-    /// [`StateStore::finish_snapshot`] from the view and the pinned segments while applies
-    /// go on.
+    /// whole state, takes a view of the index, pins the group's envelope segments, has
+    /// checkpoints keep the dedupe time items they delete, and writes sled's part of the
+    /// state but its dedupe times to the file (sled has no views). The rest, the bulk
+    /// (conversations, dedupe pairs, dedupe times and every envelope in runs), is written
+    /// by [`StateStore::read_view`] and [`StateStore::write_runs`] from the view, sled and
+    /// the pinned segments while applies go on.
     fn begin_snapshot(&self, group: GroupId) -> Result<SnapshotBuild, StoreError> {
         let started = Instant::now();
         let rt = self.rt(group)?;
@@ -3535,7 +3536,7 @@ fn lower_thread_priority(nice: i32) {
     let _ = nice;
 }
 
-/// A snapshot build between its halves (`StateStore::begin_snapshot`, `finish_snapshot`).
+/// A snapshot build between its halves (`StateStore::begin_snapshot`, `read_view`).
 struct SnapshotBuild {
     group: GroupId,
     generation: u32,
@@ -3652,10 +3653,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> Result<Snapshot<SnapshotData>, io::Error> {
         let (meta, data) = match self.begun.take() {
-            // One at a time on a node, on a thread of its own at a lower priority: the node's
-            // applies, WAL writes and RPCs get the CPU first, and the build takes what they
-            // leave.
-            // Its two phases take separate turns (`Inner::view_turn`, `build_turn`).
+            // Its two phases each one at a time on a node (separate turns: `Inner::view_turn`,
+            // `build_turn`), on a thread of its own at a lower priority: the node's applies,
+            // WAL writes and RPCs get the CPU first, and the build takes what they leave.
             Some(b) => {
                 let inner = self.sm.store.inner.clone();
                 let (store, rt) = (self.sm.store.clone(), self.sm.rt.clone());
