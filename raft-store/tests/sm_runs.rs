@@ -200,13 +200,8 @@ async fn runs_read_and_travel_like_items() {
 #[tokio::test]
 async fn a_snapshot_carries_the_dedupe_times_of_its_position_while_trims_and_appends_go_on() {
     const WINDOW: u64 = 1_000_000;
-    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (store, reference) = (open(d1.path()), open(d2.path()));
-    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
     // Entries 1..=40, committed at 1_001..=1_040 ms; in sled after the checkpoint.
-    apply(&mut sm, appends(1, 40)).await;
-    apply(&mut r, appends(1, 40)).await;
-    store.checkpoint().unwrap();
+    let Applied { store, mut sm, reference, target, _dirs } = applied_twice(40).await;
     assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 40);
 
     // The first half at entry 40; then a trim of the entries before 1_021 ms, 10 more
@@ -221,11 +216,31 @@ async fn a_snapshot_carries_the_dedupe_times_of_its_position_while_trims_and_app
     let snap = builder.build_snapshot().await.unwrap();
     assert_eq!(snap.meta.last_log_id, Some(LogId::new_term_index(1, 40)));
 
-    let target = open(d3.path());
+    let target = open(target.path());
     install(&target, &snap).await;
     target.checkpoint().unwrap();
     assert_eq!(target.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 40, "the position's dedupe times");
     assert_eq!(target.dump_group(GROUP).unwrap(), reference.dump_group(GROUP).unwrap(), "the state at entry 40");
+}
+
+/// A store and a reference store whose group applied entries `1..=n` (the store's
+/// checkpointed, so in sled), and an empty directory for a store to install into.
+struct Applied {
+    store: StateStore,
+    sm: habar_raft_store::GroupStateMachine,
+    reference: StateStore,
+    target: tempfile::TempDir,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+async fn applied_twice(n: u64) -> Applied {
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let (store, reference) = (open(dirs[0].path()), open(dirs[1].path()));
+    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
+    apply(&mut sm, appends(1, n)).await;
+    apply(&mut r, appends(1, n)).await;
+    store.checkpoint().unwrap();
+    Applied { store, sm, reference, target: tempfile::tempdir().unwrap(), _dirs: dirs }
 }
 
 /// Installs `snap` (a file of another store's) into `target`'s group.
@@ -263,12 +278,7 @@ async fn a_snapshot_carries_each_dedupe_time_once_when_a_trim_lands_mid_scan() {
     const WINDOW: u64 = 1_000_000;
     let chunk = StateStore::DEDUPE_TIMES_CHUNK as u64;
     let n = 3 * chunk;
-    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (store, reference) = (open(d1.path()), open(d2.path()));
-    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
-    apply(&mut sm, appends(1, n)).await;
-    apply(&mut r, appends(1, n)).await;
-    store.checkpoint().unwrap();
+    let Applied { store, mut sm, reference, target, _dirs } = applied_twice(n).await;
 
     let (reached, resume) = store.pause_dedupe_scan_for_tests(1);
     let mut builder = sm.try_create_snapshot_builder(false).await.unwrap();
@@ -286,7 +296,7 @@ async fn a_snapshot_carries_each_dedupe_time_once_when_a_trim_lands_mid_scan() {
     resume.send(()).unwrap();
     let snap = build.await.unwrap();
 
-    holds_each_record_once_and_installs(&snap, &reference, d3.path()).await;
+    holds_each_record_once_and_installs(&snap, &reference, target.path()).await;
 }
 
 /// Property: the same while trims land during the second half's scan of the dedupe times
@@ -297,12 +307,7 @@ async fn a_snapshot_carries_each_dedupe_time_once_when_a_trim_lands_mid_scan() {
 async fn a_snapshot_carries_each_dedupe_time_of_its_position_once_while_trims_land_during_its_scan() {
     const WINDOW: u64 = 1_000_000;
     const N: u64 = 2_500;
-    let (d1, d2, d3) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (store, reference) = (open(d1.path()), open(d2.path()));
-    let (mut sm, mut r) = (store.group(GROUP).unwrap(), reference.group(GROUP).unwrap());
-    apply(&mut sm, appends(1, N)).await;
-    apply(&mut r, appends(1, N)).await;
-    store.checkpoint().unwrap();
+    let Applied { store, mut sm, reference, target, _dirs } = applied_twice(N).await;
 
     let mut builder = sm.try_create_snapshot_builder(false).await.unwrap();
     let trims = {
@@ -323,7 +328,7 @@ async fn a_snapshot_carries_each_dedupe_time_of_its_position_once_while_trims_la
     trims.await.unwrap();
     assert_eq!(store.sled_items_of_kind(GROUP, keys::KIND_DEDUPE_TIME).unwrap(), 0, "all trimmed by now");
 
-    holds_each_record_once_and_installs(&snap, &reference, d3.path()).await;
+    holds_each_record_once_and_installs(&snap, &reference, target.path()).await;
 }
 
 /// Property: builds waiting for the node's turn to copy their runs do not keep their views
