@@ -16,6 +16,12 @@ use habar_loadtest::scenario::Popularity;
 use habar_loadtest::scenario::Scenario;
 use habar_loadtest::spawn;
 
+/// jemalloc, as the nodes have: glibc's malloc and free were ~16% of the tester's CPU in a
+/// 20,000/s open loop, CPU the nodes on the same machine then lack (docs/BENCHMARKS.md).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Load test a Habar cluster: closed loop, open loop (`--rate`) or ramp (`--mode ramp`),
 /// with a live progress line, a table of percentiles, `--json`, `--plot` and `--verify`.
 #[derive(Parser, Debug)]
